@@ -1,0 +1,178 @@
+"""`make-checkpoint`: synthetic Qwen3-VL checkpoints in real Hugging Face format.
+
+Tensor names and shapes come from transformers' own model class (built on the meta device, no memory),
+so the files load with `from_pretrained` exactly like a published checkpoint. Weights are generated
+tensor by tensor and written shard by shard, so the 2B preset never holds the model in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qvl.toolchain.fsutil import atomic_output_dir, check_free_space
+from qvl.toolchain.presets import GENERATION_CONFIG, PRESETS, Preset, chat_template
+from qvl.toolchain.tokenizer_builder import build_tokenizer, tokenizer_config
+
+_CHUNK_ELEMS = 1 << 25
+_DECISIVE_OUT_GAIN = 4.0  # generate big tensors in 32M-element pieces to bound the fp32 temporary
+
+
+@dataclass
+class CheckpointReport:
+    out: Path
+    preset: str
+    num_parameters: int
+    num_bytes: int
+    num_shards: int
+    seconds: float
+
+
+def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every stored tensor, from transformers' model built on the meta device."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    cfg = Qwen3VLConfig(**config)
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(cfg)
+    tied = cfg.tie_word_embeddings
+    return [
+        (name, tuple(t.shape))
+        for name, t in model.state_dict().items()
+        if not (tied and name == "lm_head.weight")
+    ]
+
+
+def _is_norm(name: str) -> bool:
+    parts = name.split(".")
+    return any(p.startswith("norm") or p.endswith("norm") or p.endswith("layernorm") for p in parts[:-1])
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], preset: Preset, seed: int, learned_vocab: int):
+    import torch
+
+    dtype = getattr(torch, preset.weight_dtype)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF)
+    if _is_norm(name):
+        return torch.ones(shape, dtype=dtype) if name.endswith("weight") else torch.zeros(shape, dtype=dtype)
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+
+    std_std = preset.config["text_config"].get("initializer_range", 0.02)
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    if preset.init == "decisive":
+        # Large logit gaps so greedy decoding is robust to fp32 rounding differences between engines,
+        # and layers that actually change the residual stream (std 1/sqrt(fan_in)).
+        std = 1.0 if "embed_tokens" in name or "pos_embed" in name else fan_in ** -0.5
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            # Layers must outweigh the token's own embedding in the residual stream, or the tied
+            # lm_head just predicts the input token again and greedy output degenerates to repeats.
+            std *= _DECISIVE_OUT_GAIN
+    else:
+        std = std_std
+
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _CHUNK_ELEMS):
+        stop = min(start + _CHUNK_ELEMS, flat.numel())
+        flat[start:stop] = torch.randn(stop - start, generator=gen, dtype=torch.float32).mul_(std).to(dtype)
+    if preset.init == "decisive" and "embed_tokens" in name:
+        # Rows past the learned BPE vocab (placeholders, specials, padding) get small norms so a random
+        # model prefers real text tokens over `<|unused_N|>` placeholders.
+        out[learned_vocab:].mul_(0.05)
+    return out
+
+
+def _plan_shards(specs, itemsize: int, shard_bytes: int | None) -> list[list[tuple[str, tuple[int, ...]]]]:
+    if shard_bytes is None:
+        return [list(specs)]
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in specs:
+        nbytes = itemsize
+        for d in shape:
+            nbytes *= d
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def write_tokenizer_files(out: Path, model_max_length: int) -> int:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.json; return the learned vocab size."""
+    tok = build_tokenizer()
+    tok.save(str(out / "tokenizer.json"))
+    template = chat_template()
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(template, model_max_length), indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+    vocab = tok.get_vocab()
+    return sum(1 for t in vocab if not t.startswith("<|unused_") and vocab[t] < 151643)
+
+
+def make_checkpoint(
+    preset_name: str,
+    out: Path,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CheckpointReport:
+    import torch
+    from safetensors.torch import save_file
+
+    preset = PRESETS[preset_name]
+    t0 = time.perf_counter()
+    specs = tensor_specs(preset.config)
+    itemsize = torch.empty((), dtype=getattr(torch, preset.weight_dtype)).element_size()
+    num_params = sum(int(torch.Size(s).numel()) for _, s in specs)
+    check_free_space(Path(out), num_params * itemsize + (64 << 20))
+    shards = _plan_shards(specs, itemsize, preset.shard_bytes)
+
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        cfg = dict(preset.config)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preset.preprocessor, indent=2))
+        max_len = cfg["text_config"]["max_position_embeddings"]
+        learned_vocab = write_tokenizer_files(tmp, max_len)
+
+        weight_map: dict[str, str] = {}
+        total_bytes = 0
+        done = 0
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        for fname, shard in zip(names, shards):
+            tensors = {}
+            for name, shape in shard:
+                t = _init_tensor(name, shape, preset, seed, learned_vocab)
+                tensors[name] = t
+                weight_map[name] = fname
+                total_bytes += t.numel() * t.element_size()
+                done += t.numel()
+                if progress:
+                    progress(done, num_params)
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    return CheckpointReport(
+        out=Path(out),
+        preset=preset_name,
+        num_parameters=num_params,
+        num_bytes=total_bytes,
+        num_shards=len(shards),
+        seconds=time.perf_counter() - t0,
+    )
