@@ -1,0 +1,37 @@
+"""Small bridges to transformers' own Qwen3-VL classes, used by the eager reference and parity tests.
+
+transformers' `Qwen3VLProcessor` insists on a video processor, and the Qwen3-VL video processor needs
+torchvision (which does not install beside the CPU torch wheel). Images are all we use, so this builds
+the same processor class with image processor + tokenizer only; everything it computes (template
+rendering, `<|image_pad|>` expansion, `mm_token_type_ids`) is transformers' own code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def image_only_processor(checkpoint: Path):
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # Mirrors Qwen3VLProcessor.__init__ minus the video processor.
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or "<|vision_start|>"
+            self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or "<|vision_end|>"
+            self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+            self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))
+    return ImageOnlyQwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
