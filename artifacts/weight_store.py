@@ -1,0 +1,94 @@
+"""The artifact's one external weight store, shared by every graph.
+
+All initializers of all graphs of an artifact live in one file (`weights.bin`), each at an aligned offset
+and referenced from the ONNX graphs through standard ONNX external data (location/offset/length), so
+ONNX Runtime and TensorRT's parser read it natively. Byte-identical tensors are stored once, whichever
+graph they come from. The runtime memory-maps the same file for host-side lookups (the token embedding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ALIGNMENT = 4096  # page-aligned offsets: mmap-friendly for ORT and numpy alike
+SMALL_TENSOR_BYTES = 1024  # tiny constants stay inline in the graph
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    offset: int
+    length: int
+
+
+class WeightStoreWriter:
+    """Append-only writer with content deduplication."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = self.path.open("wb")
+        self._by_digest: dict[bytes, StoredTensor] = {}
+        self.bytes_written = 0
+        self.bytes_deduplicated = 0
+        self.tensors_deduplicated = 0
+
+    def add(self, data: bytes | memoryview) -> StoredTensor:
+        digest = hashlib.blake2b(data, digest_size=20).digest()
+        hit = self._by_digest.get(digest)
+        if hit is not None and hit.length == len(data):
+            self.bytes_deduplicated += len(data)
+            self.tensors_deduplicated += 1
+            return hit
+        pad = (-self._f.tell()) % ALIGNMENT
+        if pad:
+            self._f.write(b"\0" * pad)
+        offset = self._f.tell()
+        self._f.write(data)
+        self.bytes_written += len(data)
+        rec = StoredTensor(offset, len(data))
+        self._by_digest[digest] = rec
+        return rec
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def externalize_initializers(model, writer: WeightStoreWriter, location: str) -> int:
+    """Move every non-trivial initializer of an onnx-ir model into the store; return bytes referenced."""
+    import onnx_ir as ir
+
+    referenced = 0
+    for name, value in list(model.graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < SMALL_TENSOR_BYTES:
+            continue
+        rec = writer.add(tensor.tobytes())
+        value.const_value = ir.ExternalTensor(
+            location=location,
+            offset=rec.offset,
+            length=rec.length,
+            dtype=tensor.dtype,
+            shape=tensor.shape,
+            name=name,
+            base_dir=str(writer.path.parent),
+        )
+        referenced += rec.length
+    return referenced
+
+
+def map_tensor(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """Read-only memory map of one stored tensor (no copy into Python memory)."""
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))

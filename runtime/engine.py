@@ -1,0 +1,152 @@
+"""ONNX Runtime execution of an artifact's graphs: vision encoder, embedding lookup, KV-cached decoder.
+
+Two decoder KV layouts exist, recorded per artifact in `manifest["decoder"]["kv_mode"]`:
+
+* `concat` (the plain export): the graph takes `past_*` and returns `present_* = concat(past, new)`.
+  Used for export parity; each step allocates the grown cache.
+* `shared` (after the attention-fusion pass): ORT `GroupQueryAttention` with one preallocated
+  `[batch, kv_heads, context, head_dim]` buffer per layer bound as both past and present through I/O
+  binding, so each step writes only its new positions in place; nothing is re-concatenated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qvl.artifacts.manifest import read_manifest
+from qvl.artifacts.weight_store import map_tensor
+from qvl.errors import QvlError
+from qvl.runtime.vision_tables import vision_tables
+
+
+def physical_cores() -> int:
+    """Physical core count (hyper-threads don't help these memory-bound kernels)."""
+    try:
+        siblings = set()
+        cpus = sorted(int(c[3:]) for c in os.listdir("/sys/devices/system/cpu") if c[3:].isdigit())
+        for c in cpus:
+            p = f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list"
+            with open(p) as f:
+                siblings.add(f.read().strip())
+        return max(1, len(siblings))
+    except OSError:
+        return max(1, (os.cpu_count() or 2) // 2)
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class KVCache:
+    """Decoder state of one sequence: cached keys/values and how many positions they hold."""
+
+    length: int = 0
+    tensors: list = field(default_factory=list)  # concat: numpy arrays; shared: OrtValues
+    capacity: int = 0
+
+
+class Engine:
+    def __init__(self, artifact: Path, device: str = "cpu", threads: int | None = None):
+        self.artifact = Path(artifact)
+        self.manifest = read_manifest(self.artifact)
+        m = self.manifest["model"]
+        self.model_info = m
+        self.num_layers = m["num_layers"]
+        self.num_kv_heads = m["num_kv_heads"]
+        self.head_dim = m["head_dim"]
+        self.hidden_size = m["hidden_size"]
+        self.num_deepstack = m["num_deepstack"]
+        self.context_length = m["context_length"]
+        self.kv_mode = self.manifest.get("decoder", {}).get("kv_mode", "concat")
+        self.vision_config = self.manifest["source"]["config"]["vision_config"]
+        providers = self._providers(device)
+        so = session_options(threads)
+        graphs = self.manifest["graphs"]
+        try:
+            self.vision = ort.InferenceSession(str(self.artifact / graphs["vision"]["file"]), so, providers=providers)
+            self.decoder = ort.InferenceSession(str(self.artifact / graphs["decoder"]["file"]), so, providers=providers)
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
+            raise QvlError(f"cannot load artifact graphs from {self.artifact}: {str(exc).splitlines()[0]}") from None
+        emb = self.manifest["embedding"]
+        self.embedding = map_tensor(self.artifact / emb["file"], emb["offset"], tuple(emb["shape"]), emb["dtype"])
+        self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
+        self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+
+    @staticmethod
+    def _providers(device: str) -> list[str]:
+        available = ort.get_available_providers()
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise QvlError("device 'cuda' needs onnxruntime-gpu with the CUDA provider", hint="pip install onnxruntime-gpu")
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        raise QvlError(f"unknown device {device!r}", hint="use cpu or cuda")
+
+    # -- embeddings and vision --------------------------------------------------------------------
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token embeddings gathered from the memory-mapped store (the lm_head's own matrix)."""
+        return np.asarray(self.embedding[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def encode_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        t = vision_tables(image_grid_thw, self.vision_config)
+        outs = self.vision.run(
+            None,
+            {
+                "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
+                "pos_interp_indices": t["interp_indices"],
+                "pos_interp_weights": t["interp_weights"],
+                "rotary_cos": t["cos"],
+                "rotary_sin": t["sin"],
+                "segment_ids": t["segment_ids"],
+            },
+        )
+        return outs[0], list(outs[1:])
+
+    # -- decoder ---------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return KVCache(0, [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)])
+
+    def step(
+        self,
+        cache: KVCache,
+        inputs_embeds: np.ndarray,  # [B, S, H]
+        position_ids: np.ndarray,  # [3, B, S]
+        deepstack: np.ndarray | None = None,  # [n_ds, B, S, H]
+    ) -> np.ndarray:
+        """Run S new positions through the decoder, extend `cache`; return last-position logits [B, V]."""
+        bsz, seq, _ = inputs_embeds.shape
+        total = cache.length + seq
+        if total > self.context_length:
+            raise QvlError(f"sequence of {total} tokens exceeds the model context of {self.context_length}")
+        if deepstack is None:
+            deepstack = np.zeros((self.num_deepstack, bsz, seq, self.hidden_size), dtype=np.float32)
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "attention_mask": np.ones((bsz, total), dtype=np.int64),
+            "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32),
+        }
+        for i in range(self.num_layers):
+            feeds[f"past_key_{i}"] = cache.tensors[2 * i]
+            feeds[f"past_value_{i}"] = cache.tensors[2 * i + 1]
+        outs = self.decoder.run(self._decoder_outputs, feeds)
+        cache.tensors = outs[1:]
+        cache.length = total
+        return outs[0][:, -1, :]

@@ -1,0 +1,337 @@
+"""`qvl-compile export`: Hugging Face Qwen3-VL checkpoint -> fp32 ONNX artifact (vision + decoder).
+
+Export uses torch.onnx's dynamo exporter on the small adapters in `export_adapters.py`, then three
+graph-level fix-ups on the onnx-ir models before writing:
+
+1. the tied lm_head becomes `Gemm(transB=1)` over the `[vocab, hidden]` embedding matrix, named
+   `embed_tokens.weight` (the exporter folds `E^T` into a transposed copy, which would make the
+   runtime's embedding lookup and the lm_head need two different layouts of the same 311 M numbers);
+2. every initializer goes into the one shared, deduplicated weight store (`artifacts.weight_store`);
+3. IR version pinned so older ONNX Runtime builds (the laptop's) load the graphs.
+
+The result directory is written atomically: an interrupted export leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qvl.artifacts import manifest as mf
+from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers
+from qvl.toolchain.checkpoint_io import CheckpointInfo, validate_checkpoint
+from qvl.toolchain.fsutil import atomic_output_dir, check_free_space
+
+OPSET = 20
+IR_VERSION = 10  # ONNX 1.16 / opset 21 era: every ONNX Runtime >= 1.17 loads it
+EMBEDDING_NAME = "embed_tokens.weight"
+
+VISION_INPUTS = ("pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_cos", "rotary_sin", "segment_ids")
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    seconds: float
+    weight_bytes: int
+    dedup_bytes: int
+    graphs: dict
+
+
+def vision_io_names(num_deepstack: int) -> tuple[list[str], list[str]]:
+    return list(VISION_INPUTS), ["image_embeds"] + [f"deepstack_{k}" for k in range(num_deepstack)]
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{p}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value") for p in ("past",)]
+    present = [f"present_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds", *kv], ["logits", *present]
+
+
+def _export(module, args, input_names, output_names, dynamic_shapes):
+    import torch
+
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+    return program.model
+
+
+def export_vision_graph(model):
+    """The vision tower as an onnx-ir model with a dynamic patch count (any images, any sizes)."""
+    import torch
+
+    from qvl.toolchain.export_adapters import VisionEncoderAdapter
+
+    vis_cfg = model.config.vision_config
+    adapter = VisionEncoderAdapter(model.model.visual).eval()
+    grid = [(1, 4, 6), (1, 6, 4)]  # two images: the traced graph must not assume one
+    n = sum(t * h * w for t, h, w in grid)
+    patch_dim = vis_cfg.in_channels * vis_cfg.temporal_patch_size * vis_cfg.patch_size**2
+    head_dim = vis_cfg.hidden_size // vis_cfg.num_heads
+    seg = torch.cat([torch.full((t * h * w,), i, dtype=torch.int64) for i, (t, h, w) in enumerate(grid)])
+    args = (
+        torch.randn(n, patch_dim),
+        torch.randint(0, vis_cfg.num_position_embeddings, (n, 4)),
+        torch.rand(n, 4),
+        torch.randn(n, head_dim),
+        torch.randn(n, head_dim),
+        seg,
+    )
+    patches = torch.export.Dim("patches", min=4, max=1 << 20)
+    dyn = tuple({0: patches} for _ in args)
+    ins, outs = vision_io_names(len(vis_cfg.deepstack_visual_indexes))
+    return _export(adapter, args, ins, outs, dyn)
+
+
+def export_decoder_graph(model):
+    """The KV-cached text decoder: one graph for prefill, chunked prefill and decode."""
+    import torch
+
+    from qvl.toolchain.export_adapters import DecoderAdapter
+
+    tc = model.config.text_config
+    adapter = DecoderAdapter(model).eval()
+    n_ds = len(model.config.vision_config.deepstack_visual_indexes)
+    b, s, p = 2, 5, 3  # example sizes; batch 2 keeps the batch axis symbolic
+    args = (
+        torch.randn(b, s, tc.hidden_size),
+        torch.arange(p, p + s)[None, None].expand(3, b, s).contiguous(),
+        torch.ones(b, p + s, dtype=torch.int64),
+        torch.zeros(n_ds, b, s, tc.hidden_size),
+        *(torch.randn(b, tc.num_key_value_heads, p, tc.head_dim) for _ in range(2 * tc.num_hidden_layers)),
+    )
+    batch = torch.export.Dim("batch", min=1, max=256)
+    seq = torch.export.Dim("seq", min=1, max=1 << 20)
+    past = torch.export.Dim("past", min=0, max=1 << 20)
+    total = torch.export.Dim("total", min=1, max=1 << 21)
+    dyn = (
+        {0: batch, 1: seq},
+        {1: batch, 2: seq},
+        {0: batch, 1: total},
+        {1: batch, 2: seq},
+        tuple({0: batch, 2: past} for _ in range(2 * tc.num_hidden_layers)),
+    )
+    ins, outs = decoder_io_names(tc.num_hidden_layers)
+    graph = _export(adapter, args, ins, outs, dyn)
+    tie_lm_head_to_embedding(graph, model.model.language_model.embed_tokens.weight.detach().numpy())
+    return graph
+
+
+def tie_lm_head_to_embedding(graph_model, embedding: np.ndarray) -> None:
+    """Replace `MatMul(h, E^T-copy)` feeding `logits` by `Gemm(h2d, E, transB=1)` on E itself."""
+    import onnx_ir as ir
+
+    g = graph_model.graph
+    logits = next(o for o in g.outputs if o.name == "logits")
+    matmul = logits.producer()
+    if matmul is None or matmul.op_type != "MatMul":
+        raise RuntimeError(f"unexpected lm_head producer {matmul and matmul.op_type}")
+    hidden, weight_t = matmul.inputs
+    if weight_t.const_value is None or tuple(weight_t.shape) != embedding.shape[::-1]:
+        raise RuntimeError("lm_head weight is not the transposed embedding")
+    if not np.array_equal(weight_t.const_value.numpy().T, embedding):
+        raise RuntimeError("lm_head weight differs from the embedding: checkpoint is not tied")
+
+    emb = ir.Value(name=EMBEDDING_NAME, shape=ir.Shape(embedding.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    emb.const_value = ir.tensor(np.ascontiguousarray(embedding), name=EMBEDDING_NAME)
+    g.register_initializer(emb)
+
+    hidden_size = embedding.shape[1]
+    tape = ir.tape.Tape(g)
+    shape2d = tape.initializer(ir.tensor(np.array([-1, hidden_size], dtype=np.int64), name="lm_head.shape2d"))
+    h2d = tape.op("Reshape", [hidden, shape2d])
+    logits2d = tape.op("Gemm", [h2d, emb], attributes={"transB": 1})
+    out_shape = tape.op("Concat", [tape.op("Shape", [hidden], attributes={"end": -1}),
+                                    tape.initializer(ir.tensor(np.array([-1], dtype=np.int64), name="lm_head.vocab_dim"))],
+                        attributes={"axis": 0})
+    new_logits = tape.op("Reshape", [logits2d, out_shape])
+    g.insert_before(matmul, tape.nodes)
+    shape, dtype = logits.shape, logits.type
+    logits.replace_all_uses_with(new_logits, replace_graph_outputs=True)
+    g.remove(matmul, safe=True)
+    new_logits.name = "logits"
+    new_logits.shape = shape
+    new_logits.type = dtype
+    if not weight_t.uses():
+        g.initializers.pop(weight_t.name)
+
+
+def io_signature(graph_model) -> dict:
+    def sig(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": v.dtype.name.lower() if v.dtype is not None else None,
+                "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
+            }
+            for v in values
+        ]
+
+    return {"inputs": sig(graph_model.graph.inputs), "outputs": sig(graph_model.graph.outputs)}
+
+
+def save_graphs(graphs: dict, out_dir: Path) -> tuple[dict, WeightStoreWriter]:
+    """Write each onnx-ir model with its initializers in the one shared weight store."""
+    import onnx_ir as ir
+
+    entries = {}
+    with WeightStoreWriter(out_dir / mf.WEIGHTS) as store:
+        for name, model in graphs.items():
+            externalize_initializers(model, store, mf.WEIGHTS)
+            model.ir_version = IR_VERSION
+            path = out_dir / f"{name}.onnx"
+            ir.save(model, path)
+            entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), **io_signature(model)}
+    return entries, store
+
+
+def embedding_location(decoder_model) -> dict:
+    value = decoder_model.graph.initializers[EMBEDDING_NAME]
+    t = value.const_value
+    return {
+        "file": mf.WEIGHTS,
+        "offset": int(t.offset),
+        "shape": [int(d) for d in t.shape],
+        "dtype": "float32",
+        "initializer": EMBEDDING_NAME,
+    }
+
+
+def model_summary(info: CheckpointInfo) -> dict:
+    tc, vc, cfg = info.text_config, info.vision_config, info.config
+    rope = tc.get("rope_scaling") or tc.get("rope_parameters") or {}
+    return {
+        "model_type": cfg["model_type"],
+        "num_layers": tc["num_hidden_layers"],
+        "hidden_size": tc["hidden_size"],
+        "num_heads": tc["num_attention_heads"],
+        "num_kv_heads": tc["num_key_value_heads"],
+        "head_dim": tc.get("head_dim", tc["hidden_size"] // tc["num_attention_heads"]),
+        "vocab_size": tc["vocab_size"],
+        "context_length": tc["max_position_embeddings"],
+        "rope_theta": tc.get("rope_theta", rope.get("rope_theta")),
+        "mrope_section": rope.get("mrope_section"),
+        "num_deepstack": len(vc["deepstack_visual_indexes"]),
+        "image_token_id": cfg["image_token_id"],
+        "video_token_id": cfg["video_token_id"],
+        "vision_start_token_id": cfg["vision_start_token_id"],
+        "vision_end_token_id": cfg.get("vision_end_token_id"),
+        "vision": {
+            "hidden_size": vc["hidden_size"],
+            "num_heads": vc["num_heads"],
+            "depth": vc["depth"],
+            "patch_size": vc["patch_size"],
+            "temporal_patch_size": vc["temporal_patch_size"],
+            "spatial_merge_size": vc["spatial_merge_size"],
+            "num_position_embeddings": vc["num_position_embeddings"],
+            "out_hidden_size": vc["out_hidden_size"],
+        },
+    }
+
+
+def checkpoint_fingerprint(info: CheckpointInfo) -> str:
+    """sha256 over config.json and every weight file (streamed; the 2B checkpoint is ~4.3 GB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in (info.path / "config.json", *info.weight_files):
+        h.update(f.name.encode())
+        h.update(mf.sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def export_artifact(
+    checkpoint: Path,
+    out: Path,
+    overwrite: bool = False,
+    step: Callable[[str], None] | None = None,
+) -> ExportReport:
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    step = step or (lambda msg: None)
+    t0 = time.perf_counter()
+    info = validate_checkpoint(checkpoint)
+    n_params = sum(_param_count(f) for f in info.weight_files)
+    check_free_space(Path(out), n_params * 4 + (256 << 20))
+
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        step("hashing checkpoint")
+        fingerprint = checkpoint_fingerprint(info)
+        step("loading checkpoint (fp32)")
+        model = Qwen3VLForConditionalGeneration.from_pretrained(
+            str(info.path), dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        if not model.config.tie_word_embeddings:
+            raise NotImplementedError("untied lm_head: qvl-compile exports tied-embedding Qwen3-VL checkpoints only")
+        timings = {}
+        t = time.perf_counter()
+        step("exporting vision encoder")
+        vision = export_vision_graph(model)
+        timings["vision"] = time.perf_counter() - t
+        t = time.perf_counter()
+        step("exporting decoder")
+        decoder = export_decoder_graph(model)
+        timings["decoder"] = time.perf_counter() - t
+        del model
+        step("writing graphs and weight store")
+        graphs, store = save_graphs({"vision": vision, "decoder": decoder}, tmp)
+        for name in mf.SIDE_FILES:
+            src = info.path / name
+            if src.is_file():
+                shutil.copy2(src, tmp / name)
+        seconds = time.perf_counter() - t0
+        mf.write_manifest(
+            tmp,
+            {
+                "target": "export-fp32",
+                "source": {"checkpoint": str(info.path.absolute()), "sha256": fingerprint, "config": info.config},
+                "model": model_summary(info),
+                "graphs": graphs,
+                "weights": {"file": mf.WEIGHTS, "bytes": (tmp / mf.WEIGHTS).stat().st_size},
+                "embedding": embedding_location(decoder),
+                "tool_versions": mf.tool_versions(),
+                "steps": [
+                    {
+                        "name": "export",
+                        "seconds": round(seconds, 2),
+                        "graph_seconds": {k: round(v, 2) for k, v in timings.items()},
+                        "opset": OPSET,
+                        "ir_version": IR_VERSION,
+                        "weight_bytes_written": store.bytes_written,
+                        "weight_bytes_deduplicated": store.bytes_deduplicated,
+                    }
+                ],
+            },
+        )
+    return ExportReport(Path(out), seconds, store.bytes_written, store.bytes_deduplicated, graphs)
+
+
+def _param_count(path: Path) -> int:
+    from qvl.toolchain.checkpoint_io import _safetensors_header
+
+    header, _ = _safetensors_header(path)
+    n = 0
+    for k, meta in header.items():
+        if k == "__metadata__":
+            continue
+        c = 1
+        for d in meta["shape"]:
+            c *= d
+        n += c
+    return n

@@ -1,0 +1,81 @@
+"""Eager PyTorch reference: the parity oracle for every other part of qvl-compile.
+
+Loads a checkpoint with transformers in fp32 and answers (images, messages) with greedy decoding,
+keeping the logits of every step. Nothing here is optimised; it is what "matches eager" means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qvl.toolchain.checkpoint_io import validate_checkpoint
+
+
+@dataclass
+class ReferenceResult:
+    prompt_ids: np.ndarray  # int64 [L]
+    token_ids: list[int]  # generated ids (stop token included when hit)
+    text: str
+    step_logits: list[np.ndarray] = field(default_factory=list)  # float32 [V] per generated token
+
+
+def _load_images(messages: list[dict]) -> list:
+    from qvl.runtime.image_preprocess import load_image
+
+    images = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "image" or "image" in part or "image_url" in part:
+                    src = part.get("image", part.get("image_url"))
+                    images.append(load_image(src))
+    return images
+
+
+class EagerReference:
+    def __init__(self, checkpoint: Path, dtype: str = "float32", threads: int | None = None):
+        import torch
+        from transformers import Qwen3VLForConditionalGeneration
+
+        from qvl.toolchain.hf_compat import image_only_processor
+
+        self.info = validate_checkpoint(Path(checkpoint))
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+            str(checkpoint), dtype=getattr(torch, dtype), attn_implementation="eager"
+        ).eval()
+        self.processor = image_only_processor(Path(checkpoint))
+        gen = self.model.generation_config
+        eos = gen.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+
+    def prepare(self, messages: list[dict]):
+        images = _load_images(messages)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.processor(text=[text], images=images or None, return_tensors="pt")
+
+    def answer(self, messages: list[dict], max_new_tokens: int = 32, keep_logits: bool = True) -> ReferenceResult:
+        torch = self.torch
+        inputs = self.prepare(messages)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                output_logits=keep_logits,
+                return_dict_in_generate=True,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.eos_ids[0] if self.eos_ids else None,
+            )
+        prompt_len = inputs["input_ids"].shape[1]
+        ids = out.sequences[0, prompt_len:].tolist()
+        logits = [l[0].float().numpy().copy() for l in out.logits] if keep_logits else []
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        return ReferenceResult(inputs["input_ids"][0].numpy(), ids, text, logits)
