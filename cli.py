@@ -88,6 +88,194 @@ def reference_cmd(
         typer.echo(res.text)
 
 
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint directory"),
+    out: Path = typer.Option(..., help="artifact directory to write (atomically)"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+):
+    """Export a checkpoint to an fp32 ONNX artifact (vision encoder + KV-cached decoder)."""
+    from qvl.toolchain.export import export_artifact
+
+    with err.status("exporting") as status:
+        report = export_artifact(checkpoint, out, overwrite=overwrite, step=lambda m: status.update(m))
+    err.print(
+        f"wrote {report.out}: {report.weight_bytes / 1e9:.3f} GB of weights "
+        f"({report.dedup_bytes / 1e6:.1f} MB deduplicated), {report.seconds:.1f} s"
+    )
+
+
+def _print_parity(report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"parity: {report.artifact} vs eager fp32")
+    for col in ("case", "prompt", "steps", "max |Δlogit|", "vision max |Δ|", "greedy identical", "ok"):
+        table.add_column(col)
+    for c in report.cases:
+        table.add_row(
+            c.name, str(c.prompt_tokens), str(len(c.step_max_abs_diff)), f"{c.max_abs_logit_diff:.2e}",
+            "-" if c.vision_max_abs_diff is None else f"{c.vision_max_abs_diff:.2e}",
+            "yes" if c.greedy_identical else "NO", "✓" if c.passed else "✗",
+        )
+    Console().print(table)
+    Console().print(f"tolerances: logits {report.logit_tolerance:g}, vision {report.vision_tolerance:g}; "
+                    f"{'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f} s")
+
+
+@app.command("parity")
+def parity_cmd(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    checkpoint: Path = typer.Option(..., help="the checkpoint it came from (eager reference)"),
+    steps: int = typer.Option(32, help="greedy decode steps per case"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """Compare an artifact with eager PyTorch on the parity suite; exit 0 only if every threshold holds."""
+    import tempfile
+
+    from qvl.toolchain.parity import run_parity
+
+    with tempfile.TemporaryDirectory() as tmp, err.status("parity") as status:
+        report = run_parity(artifact, checkpoint, Path(tmp), steps=steps,
+                            progress=lambda name, i, n: status.update(f"parity case {i + 1}/{n}: {name}"))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_parity(report)
+    raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command("run")
+def run_cmd(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    image: List[Path] = typer.Option([], "--image", help="image file (repeatable)"),
+    prompt: str = typer.Option(..., help="question / instruction text"),
+    max_new_tokens: int = typer.Option(128, help="tokens to generate at most"),
+    temperature: Optional[float] = typer.Option(None, help="sample at this temperature (default: greedy)"),
+    top_p: Optional[float] = typer.Option(None),
+    top_k: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0, help="sampling seed"),
+    stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
+):
+    """Answer an image+text prompt from an artifact (torch-free), streaming the answer."""
+    from qvl.runtime import GenerationStats, load
+
+    model = load(artifact, device=device, threads=threads)
+    stats = GenerationStats()
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  seed=seed, stop=list(stop) or None, stats=stats)
+    messages = _messages(image, prompt)
+    if as_json:
+        text = "".join(model.stream(messages, **kwargs))
+        typer.echo(json.dumps({"text": text, **_stats_dict(stats)}))
+        return
+    for piece in model.stream(messages, **kwargs):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    err.print(_stats_line(stats), highlight=False)
+
+
+def _stats_dict(stats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "time_to_first_token_s": round(stats.time_to_first_token, 4),
+        "decode_tokens_per_s": round(stats.decode_tokens_per_second, 3),
+        "vision_s": round(stats.vision_seconds, 4),
+        "prefill_s": round(stats.prefill_seconds, 4),
+        "stop_reason": stats.stop_reason,
+    }
+
+
+def _stats_line(stats) -> str:
+    return (f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
+            f"time to first token {stats.time_to_first_token:.3f} s, decode {stats.decode_tokens_per_second:.1f} tok/s]")
+
+
+@app.command("chat")
+def chat_cmd(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    max_new_tokens: int = typer.Option(256),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Interactive multi-turn chat. Attach an image with `/image PATH`; `/reset` clears; Ctrl-D quits."""
+    from qvl.runtime import GenerationStats, load
+
+    model = load(artifact, threads=threads)
+    history: list[dict] = []
+    pending: list[dict] = []
+    err.print("chat: type a message; /image PATH attaches an image; /reset; Ctrl-D to quit")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.startswith("/image "):
+            pending.append({"type": "image", "image": line[7:].strip()})
+            continue
+        if line.strip() == "/reset":
+            history, pending = [], []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": pending + [{"type": "text", "text": line}]})
+        pending = []
+        stats = GenerationStats()
+        try:
+            pieces = []
+            for piece in model.stream(history, max_new_tokens=max_new_tokens, stats=stats):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except QvlError as exc:
+            history.pop()
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        err.print(_stats_line(stats), highlight=False)
+
+
+@app.command("demo")
+def demo_cmd(
+    work: Path = typer.Option(Path("qvl-demo"), help="working directory for the checkpoint and artifact"),
+    threads: Optional[int] = typer.Option(None),
+):
+    """The whole job on the tiny synthetic checkpoint: make -> export -> answer an image prompt -> parity."""
+    from qvl.runtime import GenerationStats, load
+    from qvl.toolchain.checkpoint import make_checkpoint
+    from qvl.toolchain.export import export_artifact
+    from qvl.toolchain.parity import run_parity, suite_images
+
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, art = work / "tiny-checkpoint", work / "tiny-artifact"
+    with err.status("making the tiny checkpoint"):
+        make_checkpoint("tiny", ckpt, overwrite=True)
+    err.print(f"1/4 checkpoint: {ckpt}")
+    with err.status("exporting") as status:
+        export_artifact(ckpt, art, overwrite=True, step=lambda m: status.update(m))
+    err.print(f"2/4 artifact: {art}")
+    images = suite_images(work / "images")
+    model = load(art, threads=threads)
+    stats = GenerationStats()
+    question = "What shapes are in the picture?"
+    answer = model.generate([{"role": "user", "content": [{"type": "image", "image": str(images["square"])},
+                                                         {"type": "text", "text": question}]}],
+                            max_new_tokens=24, stats=stats)
+    err.print(f"3/4 answer to {question!r} on {images['square'].name} (random tiny weights, so the words are noise):")
+    typer.echo(answer)
+    err.print(_stats_line(stats), highlight=False)
+    with err.status("parity against eager PyTorch") as status:
+        report = run_parity(art, ckpt, work / "images", threads=threads,
+                            progress=lambda name, i, n: status.update(f"parity case {i + 1}/{n}: {name}"))
+    err.print("4/4 parity:")
+    _print_parity(report)
+    raise typer.Exit(0 if report.passed else 1)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

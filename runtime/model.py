@@ -103,7 +103,7 @@ class Model:
     ) -> Iterator[tuple[int, np.ndarray | None]]:
         """Yield (token id, logits or None) for each generated token; stop ids are yielded too."""
         stats = stats if stats is not None else GenerationStats()
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or SamplingConfig(do_sample=False)
         n = len(prompt)
         stats.prompt_tokens = n
         if n + max_new_tokens > self.context_length:
@@ -155,7 +155,7 @@ class Model:
         stats: GenerationStats | None = None,
     ) -> Iterator[str]:
         """Yield text pieces as tokens arrive (never a partial UTF-8 character, nothing past a stop string)."""
-        sampling = _sampling_config(temperature, top_p, top_k, repetition_penalty)
+        sampling = _sampling_config(self.generation_config, temperature, top_p, top_k, repetition_penalty)
         prompt = self.prepare(messages, images)
         decoder = StreamDecoder(self.prompts.tokenizer, skip_special_tokens=True)
         stops = StopStrings(stop or [])
@@ -177,14 +177,15 @@ class Model:
         return "".join(self.stream(messages, images, **kwargs))
 
 
-def _sampling_config(temperature, top_p, top_k, repetition_penalty) -> SamplingConfig:
+def _sampling_config(gen: dict, temperature, top_p, top_k, repetition_penalty) -> SamplingConfig:
+    """Greedy unless a temperature > 0 is given; then the artifact's generation_config fills the rest
+    (Qwen's recommended top_k/top_p), as transformers' `generate` resolves it."""
     do_sample = temperature is not None and temperature > 0
     try:
-        return SamplingConfig(
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None,
+        if not do_sample:
+            return SamplingConfig(do_sample=False, repetition_penalty=repetition_penalty)
+        return SamplingConfig.from_generation_config(
+            gen, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty,
         )
     except ValueError as exc:

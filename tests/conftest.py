@@ -19,3 +19,39 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     make_checkpoint("tiny", out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported once per session (plain fp32 export)."""
+    from qvl.toolchain.export import export_artifact
+
+    out = tmp_path_factory.mktemp("artifact") / "tiny-art"
+    export_artifact(tiny_checkpoint, out)
+    return out
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None):
+    """Run the real `qvl-compile` entry point in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", "from qvl.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+    """A user error: exit 2, an `error:` line naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for n in needles:
+        assert n in proc.stderr, (n, proc.stderr)

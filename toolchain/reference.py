@@ -23,17 +23,11 @@ class ReferenceResult:
 
 
 def _load_images(messages: list[dict]) -> list:
+    # The runtime's own message walk, so both sides see the same images in the same order.
     from qvl.runtime.image_preprocess import load_image
+    from qvl.runtime.prompt import collect_images, normalize_messages
 
-    images = []
-    for msg in messages:
-        content = msg.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if part.get("type") == "image" or "image" in part or "image_url" in part:
-                    src = part.get("image", part.get("image_url"))
-                    images.append(load_image(src))
-    return images
+    return [load_image(src) for src in collect_images(normalize_messages(messages))]
 
 
 class EagerReference:

@@ -1,0 +1,518 @@
+"""Prompt building for Qwen3-VL without transformers: chat template, image placeholders, token ids.
+
+Reproduces what `Qwen3VLProcessor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)`
+followed by `processor(text=[text], images=images)` computes:
+
+* **Template rendering** exactly like `transformers.utils.chat_template_utils`: a jinja2
+  `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)` with the `loopcontrols` extension
+  and a `{% generation %}` tag, a `tojson` filter that does not HTML-escape (`json.dumps(ensure_ascii=False)`),
+  globals `raise_exception`, `strftime_now`, a restricted `dict` and an underscore-rejecting `namespace`.
+  The template sees `messages` rebuilt from plain JSON types (images become `"<PngImageFile>"`-style
+  placeholders), `tools`, `documents=None`, `add_generation_prompt`, and the tokenizer's named special
+  tokens (`eos_token`, `pad_token`, ...) plus any extra keyword arguments (e.g. `add_vision_id=True`).
+* **Message normalisation** like `ProcessorMixin.apply_chat_template`: keys whose value is None are
+  dropped, OpenAI `{"type": "image_url", "image_url": {"url": ...}}` blocks become
+  `{"type": "image", "url": ...}`, content may be a string or a list of blocks, and the images are the
+  `image` / `url` / `path` / `base64` values of `type == "image"` blocks, in conversation order.
+* **Placeholder expansion**: the i-th `<|image_pad|>` becomes `grid_t * grid_h * grid_w // merge_size**2`
+  copies of itself (`Qwen3VLProcessor.replace_image_token`).
+* **Tokenization** with `tokenizers.Tokenizer.from_file("tokenizer.json")`, `add_special_tokens=True`
+  (the file's post-processor; for Qwen it adds nothing, there is no BOS), and `mm_token_type_ids`
+  (0 text, 1 image token, 2 video token). Token ids are looked up in the tokenizer, never hard-coded.
+
+Chat template precedence, as transformers loads a processor directory: `chat_template.json` (legacy
+processor file), then `chat_template.jinja`, then `tokenizer_config.json["chat_template"]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from qvl.errors import QvlError
+from qvl.runtime.image_preprocess import ImageProcessorConfig, load_image, preprocess_images
+
+# The named special tokens transformers passes to every chat template (`tokenizer.special_tokens_map`).
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Defaults of transformers' Qwen2Tokenizer.__init__ for named tokens absent from tokenizer_config.json
+# (an explicit null in the config means "no such token").
+_QWEN2_TOKENIZER_DEFAULTS = {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+# Qwen3VLProcessor's fallbacks when the tokenizer does not name these tokens.
+_DEFAULT_MM_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+}
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+
+MM_TEXT, MM_IMAGE, MM_VIDEO = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedPrompt:
+    input_ids: np.ndarray  # int64 [L]
+    mm_token_type_ids: np.ndarray  # int64 [L]: 0 text, 1 image placeholder, 2 video placeholder
+    pixel_values: np.ndarray | None  # float32 [sum(grid_h * grid_w), C*T*P*P], None without images
+    image_grid_thw: np.ndarray | None  # int64 [n_images, 3], None without images
+    text: str  # the rendered chat template, before placeholder expansion
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jinja environment (transformers.utils.chat_template_utils._cached_compile_jinja_template)
+
+
+@lru_cache(maxsize=16)
+def compile_chat_template(chat_template: str):
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        # transformers' AssistantTracker: `{% generation %}...{% endgeneration %}` renders its body
+        # (transformers only records the span when asked for an assistant mask).
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}."
+                )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    try:
+        return env.from_string(chat_template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise QvlError(f"chat template has a syntax error (line {e.lineno}): {e.message}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Message normalisation (transformers' _message_objects_to_dicts, _normalize_chat_messages,
+# ProcessorMixin._normalize_conversations, _plain_template_data, _alias_reasoning_fields)
+
+
+def _objects_to_dicts(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _objects_to_dicts(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_objects_to_dicts(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_objects_to_dicts(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _objects_to_dicts(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _objects_to_dicts(value.model_dump())
+    return value
+
+
+def normalize_messages(messages: Any) -> list[dict]:
+    """Messages as the template and the image collection see them (a fresh copy; media left as-is)."""
+    messages = _objects_to_dicts(getattr(messages, "messages", messages))
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise QvlError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise QvlError(f"each message must be a dict with 'role' and 'content', got {type(message).__name__}")
+        message = {k: v for k, v in message.items() if v is not None}
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            blocks = []
+            for block in content:
+                if isinstance(block, str):
+                    block = {"type": "text", "text": block}  # our convenience: a bare string part is text
+                if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
+                    info = block["image_url"]
+                    block = {"type": "image", "url": info.get("url", "") if isinstance(info, dict) else info}
+                blocks.append(block)
+            message["content"] = blocks
+        out.append(message)
+    return out
+
+
+def collect_images(messages: list[dict]) -> list[Any]:
+    """The image sources of `type == "image"` blocks, in order (ProcessorMixin's collection)."""
+    images = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if not isinstance(block, dict) or block.get("type") != "image":
+                continue
+            for key in _IMAGE_SOURCE_KEYS:
+                if key in block:
+                    value = block[key]
+                    if key == "base64" and isinstance(value, str) and not value.startswith("data:"):
+                        value = "data:image/*;base64," + value
+                    images.append(value)
+                    break
+            else:
+                raise QvlError("an image content block has no 'image', 'url', 'path' or 'base64' key")
+    return images
+
+
+def _plain_template_data(value: Any) -> Any:
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain_template_data(k): _plain_template_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_template_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain_template_data(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain_template_data(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain_template_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain_template_data(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning_fields(chat: list) -> list:
+    aliased = []
+    for message in chat:
+        if isinstance(message, dict):
+            reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+            if reasoning is not None:
+                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        aliased.append(message)
+    return aliased
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint / artifact files
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QvlError(f"cannot read {path}: {e}") from None
+
+
+def _template_from_value(value: Any, source: Path) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
+        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    if isinstance(value, dict):
+        if isinstance(value.get("default"), str):
+            return value["default"]
+        raise QvlError(f"{source} has several chat templates but none named 'default'")
+    raise QvlError(f"{source}: chat_template must be a string")
+
+
+def find_chat_template(directory: str | os.PathLike) -> str:
+    """The chat template of a checkpoint/artifact directory, in transformers' precedence order."""
+    d = Path(directory)
+    legacy = d / "chat_template.json"
+    if legacy.is_file():
+        data = _read_json(legacy)
+        template = _template_from_value(data.get("chat_template") if isinstance(data, dict) else None, legacy)
+        if template is not None:
+            return template
+    raw = d / "chat_template.jinja"
+    if raw.is_file():
+        try:
+            return raw.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise QvlError(f"cannot read {raw}: {e}") from None
+    cfg_path = d / "tokenizer_config.json"
+    if cfg_path.is_file():
+        data = _read_json(cfg_path)
+        template = _template_from_value(data.get("chat_template") if isinstance(data, dict) else None, cfg_path)
+        if template is not None:
+            return template
+    raise QvlError(
+        f"no chat template in {d}",
+        hint="expected chat_template.json, chat_template.jinja or a chat_template entry in tokenizer_config.json",
+    )
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):  # serialized AddedToken
+        return value["content"]
+    return None
+
+
+def special_tokens_map(tokenizer_config: dict) -> dict[str, str]:
+    """transformers' `tokenizer.special_tokens_map` for a tokenizer_config.json: the named special tokens
+    (class defaults of Qwen2Tokenizer where a key is absent, none where it is null) plus model-specific
+    ones (`extra_special_tokens` / `model_specific_special_tokens` dicts, other `*_token` string keys)."""
+    out: dict[str, str] = {}
+    is_qwen2 = str(tokenizer_config.get("tokenizer_class", "")).startswith("Qwen2Tokenizer")
+    for key in _NAMED_SPECIAL_TOKENS:
+        if key in tokenizer_config:
+            value = _token_content(tokenizer_config[key])
+        else:
+            value = _QWEN2_TOKENIZER_DEFAULTS.get(key) if is_qwen2 else None
+        if value is not None:
+            out[key] = value
+    auto = {
+        k: _token_content(v)
+        for k, v in tokenizer_config.items()
+        if k.endswith("_token") and k not in _NAMED_SPECIAL_TOKENS and _token_content(v) is not None
+    }
+    explicit = tokenizer_config.get("model_specific_special_tokens") or {}
+    extra = tokenizer_config.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        out.update({k: _token_content(v) for k, v in extra.items() if _token_content(v) is not None})
+    out.update({k: v for k, v in auto.items()})
+    if isinstance(explicit, dict):
+        out.update({k: _token_content(v) for k, v in explicit.items() if _token_content(v) is not None})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class PromptBuilder:
+    """Chat messages -> token ids + pixel values for one checkpoint/artifact directory."""
+
+    def __init__(
+        self,
+        tokenizer,  # tokenizers.Tokenizer
+        chat_template: str,
+        image_config: ImageProcessorConfig,
+        special_tokens: dict[str, str] | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_config = image_config
+        self.special_tokens = dict(special_tokens or {})
+        self._template = compile_chat_template(chat_template)
+        tokens = {k: self.special_tokens.get(k, v) for k, v in _DEFAULT_MM_TOKENS.items()}
+        self.image_token = tokens["image_token"]
+        self.video_token = tokens["video_token"]
+        self.vision_start_token = tokens["vision_start_token"]
+        self.vision_end_token = tokens["vision_end_token"]
+        self.image_token_id = self._required_id(self.image_token)
+        self.video_token_id = self.token_to_id(self.video_token)
+        self.vision_start_token_id = self.token_to_id(self.vision_start_token)
+        self.vision_end_token_id = self.token_to_id(self.vision_end_token)
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> "PromptBuilder":
+        from tokenizers import Tokenizer
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise QvlError(f"no such directory {d}")
+        tok_path = d / "tokenizer.json"
+        if not tok_path.is_file():
+            raise QvlError(f"missing {tok_path}", hint="the checkpoint/artifact directory needs its tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+            raise QvlError(f"cannot read {tok_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        cfg_path = d / "tokenizer_config.json"
+        tok_cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+        if not isinstance(tok_cfg, dict):
+            raise QvlError(f"cannot read {cfg_path}: not a JSON object")
+        image_config = ImageProcessorConfig.from_file(d / "preprocessor_config.json")
+        return cls(tokenizer, find_chat_template(d), image_config, special_tokens_map(tok_cfg))
+
+    # -- tokens ------------------------------------------------------------------------------------
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def _required_id(self, token: str) -> int:
+        token_id = self.token_to_id(token)
+        if token_id is None:
+            raise QvlError(f"the tokenizer has no {token} token")
+        return token_id
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text` as the processor's tokenizer call gives them (add_special_tokens=True)."""
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, np.ndarray):
+            ids = ids.reshape(-1).tolist()
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def mm_token_type_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        types = np.zeros(input_ids.shape, dtype=np.int64)
+        types[input_ids == self.image_token_id] = MM_IMAGE
+        if self.video_token_id is not None:
+            types[input_ids == self.video_token_id] = MM_VIDEO
+        return types
+
+    # -- template ----------------------------------------------------------------------------------
+
+    def render(
+        self,
+        messages: Any,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """The chat template applied to `messages` (processor.apply_chat_template(..., tokenize=False))."""
+        return self._render(normalize_messages(messages), add_generation_prompt, tools, template_kwargs)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools, template_kwargs: dict) -> str:
+        import jinja2
+
+        chat = _alias_reasoning_fields(_plain_template_data(messages))
+        kwargs = _plain_template_data({**self.special_tokens, **template_kwargs})
+        try:
+            return self._template.render(
+                messages=chat,
+                tools=_plain_template_data(tools),
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise QvlError(f"chat template error: {e}") from None
+        except (TypeError, AttributeError, KeyError) as e:  # malformed messages the template trips over
+            raise QvlError(f"chat template error: malformed messages ({type(e).__name__}: {e})") from None
+
+    # -- everything --------------------------------------------------------------------------------
+
+    def expand_image_tokens(self, text: str, image_grid_thw: np.ndarray) -> str:
+        """Replace the i-th image token by its grid's number of merged patches, in order."""
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(image_grid_thw):
+            raise QvlError(
+                f"the prompt has {len(pieces) - 1} {self.image_token} placeholders but {len(image_grid_thw)} images"
+            )
+        merge_length = self.image_config.merge_size**2
+        out = [pieces[0]]
+        for thw, piece in zip(image_grid_thw, pieces[1:]):
+            out.append(self.image_token * (int(np.prod(thw)) // merge_length))
+            out.append(piece)
+        return "".join(out)
+
+    def build(
+        self,
+        messages: Any,
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> PreparedPrompt:
+        """Render, load and preprocess the images, expand placeholders, tokenize."""
+        normalized = normalize_messages(messages)
+        sources = collect_images(normalized)
+        text = self._render(normalized, add_generation_prompt, tools, template_kwargs)
+
+        n_placeholders = text.count(self.image_token)
+        if n_placeholders != len(sources):
+            raise QvlError(
+                f"the chat template wrote {n_placeholders} {self.image_token} placeholders for {len(sources)} images",
+                hint="put each image in its own {'type': 'image', 'image': ...} content block",
+            )
+        if self.video_token in text:
+            raise QvlError("video inputs are not supported (the prompt contains a video placeholder)")
+
+        pixel_values = image_grid_thw = None
+        expanded = text
+        if sources:
+            images = [load_image(s) for s in sources]
+            pixel_values, image_grid_thw = preprocess_images(images, self.image_config)
+            expanded = self.expand_image_tokens(text, image_grid_thw)
+
+        input_ids = self.encode(expanded)
+        n_ids = int((input_ids == self.image_token_id).sum())
+        expected = expanded.count(self.image_token)
+        if n_ids != expected:  # transformers' _check_special_mm_tokens
+            raise QvlError(f"tokenizing produced {n_ids} image tokens for {expected} placeholders")
+        return PreparedPrompt(
+            input_ids=input_ids,
+            mm_token_type_ids=self.mm_token_type_ids(input_ids),
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            text=text,
+        )
+
+
+__all__ = [
+    "MM_IMAGE",
+    "MM_TEXT",
+    "MM_VIDEO",
+    "PreparedPrompt",
+    "PromptBuilder",
+    "collect_images",
+    "compile_chat_template",
+    "find_chat_template",
+    "normalize_messages",
+    "special_tokens_map",
+]

@@ -1,0 +1,155 @@
+"""Parity of an artifact against eager PyTorch on a fixed suite (`qvl-compile parity`).
+
+Cases: text-only; one image at three sizes/aspect ratios; two images in one prompt; a chunked prefill;
+each decoding 32 greedy steps. For every case the report has the max |logit difference| of every step,
+whether the greedy token sequences are identical, and (for image cases) the max difference of the
+image embeddings and DeepStack features. `passed` holds only when every threshold holds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LOGIT_TOL = 1e-4
+VISION_TOL = 1e-4
+DECODE_STEPS = 32
+
+
+@dataclass
+class CaseResult:
+    name: str
+    prompt_tokens: int
+    eager_tokens: list[int]
+    artifact_tokens: list[int]
+    step_max_abs_diff: list[float]
+    greedy_identical: bool
+    max_abs_logit_diff: float
+    vision_max_abs_diff: float | None = None
+    passed: bool = False
+
+
+@dataclass
+class ParityReport:
+    artifact: str
+    checkpoint: str
+    logit_tolerance: float
+    vision_tolerance: float
+    cases: list[CaseResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c.passed for c in self.cases)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def suite_images(folder: Path) -> dict[str, Path]:
+    """Deterministic test images: smooth gradients with shapes, at three sizes/aspect ratios."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = {"square": (224, 224), "wide": (480, 120), "tall": (150, 330)}
+    out = {}
+    for i, (name, (w, h)) in enumerate(specs.items()):
+        yy, xx = np.mgrid[0:h, 0:w]
+        rgb = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 37 + i * 60) % 256], -1)
+        img = Image.fromarray(rgb.astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        d.ellipse([w * 0.1, h * 0.1, w * 0.45, h * 0.5], fill=(220, 30, 30))
+        d.rectangle([w * 0.55, h * 0.5, w * 0.9, h * 0.9], fill=(30, 30, 220))
+        path = folder / f"{name}.png"
+        img.save(path)
+        out[name] = path
+    return out
+
+
+def suite_cases(images: dict[str, Path]) -> list[tuple[str, list[dict], int]]:
+    """(name, messages, prefill chunk) for every parity case."""
+
+    def user(*parts):
+        return [{"role": "user", "content": list(parts)}]
+
+    def img(name):
+        return {"type": "image", "image": str(images[name])}
+
+    def text(t):
+        return {"type": "text", "text": t}
+
+    big = 1 << 30
+    return [
+        ("text-only", user(text("Describe a sunny day at the beach in two sentences.")), big),
+        ("image-square", user(img("square"), text("What shapes are in the picture?")), big),
+        ("image-wide", user(img("wide"), text("What colour is the circle?")), big),
+        ("image-tall", user(img("tall"), text("Is the square below the circle?")), big),
+        ("two-images", user(img("square"), img("wide"), text("Compare the two images.")), big),
+        ("chunked-prefill", user(img("tall"), text("Describe this image.")), 16),
+    ]
+
+
+def vision_diff(eager, model, prompt) -> float:
+    """Max |diff| of image embeddings and every DeepStack feature, eager vs the artifact's vision graph."""
+    import torch
+
+    emb, ds = model.engine.encode_images(prompt.pixel_values, prompt.image_grid_thw)
+    with torch.inference_mode():
+        ref = eager.model.model.visual(
+            torch.from_numpy(prompt.pixel_values), grid_thw=torch.from_numpy(prompt.image_grid_thw)
+        )
+    diffs = [np.abs(emb - ref.pooler_output.numpy()).max()]
+    diffs += [np.abs(a - b.numpy()).max() for a, b in zip(ds, ref.deepstack_features)]
+    return float(max(diffs))
+
+
+def run_parity(
+    artifact: Path,
+    checkpoint: Path,
+    work_dir: Path,
+    steps: int = DECODE_STEPS,
+    logit_tol: float = LOGIT_TOL,
+    vision_tol: float = VISION_TOL,
+    threads: int | None = None,
+    progress=None,
+) -> ParityReport:
+    from qvl.runtime.model import Model
+    from qvl.toolchain.reference import EagerReference
+
+    t0 = time.perf_counter()
+    eager = EagerReference(checkpoint, threads=threads)
+    model = Model(Path(artifact), threads=threads)
+    report = ParityReport(str(artifact), str(checkpoint), logit_tol, vision_tol)
+    cases = suite_cases(suite_images(work_dir))
+    for i, (name, messages, chunk) in enumerate(cases):
+        if progress:
+            progress(name, i, len(cases))
+        ref = eager.answer(messages, max_new_tokens=steps)
+        prompt = model.prepare(messages)
+        if not np.array_equal(prompt.input_ids, ref.prompt_ids):
+            raise AssertionError(f"{name}: runtime prompt ids differ from transformers' processor")
+        out = list(model.generate_ids(prompt, steps, keep_logits=True, prefill_chunk=chunk))
+        ids = [t for t, _ in out]
+        diffs = [float(np.abs(l - r).max()) for (_, l), r in zip(out, ref.step_logits)]
+        if len(out) != len(ref.step_logits):  # different stop points count as a failure of every extra step
+            diffs.append(float("inf"))
+        vdiff = vision_diff(eager, model, prompt) if prompt.num_images else None
+        res = CaseResult(
+            name=name,
+            prompt_tokens=len(prompt),
+            eager_tokens=ref.token_ids,
+            artifact_tokens=ids,
+            step_max_abs_diff=diffs,
+            greedy_identical=ids == ref.token_ids,
+            max_abs_logit_diff=max(diffs) if diffs else 0.0,
+            vision_max_abs_diff=vdiff,
+        )
+        res.passed = res.greedy_identical and res.max_abs_logit_diff <= logit_tol and (vdiff is None or vdiff <= vision_tol)
+        report.cases.append(res)
+    report.seconds = time.perf_counter() - t0
+    return report
