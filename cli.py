@@ -122,6 +122,26 @@ def _print_parity(report) -> None:
                     f"{'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f} s")
 
 
+@app.command("compile")
+def compile_cmd(
+    source: Path = typer.Argument(..., help="checkpoint directory (exported first) or fp32 artifact"),
+    target: str = typer.Option("cpu", help="cpu (= cpu-avx2) | cpu-avx512 | sm61 | sm75+"),
+    out: Path = typer.Option(..., help="artifact directory to write (atomically)"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    dump_after: Optional[str] = typer.Option(None, help="also write the graphs after this pass into OUT/dump/"),
+):
+    """Export (if needed), run the target's pass pipeline and write a compiled artifact."""
+    from qvl.toolchain.pipeline import compile_artifact
+
+    with err.status("compiling") as status:
+        report = compile_artifact(source, target, out, overwrite=overwrite, dump_after=dump_after,
+                                  step=lambda m: status.update(m))
+    for r in report.pass_reports:
+        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if v) or "no change"
+        err.print(f"  {r['name']:<24} {r['graph']:<8} {counts}" + (f"  ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
+    err.print(f"wrote {report.out} for {report.target} in {report.seconds:.1f} s")
+
+
 @app.command("parity")
 def parity_cmd(
     artifact: Path = typer.Argument(..., help="artifact directory"),
@@ -244,20 +264,21 @@ def demo_cmd(
     work: Path = typer.Option(Path("qvl-demo"), help="working directory for the checkpoint and artifact"),
     threads: Optional[int] = typer.Option(None),
 ):
-    """The whole job on the tiny synthetic checkpoint: make -> export -> answer an image prompt -> parity."""
+    """The whole job on the tiny synthetic checkpoint: make -> export + passes -> answer an image prompt -> parity."""
     from qvl.runtime import GenerationStats, load
     from qvl.toolchain.checkpoint import make_checkpoint
-    from qvl.toolchain.export import export_artifact
     from qvl.toolchain.parity import run_parity, suite_images
+    from qvl.toolchain.pipeline import compile_artifact
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt, art = work / "tiny-checkpoint", work / "tiny-artifact"
     with err.status("making the tiny checkpoint"):
         make_checkpoint("tiny", ckpt, overwrite=True)
     err.print(f"1/4 checkpoint: {ckpt}")
-    with err.status("exporting") as status:
-        export_artifact(ckpt, art, overwrite=True, step=lambda m: status.update(m))
-    err.print(f"2/4 artifact: {art}")
+    with err.status("compiling") as status:
+        report = compile_artifact(ckpt, "cpu", art, overwrite=True, step=lambda m: status.update(m))
+    fused = sum(r["counts"].get("group_query_attention", 0) for r in report.pass_reports)
+    err.print(f"2/4 artifact for {report.target}: {art} ({fused} decoder attentions fused, KV cache in place)")
     images = suite_images(work / "images")
     model = load(art, threads=threads)
     stats = GenerationStats()

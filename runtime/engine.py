@@ -55,6 +55,7 @@ class KVCache:
     length: int = 0
     tensors: list = field(default_factory=list)  # concat: numpy arrays; shared: OrtValues
     capacity: int = 0
+    buffers: list = field(default_factory=list)  # shared: the numpy arrays behind the OrtValues
 
 
 class Engine:
@@ -81,7 +82,13 @@ class Engine:
                 ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
             raise QvlError(f"cannot load artifact graphs from {self.artifact}: {str(exc).splitlines()[0]}") from None
         emb = self.manifest["embedding"]
-        self.embedding = map_tensor(self.artifact / emb["file"], emb["offset"], tuple(emb["shape"]), emb["dtype"])
+        # [precision pass] a quantized tied lm_head leaves no fp32 matrix: embed from its MatMulNBits rows.
+        if emb.get("format") == "matmulnbits":
+            from qvl.runtime.quantized_embedding import QuantizedEmbedding
+
+            self.embedding = QuantizedEmbedding.from_manifest(self.artifact, emb)
+        else:
+            self.embedding = map_tensor(self.artifact / emb["file"], emb["offset"], tuple(emb["shape"]), emb["dtype"])
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
@@ -119,9 +126,18 @@ class Engine:
 
     # -- decoder ---------------------------------------------------------------------------------
 
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        """An empty cache able to hold `capacity` positions (prompt + new tokens)."""
+        if self.kv_mode == "shared":
+            # One buffer per layer and K/V, allocated once, bound as both past and present: the
+            # GroupQueryAttention op writes each step's new positions into it in place.
+            cap = min(self.context_length, int(capacity))
+            shape = (batch, self.num_kv_heads, cap, self.head_dim)
+            arrays = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+            return KVCache(0, values, cap, arrays)
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return KVCache(0, [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)])
+        return KVCache(0, [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)], 0)
 
     def step(
         self,
@@ -143,6 +159,22 @@ class Engine:
             "attention_mask": np.ones((bsz, total), dtype=np.int64),
             "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32),
         }
+        if self.kv_mode == "shared":
+            if total > cache.capacity:
+                raise QvlError(f"sequence of {total} tokens exceeds the preallocated cache of {cache.capacity}")
+            io = self.decoder.io_binding()
+            io.bind_output("logits")  # first, so get_outputs()[0] is the logits
+            for name, arr in feeds.items():
+                io.bind_cpu_input(name, arr)
+            for i in range(self.num_layers):
+                for j, kind in enumerate(("key", "value")):
+                    buf = cache.tensors[2 * i + j]
+                    io.bind_ortvalue_input(f"past_{kind}_{i}", buf)
+                    io.bind_ortvalue_output(f"present_{kind}_{i}", buf)
+            self.decoder.run_with_iobinding(io)
+            logits = io.get_outputs()[0].numpy()
+            cache.length = total
+            return logits[:, -1, :]
         for i in range(self.num_layers):
             feeds[f"past_key_{i}"] = cache.tensors[2 * i]
             feeds[f"past_value_{i}"] = cache.tensors[2 * i + 1]

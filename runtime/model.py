@@ -113,7 +113,7 @@ class Model:
             )
         t0 = time.perf_counter()
         embeds, position_ids, deepstack, rope_delta = self._prompt_tensors(prompt, stats)
-        cache = self.engine.new_cache()
+        cache = self.engine.new_cache(capacity=n + max_new_tokens)
         chunk = max(1, int(prefill_chunk))
         for a in range(0, n, chunk):
             b = min(n, a + chunk)

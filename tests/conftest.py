@@ -55,3 +55,13 @@ def assert_one_line_error(proc, *needles: str) -> None:
     assert len(errors) == 1, proc.stderr
     for n in needles:
         assert n in proc.stderr, (n, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_cpu_artifact(tiny_artifact, tmp_path_factory) -> Path:
+    """The tiny export compiled for the cpu target (fusion passes, in-place KV cache)."""
+    from qvl.toolchain.pipeline import compile_artifact
+
+    out = tmp_path_factory.mktemp("cpu") / "tiny-cpu"
+    compile_artifact(tiny_artifact, "cpu", out)
+    return out

@@ -1,0 +1,120 @@
+"""`qvl-compile compile`: export (if needed) -> the target's pass pipeline -> a new artifact.
+
+The pipelines are plain lists, here and only here. Every pass report lands in the artifact manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qvl.artifacts import manifest as mf
+from qvl.errors import QvlError
+from qvl.passes.attention_fusion import AttentionFusionPass
+from qvl.passes.base import GraphPass, PassReport
+from qvl.toolchain.fsutil import atomic_output_dir
+from qvl.toolchain.targets import get_target
+
+
+def pipeline_for(target_name: str) -> list[GraphPass]:
+    """The pass list of a target, in order. (Precision and sparsity passes are added by options.)"""
+    passes: list[GraphPass] = [AttentionFusionPass()]
+    try:  # fusion passes that live in their own modules
+        from qvl.passes.norm_fusion import NormFusionPass
+
+        passes.append(NormFusionPass())
+    except ImportError:
+        pass
+    try:
+        from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
+
+        passes.append(VisionAttentionFusionPass())
+    except ImportError:
+        pass
+    return passes
+
+
+@dataclass
+class CompileReport:
+    out: Path
+    target: str
+    seconds: float
+    pass_reports: list[dict]
+
+
+def compile_artifact(
+    source: Path,
+    target_name: str,
+    out: Path,
+    overwrite: bool = False,
+    dump_after: str | None = None,
+    step: Callable[[str], None] | None = None,
+) -> CompileReport:
+    import onnx_ir as ir
+
+    from qvl.toolchain.export import export_artifact, save_graphs
+
+    step = step or (lambda m: None)
+    target = get_target(target_name)
+    t0 = time.perf_counter()
+    source = Path(source)
+    with tempfile.TemporaryDirectory(prefix="qvl-compile-") as tmp_root:
+        if (source / mf.MANIFEST).is_file():
+            exported = source
+        elif (source / "config.json").is_file():
+            step("exporting")
+            exported = Path(tmp_root) / "export"
+            export_artifact(source, exported)
+        else:
+            raise QvlError(f"{source} is neither a checkpoint (config.json) nor an artifact (manifest.json)")
+        manifest = mf.read_manifest(exported)
+        graphs = {name: ir.load(str(exported / g["file"])) for name, g in manifest["graphs"].items()}
+        reports: list[dict] = []
+        passes = pipeline_for(target_name)
+        known = {p.name for p in passes}
+        if dump_after and dump_after not in known:
+            raise QvlError(f"--dump-after {dump_after!r} is not a pass of target {target.name}", hint=f"passes: {', '.join(sorted(known))}")
+        with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
+            for p in passes:
+                for name, model in graphs.items():
+                    step(f"{p.name} on {name}")
+                    result = p(model, target, name)
+                    reports.append({"graph": name, **result.report.to_dict()})
+                if dump_after == p.name:
+                    dump = staging / "dump"
+                    dump.mkdir()
+                    for name, model in graphs.items():
+                        ir.save(model, str(dump / f"{name}.after-{p.name}.onnx"), external_data=f"{name}.after-{p.name}.data")
+            step("writing artifact")
+            entries, store = save_graphs(graphs, staging)
+            for name in mf.SIDE_FILES:
+                if (exported / name).is_file():
+                    shutil.copy2(exported / name, staging / name)
+            decoder_ops = {n.op_type for n in graphs["decoder"].graph}
+            from qvl.toolchain.export import embedding_location
+
+            mf.write_manifest(
+                staging,
+                {
+                    "target": target.name,
+                    "source": manifest["source"],
+                    "model": manifest["model"],
+                    "graphs": entries,
+                    "weights": {"file": mf.WEIGHTS, "bytes": (staging / mf.WEIGHTS).stat().st_size},
+                    "embedding": embedding_location(graphs["decoder"]),
+                    "decoder": {"kv_mode": "shared" if "GroupQueryAttention" in decoder_ops else "concat"},
+                    "tool_versions": mf.tool_versions(),
+                    "steps": manifest.get("steps", []) + [
+                        {"name": "compile", "target": target.name, "passes": reports,
+                         "seconds": round(time.perf_counter() - t0, 2),
+                         "weight_bytes_written": store.bytes_written,
+                         "weight_bytes_deduplicated": store.bytes_deduplicated}
+                    ],
+                },
+            )
+    return CompileReport(Path(out), target.name, time.perf_counter() - t0, reports)
