@@ -19,6 +19,11 @@ def test_cpu_compile_fuses_every_decoder_attention(tiny_cpu_artifact):
     ops = _ops(tiny_cpu_artifact / "decoder.onnx")
     assert ops.count("GroupQueryAttention") == layers
     assert "Softmax" not in ops  # no unfused attention left
+    assert "ReduceMean" not in ops and "Pow" not in ops  # every RMSNorm fused
+    assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == 4 * layers + 1
+    vision_ops = _ops(tiny_cpu_artifact / "vision.onnx")
+    depth = m["model"]["vision"]["depth"]
+    assert vision_ops.count("MultiHeadAttention") == depth and "Softmax" not in vision_ops
     assert m["decoder"]["kv_mode"] == "shared"
     compile_step = m["steps"][-1]
     assert compile_step["name"] == "compile" and compile_step["target"] == "cpu-avx2"

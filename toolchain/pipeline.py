@@ -16,27 +16,21 @@ from typing import Callable
 from qvl.artifacts import manifest as mf
 from qvl.errors import QvlError
 from qvl.passes.attention_fusion import AttentionFusionPass
-from qvl.passes.base import GraphPass, PassReport
+from qvl.passes.base import GraphPass
+from qvl.passes.norm_fusion import NormFusionPass
+from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
 from qvl.toolchain.fsutil import atomic_output_dir
 from qvl.toolchain.targets import get_target
 
 
 def pipeline_for(target_name: str) -> list[GraphPass]:
-    """The pass list of a target, in order. (Precision and sparsity passes are added by options.)"""
-    passes: list[GraphPass] = [AttentionFusionPass()]
-    try:  # fusion passes that live in their own modules
-        from qvl.passes.norm_fusion import NormFusionPass
-
-        passes.append(NormFusionPass())
-    except ImportError:
-        pass
-    try:
-        from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
-
-        passes.append(VisionAttentionFusionPass())
-    except ImportError:
-        pass
-    return passes
+    """The pass list of a target, in order. Passes read the target table and skip what it lacks
+    (e.g. ORT contrib-op fusions on TensorRT targets, with the reason in their report)."""
+    return [
+        AttentionFusionPass(),
+        VisionAttentionFusionPass(),
+        NormFusionPass(),
+    ]
 
 
 @dataclass
