@@ -129,10 +129,32 @@ def compile_cmd(
     out: Path = typer.Option(..., help="artifact directory to write (atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     dump_after: Optional[str] = typer.Option(None, help="also write the graphs after this pass into OUT/dump/"),
+    weights: str = typer.Option("fp32", help="fp32 | int8 | int4 (weight-only MatMulNBits, accuracy-budgeted)"),
+    block_size: int = typer.Option(32, help="quantization block size"),
+    budget_kl: Optional[float] = typer.Option(0.01, help="max mean KL vs the fp32 artifact; layers over it stay fp32"),
+    min_agreement: Optional[float] = typer.Option(0.9, help="min greedy agreement vs the fp32 artifact"),
+    no_budget: bool = typer.Option(False, "--no-budget", help="quantize every eligible layer without measuring"),
+    threads: Optional[int] = typer.Option(None, help="threads for the budget measurements"),
 ):
     """Export (if needed), run the target's pass pipeline and write a compiled artifact."""
-    from qvl.toolchain.pipeline import compile_artifact
+    from qvl.toolchain.pipeline import compile_artifact, compile_with_precision
 
+    if weights != "fp32":
+        from qvl.toolchain.accuracy_budget import AccuracyBudget
+
+        budget = None if no_budget else AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)
+        with err.status("compiling") as status:
+            record = compile_with_precision(source, target, out, weights=weights, block_size=block_size,
+                                            budget=budget, overwrite=overwrite, threads=threads,
+                                            step=lambda m: status.update(m))
+        if budget is not None:
+            kept = sorted(k for k, v in record["decisions"].items() if v == "fp32")
+            meas = record["measured"]
+            err.print(f"accuracy budget {'met' if record['within_budget'] else 'NOT met'}: mean KL "
+                      f"{meas['mean_kl']:.4g}, greedy agreement {meas['greedy_agreement']:.3f}, max |Δlogit| "
+                      f"{meas['max_abs_logit_diff']:.3g}; layers kept fp32: {', '.join(kept) or 'none'}")
+        err.print(f"wrote {out} ({weights} weights)")
+        return
     with err.status("compiling") as status:
         report = compile_artifact(source, target, out, overwrite=overwrite, dump_after=dump_after,
                                   step=lambda m: status.update(m))
@@ -140,6 +162,22 @@ def compile_cmd(
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if v) or "no change"
         err.print(f"  {r['name']:<24} {r['graph']:<8} {counts}" + (f"  ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
     err.print(f"wrote {report.out} for {report.target} in {report.seconds:.1f} s")
+
+
+@app.command("bench")
+def bench_cmd(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    checkpoint: Path = typer.Option(..., help="the checkpoint it came from (eager baseline)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    plot: Optional[Path] = typer.Option(None, help="write a PNG bar chart here"),
+    eager_dtype: str = typer.Option("fp32", help="fp32 | bf16"),
+    threads: Optional[int] = typer.Option(None, help="threads for both engines (default: physical cores)"),
+    repeats: int = typer.Option(3, help="timed runs per case (medians reported)"),
+):
+    """Artifact (runtime) vs eager PyTorch on the same inputs: decode tok/s, TTFT, RSS, roofline."""
+    from qvl.toolchain.bench import bench_command
+
+    bench_command(artifact, checkpoint, eager_dtype, threads, repeats, as_json, plot)
 
 
 @app.command("parity")

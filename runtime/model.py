@@ -100,8 +100,13 @@ class Model:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         keep_logits: bool = False,
         stats: GenerationStats | None = None,
+        ignore_stop: bool = False,  # [bench] decode exactly max_new_tokens, past any stop id
     ) -> Iterator[tuple[int, np.ndarray | None]]:
-        """Yield (token id, logits or None) for each generated token; stop ids are yielded too."""
+        """Yield (token id, logits or None) for each generated token; stop ids are yielded too.
+
+        `ignore_stop=True` (used by `qvl-compile bench`) keeps decoding after a stop id, so exactly
+        `max_new_tokens` tokens come out, as eager `generate(min_new_tokens=max_new_tokens)` does.
+        """
         stats = stats if stats is not None else GenerationStats()
         sampling = sampling or SamplingConfig(do_sample=False)
         n = len(prompt)
@@ -131,7 +136,7 @@ class Model:
             stats.generated_tokens = k + 1
             yield token, (logits if keep_logits else None)
             history.append(token)
-            if token in self.stop_ids:
+            if token in self.stop_ids and not ignore_stop:
                 stats.stop_reason = "stop_token"
                 break
             if k + 1 == max_new_tokens:

@@ -87,3 +87,23 @@ def test_dump_after_writes_intermediate_graphs(tiny_artifact, tmp_path):
     proc = run_cli("compile", str(tiny_artifact), "--target", "cpu", "--out", str(tmp_path / "c"), "--dump-after", "attention_fusion")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "c" / "dump" / "decoder.after-attention_fusion.onnx").is_file()
+
+
+def test_compile_int8_cli_records_budget_and_runs(tiny_artifact, tmp_path):
+    proc = run_cli("compile", str(tiny_artifact), "--target", "cpu", "--weights", "int8", "--out", str(tmp_path / "q"), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy budget met" in proc.stderr
+    m = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert m["precision"]["budget_search"]["within_budget"] is True
+    assert m["embedding"]["format"] == "matmulnbits" and m["embedding"]["bits"] == 8
+    ops = _ops(tmp_path / "q" / "decoder.onnx")
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+    from qvl.runtime import load
+
+    text = load(tmp_path / "q", threads=1).generate([{"role": "user", "content": "Hello"}], max_new_tokens=4)
+    assert isinstance(text, str)
+
+
+def test_int4_for_sm61_is_refused(tiny_artifact, tmp_path):
+    proc = run_cli("compile", str(tiny_artifact), "--target", "sm61", "--weights", "int4", "--out", str(tmp_path / "q"))
+    assert_one_line_error(proc, "no weight-only int4")

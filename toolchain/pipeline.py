@@ -90,7 +90,7 @@ def compile_artifact(
                 if (exported / name).is_file():
                     shutil.copy2(exported / name, staging / name)
             decoder_ops = {n.op_type for n in graphs["decoder"].graph}
-            from qvl.toolchain.export import embedding_location
+            from qvl.toolchain.accuracy_budget import embedding_entry
 
             mf.write_manifest(
                 staging,
@@ -100,7 +100,7 @@ def compile_artifact(
                     "model": manifest["model"],
                     "graphs": entries,
                     "weights": {"file": mf.WEIGHTS, "bytes": (staging / mf.WEIGHTS).stat().st_size},
-                    "embedding": embedding_location(graphs["decoder"]),
+                    "embedding": embedding_entry(graphs["decoder"]),
                     "decoder": {"kv_mode": "shared" if "GroupQueryAttention" in decoder_ops else "concat"},
                     "tool_versions": mf.tool_versions(),
                     "steps": manifest.get("steps", []) + [
@@ -112,3 +112,40 @@ def compile_artifact(
                 },
             )
     return CompileReport(Path(out), target.name, time.perf_counter() - t0, reports)
+
+
+def compile_with_precision(
+    source: Path,
+    target_name: str,
+    out: Path,
+    weights: str = "fp32",
+    block_size: int = 32,
+    budget=None,
+    overwrite: bool = False,
+    threads: int | None = None,
+    step: Callable[[str], None] | None = None,
+) -> dict:
+    """compile -> (optionally) weight-only int8/int4 with the accuracy budget, measured against the fp32
+    compiled artifact (itself parity-checked against eager). Returns the manifest's precision record."""
+    from qvl.passes.precision import PrecisionConfig
+    from qvl.toolchain.accuracy_budget import apply_with_budget, quantize_artifact
+
+    if weights == "fp32":
+        compile_artifact(source, target_name, out, overwrite=overwrite, step=step)
+        return {}
+    bits = {"int8": 8, "int4": 4}.get(weights)
+    if bits is None:
+        raise QvlError(f"unknown --weights {weights!r}", hint="fp32 | int8 | int4")
+    target = get_target(target_name)
+    if bits not in target.int_weight_bits or not target.ort_contrib_ops:
+        raise QvlError(f"target {target.name} has no weight-only int{bits} kernels in this backend",
+                       hint="use --weights fp32, or the TensorRT kit's INT8 path for sm61")
+    config = PrecisionConfig(weight_bits=bits, block_size=block_size, accuracy_level=4)
+    with tempfile.TemporaryDirectory(prefix="qvl-fp32-") as tmp:
+        fp32 = Path(tmp) / "fp32"
+        compile_artifact(source, target_name, fp32, step=step)
+        if budget is None:
+            (step or (lambda m: None))(f"quantizing weights to int{bits}")
+            return quantize_artifact(fp32, out, config, target, overwrite=overwrite)
+        result = apply_with_budget(fp32, out, config, budget, target, threads=threads, overwrite=overwrite, progress=step)
+        return result.to_manifest(budget)

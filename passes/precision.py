@@ -1,0 +1,418 @@
+"""Precision assignment: constant-weight linear layers -> ORT `com.microsoft.MatMulNBits` (int8 / int4 weights).
+
+Every `MatMul(x, W)` with `W` a constant `[K, N]` initializer and every `Gemm(x, W[, bias])` with a constant
+weight (`transB` either way, `transA=0`, `alpha=1`, `beta=1`, bias `[N]` or none) becomes
+
+    MatMulNBits(A=x, B=packed uint8 [N, K/block, block*bits/8], scales float32 [N*K/block],
+                zero_points packed uint8 (asymmetric only), bias)   K, N, bits, block_size, accuracy_level
+
+following the ORT contrib-op spec: weights are quantized per block of `block_size` consecutive K values of
+one output column, dequantized as `(code - zero_point) * scale`; codes are packed low bits first along K
+(4-bit: element 2j in the low nibble of byte j); packed 4-bit zero points use the same nibble order per
+row of N; without a zero-point input the op uses `2^(bits-1)` (the symmetric case). Activations stay
+float32 (`accuracy_level=4` lets ORT's CPU kernel quantize A to int8 blocks for the int8 dot-product
+path); norms, softmax, rotary, residuals and the vision patch Conv are not touched, and no float16 /
+bfloat16 is ever chosen (this pass has no float16 path at all, so a target like sm61 whose fast dtypes are
+float32 only is safe by construction).
+
+The tied lm_head `Gemm(h, embed_tokens.weight, transB=1)` is quantized like any other linear layer
+(N = vocab, K = hidden: the `[N, blocks, blob]` layout is one row per vocabulary entry), into initializers
+named `embed_tokens.weight.q` / `.scales` / `.zp`; the fp32 matrix is then removed from the graph, so the
+runtime's host-side embedding lookup must read the quantized rows (`runtime/quantized_embedding.py`,
+manifest `embedding.format = "matmulnbits"`). `report.details["embedding"]` names the three initializers.
+
+Each converted node is attributed to a layer (`decoder.layers.3`, `vision.blocks.5`, `vision.merger`,
+`vision.deepstack_merger_list.0`, `decoder.lm_head`) from its `pkg.torch.onnx.name_scopes` metadata or
+its weight's initializer name, so the accuracy budget (`toolchain/accuracy_budget.py`) can keep whole
+layers in fp32 through `keep_fp32`. Skipped sites carry their reason: no ORT contrib ops (TensorRT),
+no fast integer kernels of that width on the target, `K` not a multiple of `block_size`, `keep_fp32`,
+an unsupported Gemm form.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
+
+MS_DOMAIN = "com.microsoft"
+EMBEDDING_NAME = "embed_tokens.weight"  # the export's tied [vocab, hidden] matrix (toolchain/export.py)
+LM_HEAD_LAYER = "decoder.lm_head"
+_ROOT_PREFIXES = ("model.language_model.", "model.visual.", "language_model.", "visual.", "model.", "lm.")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    weight_bits: int = 8  # 8 or 4
+    block_size: int = 32  # quantization block along K: 32, 64 or 128 (a power of two >= 16)
+    accuracy_level: int = 4  # 4: int8 activations x int weights (AVX2 dot products); 0: fp32 compute
+    symmetric: bool = True  # True: no zero points (2^(bits-1) implied); False: per-block packed zero points
+    # left in fp32: layer keys ("decoder.layers.3"), node names ("node_linear" or "decoder/node_linear": node
+    # names repeat across graphs), module scopes ("lm.layers.0.mlp", prefix match) or weight initializer names
+    keep_fp32: frozenset = frozenset()
+    include_lm_head: bool = True  # quantize the tied lm_head / embedding matrix
+    graphs: tuple[str, ...] = ("vision", "decoder")
+
+    def __post_init__(self):
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 4 or 8, not {self.weight_bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, not {self.block_size}")
+        if self.accuracy_level not in (0, 1, 4):
+            raise ValueError(f"accuracy_level must be 0, 1 (fp32) or 4 (int8 activations), not {self.accuracy_level}")
+        object.__setattr__(self, "keep_fp32", frozenset(self.keep_fp32))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep_fp32"] = sorted(self.keep_fp32)
+        d["graphs"] = list(self.graphs)
+        return d
+
+
+# -- block quantization in the MatMulNBits layout (numpy) -------------------------------------------------
+
+
+@dataclass
+class QuantizedWeight:
+    """One `[N, K]` weight in MatMulNBits form."""
+
+    packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
+    scales: np.ndarray  # float32 [N * n_blocks]
+    zero_points: np.ndarray | None  # uint8 [N * ceil(n_blocks * bits / 8)] (packed), None when symmetric
+    bits: int
+    block_size: int
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+
+
+def quantize_blockwise(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
+    """Quantize a float `[N, K]` matrix (row = output feature) per block of `block_size` K values.
+
+    Symmetric: scale = (the block's value of largest magnitude) / -2^(bits-1), so that value maps exactly
+    to code 0 and the rest round into [0, 2^bits - 1] around the implied zero point 2^(bits-1) (the
+    MLAS convention: one more level than amax / (2^(bits-1) - 1)). Asymmetric: the block's [min, max]
+    range (widened to include 0) spread over 2^bits levels with a per-block zero point.
+    """
+    w = np.asarray(w_nk, dtype=np.float32)
+    n, k = w.shape
+    if k % block_size:
+        raise ValueError(f"K={k} is not a multiple of block_size={block_size}")
+    nb = k // block_size
+    blocks = w.reshape(n, nb, block_size)
+    qmax = (1 << bits) - 1
+    mid = 1 << (bits - 1)
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+        scales = (extreme / np.float32(-mid)).astype(np.float32)
+        zp = np.full((n, nb), mid, dtype=np.float32)
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0).astype(np.float32)
+        hi = np.maximum(blocks.max(axis=-1), 0.0).astype(np.float32)
+        scales = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zp = np.where(scales != 0, np.rint(-lo / scales), 0.0)
+        zp = np.clip(zp, 0, qmax).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(scales != 0, np.float32(1.0) / scales, np.float32(0.0)).astype(np.float32)
+    codes = np.clip(np.rint(blocks * inv[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
+    packed = pack_codes(codes, bits)
+    zero_points = None if symmetric else pack_codes(zp.astype(np.uint8), bits).reshape(-1)
+    return QuantizedWeight(packed, scales.reshape(-1), zero_points, bits, block_size, n, k)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis low-bits-first (4-bit: element 2j -> low nibble of byte j); odd lengths pad 0."""
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    if bits != 4:
+        raise ValueError(f"unsupported bits {bits}")
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4), dtype=np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[..., :count]
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :count]
+
+
+def dequantize(q: QuantizedWeight) -> np.ndarray:
+    """Reference dequantization `(code - zero_point) * scale` -> float32 `[N, K]` (what MatMulNBits computes with)."""
+    nb = q.k // q.block_size
+    codes = unpack_codes(q.packed, q.bits, q.block_size).astype(np.float32)
+    if q.zero_points is None:
+        zp = np.full((q.n, nb), 1 << (q.bits - 1), dtype=np.float32)
+    else:
+        zp = unpack_codes(q.zero_points.reshape(q.n, -1), q.bits, nb).astype(np.float32)
+    scales = q.scales.reshape(q.n, nb)
+    return ((codes - zp[..., None]) * scales[..., None]).reshape(q.n, q.k)
+
+
+# -- the pass -----------------------------------------------------------------------------------------------
+
+
+def name_scopes(node: ir.Node) -> list[str]:
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return []
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return []
+    return [s for s in scopes if isinstance(s, str) and s]
+
+
+def _module_path(node: ir.Node, weight_name: str | None) -> str | None:
+    """The node's torch module path (`lm.layers.0.self_attn.q_proj`), from metadata or the weight name."""
+    dotted = [s for s in name_scopes(node) if "." in s]
+    if dotted:
+        return max(dotted, key=len)
+    if weight_name and "." in weight_name:
+        return weight_name.rsplit(".", 1)[0] if weight_name.endswith((".weight", ".bias")) else weight_name
+    return None
+
+
+def layer_key(node: ir.Node, graph_name: str, weight_name: str | None) -> str:
+    """`decoder.layers.3` / `vision.blocks.5` / `vision.merger` / `decoder.lm_head` / `<graph>.<node>`."""
+    if weight_name == EMBEDDING_NAME or node.metadata_props.get("qvl.layer") == LM_HEAD_LAYER:
+        return LM_HEAD_LAYER
+    if node.metadata_props.get("qvl.layer"):
+        return node.metadata_props["qvl.layer"]
+    path = _module_path(node, weight_name)
+    if path is None:
+        return f"{graph_name}.{node.name}"
+    for prefix in _ROOT_PREFIXES:
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    parts = path.split(".")
+    if len(parts) >= 2 and parts[1].isdigit():
+        return f"{graph_name}.{parts[0]}.{parts[1]}"
+    return f"{graph_name}.{parts[0]}"
+
+
+@dataclass
+class _Linear:
+    node: ir.Node
+    activation: ir.Value
+    weight: ir.Value
+    bias: ir.Value | None
+    w_nk: bool  # weight stored [N, K] (Gemm transB=1) rather than [K, N]
+    k: int
+    n: int
+
+
+def _attr(node: ir.Node, name: str, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _as_linear(node: ir.Node) -> _Linear | str | None:
+    """A convertible linear layer, a reason string (linear but not convertible), or None (not a linear layer)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    a, w = node.inputs[0], node.inputs[1]
+    if w is None or w.const_value is None or not w.is_initializer():
+        return None  # activation x activation (attention scores): not a weight layer
+    if w.dtype != ir.DataType.FLOAT:
+        return f"weight dtype {w.dtype} is not float32"
+    shape = tuple(w.const_value.shape)
+    if len(shape) != 2:
+        return f"weight rank {len(shape)} is not 2"
+    if a.dtype is not None and a.dtype != ir.DataType.FLOAT:
+        return f"activation dtype {a.dtype} is not float32 (this pass keeps activations fp32)"
+    if node.op_type == "MatMul":
+        if a.shape is not None and a.shape.rank() < 2:
+            return "rank-1 activation"
+        return _Linear(node, a, w, None, False, shape[0], shape[1])
+    if _attr(node, "transA", 0) != 0:
+        return "Gemm transA=1"
+    if _attr(node, "alpha", 1.0) != 1.0:
+        return "Gemm alpha != 1"
+    trans_b = _attr(node, "transB", 0) == 1
+    k, n = (shape[1], shape[0]) if trans_b else shape
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None:
+        if _attr(node, "beta", 1.0) != 1.0:
+            return "Gemm beta != 1"
+        if bias.const_value is None or tuple(bias.const_value.shape) != (n,):
+            return "Gemm bias is not a constant [N] vector"
+    return _Linear(node, a, w, bias, trans_b, k, n)
+
+
+def _matches(keep: frozenset, node: ir.Node, graph_name: str, layer: str, weight_name: str, path: str | None) -> str | None:
+    for name in (node.name, f"{graph_name}/{node.name}", layer, weight_name, *(name_scopes(node))):
+        if name and name in keep:
+            return name
+    if path:
+        for k in keep:
+            if path.startswith(k + "."):
+                return k
+    return None
+
+
+class PrecisionPass(GraphPass):
+    """Replace constant-weight MatMul/Gemm linear layers by MatMulNBits int8/int4 block-quantized weights."""
+
+    name = "precision"
+
+    def __init__(self, config: PrecisionConfig = PrecisionConfig()):
+        super().__init__(config)
+
+    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
+        cfg: PrecisionConfig = self.config
+        report.counts.update({"matmulnbits": 0, "from_matmul": 0, "from_gemm": 0, "lm_head": 0})
+        details = report.details
+        details.update(
+            config=cfg.to_dict(), activation_dtype="float32", layers={}, nodes={}, already_quantized=0,
+            kept_fp32=0, bytes_before=0, bytes_after=0, embedding=None,
+        )
+        if graph_name not in cfg.graphs:
+            report.skipped.append(Skip(graph_name, "graph not configured for precision assignment"))
+            return
+        if not target.ort_contrib_ops:
+            report.skipped.append(Skip(graph_name, f"target {target.name} has no ORT contrib ops (MatMulNBits); "
+                                                   "TensorRT quantization needs Q/DQ calibration instead"))
+            return
+        if cfg.weight_bits not in target.int_weight_bits:
+            report.skipped.append(Skip(graph_name, f"target {target.name} has no fast int{cfg.weight_bits} weight kernels "
+                                                   f"(int_weight_bits={list(target.int_weight_bits)})"))
+            return
+        graph = model.graph
+        details["already_quantized"] = sum(1 for n in graph if n.domain == MS_DOMAIN and n.op_type == "MatMulNBits")
+        done: dict[int, tuple[QuantizedWeight, ir.Value, ir.Value, ir.Value | None]] = {}  # per weight Value id
+        layers: dict[str, dict] = details["layers"]
+
+        for node in list(graph):
+            lin = _as_linear(node)
+            if lin is None:
+                continue
+            weight_name = node.inputs[1].name
+            layer = layer_key(node, graph_name, weight_name)
+            entry = layers.setdefault(layer, {"decision": "quantized", "nodes": [], "bytes_before": 0, "bytes_after": 0})
+            if isinstance(lin, str):
+                self._skip(report, entry, node, layer, lin)
+                continue
+            fp32_bytes = lin.weight.const_value.nbytes + (lin.bias.const_value.nbytes if lin.bias is not None else 0)
+            hit = _matches(cfg.keep_fp32, node, graph_name, layer, weight_name, _module_path(node, weight_name))
+            reason = None
+            if hit is not None:
+                reason = f"keep_fp32 ({hit})"
+                details["kept_fp32"] += 1
+            elif layer == LM_HEAD_LAYER and not cfg.include_lm_head:
+                reason = "include_lm_head=False"
+                details["kept_fp32"] += 1
+            elif lin.k % cfg.block_size:
+                reason = f"K={lin.k} not divisible by block_size={cfg.block_size}"
+            if reason is not None:
+                self._skip(report, entry, node, layer, reason)
+                entry["bytes_before"] += fp32_bytes
+                entry["bytes_after"] += fp32_bytes
+                details["bytes_before"] += fp32_bytes
+                details["bytes_after"] += fp32_bytes
+                continue
+
+            key = id(lin.weight)
+            first_use = key not in done
+            if first_use:
+                w = lin.weight.const_value.numpy()
+                q = quantize_blockwise(w if lin.w_nk else w.T, cfg.weight_bits, cfg.block_size, cfg.symmetric)
+                base = self._base_name(node, weight_name, layer)
+                done[key] = (q, *self._register(graph, base, q))
+            q, b_val, s_val, zp_val = done[key]
+            new = ir.Node(
+                MS_DOMAIN,
+                "MatMulNBits",
+                [lin.activation, b_val, s_val, zp_val, None, lin.bias] if lin.bias is not None
+                else [lin.activation, b_val, s_val] + ([zp_val] if zp_val is not None else []),
+                attributes=[
+                    ir.AttrInt64("K", lin.k),
+                    ir.AttrInt64("N", lin.n),
+                    ir.AttrInt64("bits", cfg.weight_bits),
+                    ir.AttrInt64("block_size", cfg.block_size),
+                    ir.AttrInt64("accuracy_level", cfg.accuracy_level),
+                ],
+                name=node.name,
+                metadata_props={**node.metadata_props, "qvl.layer": layer},
+            )
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
+            if not lin.weight.uses() and lin.weight.name in graph.initializers:
+                graph.initializers.pop(lin.weight.name)
+            after = (q.nbytes if first_use else 0) + (lin.bias.const_value.nbytes if lin.bias is not None else 0)
+            entry["nodes"].append(node.name)
+            entry["bytes_before"] += fp32_bytes if first_use else 0
+            entry["bytes_after"] += after
+            details["bytes_before"] += fp32_bytes if first_use else 0
+            details["bytes_after"] += after
+            details["nodes"][node.name] = {"layer": layer, "op": node.op_type, "K": lin.k, "N": lin.n,
+                                           "weight": weight_name, "B": b_val.name}
+            report.counts["matmulnbits"] += 1
+            report.counts["from_matmul" if node.op_type == "MatMul" else "from_gemm"] += 1
+            if layer == LM_HEAD_LAYER:
+                report.counts["lm_head"] += 1
+                details["embedding"] = {
+                    "source": weight_name,
+                    "B": b_val.name,
+                    "scales": s_val.name,
+                    "zero_points": None if zp_val is None else zp_val.name,
+                    "bits": cfg.weight_bits,
+                    "block_size": cfg.block_size,
+                    "shape": [lin.n, lin.k],
+                    "fp32_removed": weight_name not in graph.initializers,
+                }
+                if weight_name in graph.initializers:
+                    report.skipped.append(Skip(weight_name, "fp32 embedding still used by other nodes: stored twice"))
+
+        for entry in layers.values():
+            if entry.get("reasons"):
+                entry["decision"] = "mixed" if entry["nodes"] else "fp32"
+        for node in graph:  # layers already quantized by an earlier run keep their decision visible
+            if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits" and node.metadata_props.get("qvl.layer"):
+                layers.setdefault(node.metadata_props["qvl.layer"],
+                                  {"decision": "quantized", "nodes": [], "bytes_before": 0, "bytes_after": 0})
+        if report.counts["matmulnbits"]:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            graph.opset_imports.setdefault(MS_DOMAIN, 1)
+
+    @staticmethod
+    def _skip(report: PassReport, entry: dict, node: ir.Node, layer: str, reason: str) -> None:
+        report.skipped.append(Skip(node.name, f"{layer}: {reason}"))
+        entry.setdefault("reasons", []).append(f"{node.name}: {reason}")
+
+    @staticmethod
+    def _base_name(node: ir.Node, weight_name: str, layer: str) -> str:
+        if layer == LM_HEAD_LAYER or not re.fullmatch(r"val_\d+", weight_name or ""):
+            return weight_name
+        path = _module_path(node, None)  # exporter-numbered constant: name it after its module
+        return f"{path}.weight" if path else weight_name
+
+    @staticmethod
+    def _register(graph: ir.Graph, base: str, q: QuantizedWeight):
+        def add(suffix: str, array: np.ndarray) -> ir.Value:
+            name, i = f"{base}{suffix}", 1
+            while name in graph.initializers:
+                name, i = f"{base}{suffix}.{i}", i + 1
+            dtype = ir.DataType.UINT8 if array.dtype == np.uint8 else ir.DataType.FLOAT
+            v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
+                         const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+            graph.register_initializer(v)
+            return v
+
+        b = add(".q", q.packed)
+        s = add(".scales", q.scales)
+        zp = add(".zp", q.zero_points) if q.zero_points is not None else None
+        return b, s, zp
