@@ -136,8 +136,21 @@ def compile_cmd(
     no_budget: bool = typer.Option(False, "--no-budget", help="quantize every eligible layer without measuring"),
     threads: Optional[int] = typer.Option(None, help="threads for the budget measurements"),
 ):
-    """Export (if needed), run the target's pass pipeline and write a compiled artifact."""
+    """Export (if needed), run the target's pass pipeline and write a compiled artifact (or, for the
+    TensorRT targets sm61 / sm75+, an engine kit to build on the user's GPU with `build-engine`)."""
     from qvl.toolchain.pipeline import compile_artifact, compile_with_precision
+    from qvl.toolchain.targets import get_target
+
+    if not get_target(target).ort_contrib_ops:
+        if weights != "fp32":
+            raise QvlError(f"target {get_target(target).name} has no weight-only {weights} kernels in this backend",
+                           hint="TensorRT kits are FP32 (INT8 only through explicit Q/DQ); use --weights fp32")
+        from qvl.toolchain.trt_kit import kit_command
+
+        with err.status("building engine kit") as status:
+            kit_command(source, target, out, overwrite=overwrite, echo=lambda m: err.print(m, highlight=False),
+                        step=lambda m: status.update(m))
+        return
 
     if weights != "fp32":
         from qvl.toolchain.accuracy_budget import AccuracyBudget
@@ -178,6 +191,18 @@ def bench_cmd(
     from qvl.toolchain.bench import bench_command
 
     bench_command(artifact, checkpoint, eager_dtype, threads, repeats, as_json, plot)
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    kit: Path = typer.Argument(..., help="engine kit from `compile --target sm61|sm75+`"),
+    out: Optional[Path] = typer.Option(None, help="engine directory (default: KIT/engines)"),
+    allow_target_mismatch: bool = typer.Option(False, help="build even if the library/GPU cannot run the kit's target (proves parsing only)"),
+):
+    """Build TensorRT engines from a kit with whichever of tensorrt (>= 8.6) or tensorrt_rtx is installed."""
+    from qvl.toolchain.trt_build import build_engine_command
+
+    build_engine_command(kit, out, allow_target_mismatch=allow_target_mismatch, echo=lambda m: err.print(m, highlight=False))
 
 
 @app.command("parity")

@@ -93,14 +93,15 @@ class Engine:
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
     @staticmethod
-    def _providers(device: str) -> list[str]:
+    def _providers(device: str) -> list:
         available = ort.get_available_providers()
         if device == "cpu":
             return ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in available:
                 raise QvlError("device 'cuda' needs onnxruntime-gpu with the CUDA provider", hint="pip install onnxruntime-gpu")
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            # TF32 off: fp32 artifacts must compute in fp32 (parity), Ampere+ would otherwise round to TF32.
+            return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
         raise QvlError(f"unknown device {device!r}", hint="use cpu or cuda")
 
     # -- embeddings and vision --------------------------------------------------------------------

@@ -117,13 +117,14 @@ def run_parity(
     vision_tol: float = VISION_TOL,
     threads: int | None = None,
     progress=None,
+    device: str = "cpu",
 ) -> ParityReport:
     from qvl.runtime.model import Model
     from qvl.toolchain.reference import EagerReference
 
     t0 = time.perf_counter()
     eager = EagerReference(checkpoint, threads=threads)
-    model = Model(Path(artifact), threads=threads)
+    model = Model(Path(artifact), device=device, threads=threads)
     report = ParityReport(str(artifact), str(checkpoint), logit_tol, vision_tol)
     cases = suite_cases(suite_images(work_dir))
     for i, (name, messages, chunk) in enumerate(cases):

@@ -1,0 +1,399 @@
+"""Build TensorRT engines from an engine kit (`qvl-compile build-engine KIT`).
+
+One code path for every supported library, with small version shims:
+
+| library                         | import                          | used for                                         |
+|---------------------------------|---------------------------------|--------------------------------------------------|
+| TensorRT 8.6 (`tensorrt`)       | `tensorrt`                      | sm61 engines: the last TensorRT for Pascal       |
+| TensorRT >= 10 (`tensorrt`)     | `tensorrt`                      | sm75+ engines (dropped Pascal: refused for sm61) |
+| TensorRT-RTX (`tensorrt-rtx-*`) | `tensorrt_rtx_bindings` / `tensorrt_rtx` | sm75+ engines; CPU-only parse/build proof of any kit with `allow_target_mismatch=True` |
+
+Shims: the explicit-batch network flag (required by 8.6, implied by 10 / RTX); builder flags that exist
+only in some versions (`FP16`, `INT8`, `TF32` are absent from strongly-typed TensorRT-RTX); the timing
+cache (TensorRT only: RTX ignores it and would need a GPU to create one); `platform_has_fast_fp16` (8.6,
+used to tell a Pascal GP10x from newer GPUs when cuda-python is not installed). Everything else --
+`parse_from_file`, `set_memory_pool_limit`, optimization profiles, `build_serialized_network`,
+`BuilderFlag.REFIT` -- is the same API in 8.6, 10 and RTX.
+
+Per graph the builder writes `<graph>.engine` and, with TensorRT, `<graph>.timing.cache` next to it
+(re-used by the next build); `build.json` records library, flags, profiles, sizes, times and the FP16
+check. FP16 guard for sm61 (FP16 runs at 1/64 rate on GP10x): the parsed network is inspected before
+the build -- any layer whose precision, output-type constraint or output tensor is FP16/BF16, or an FP16
+builder flag, is a `QvlError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from qvl.artifacts import manifest as mf
+from qvl.errors import QvlError
+
+ENGINES_DIR = "engines"
+BUILD_REPORT = "build.json"
+MIN_TENSORRT = (8, 6)
+INSTALL_HINT = ("on the Pascal laptop: pip install 'tensorrt==8.6.1' (needs NVIDIA's index); "
+                "CPU-only parse/build check: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
+
+
+@dataclass
+class TrtLibrary:
+    trt: object  # the imported module
+    flavor: str  # "tensorrt" | "tensorrt-rtx"
+    version: str
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def label(self) -> str:
+        return f"{'TensorRT-RTX' if self.flavor == 'tensorrt-rtx' else 'TensorRT'} {self.version}"
+
+
+def load_tensorrt(prefer: str | None = None) -> TrtLibrary:
+    """The importable TensorRT flavour: `tensorrt` (>= 8.6) first, else TensorRT-RTX."""
+    errors = []
+    order = [("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt_rtx_bindings"), ("tensorrt-rtx", "tensorrt_rtx")]
+    if prefer:
+        order = [o for o in order if o[0] == prefer]
+    for flavor, module in order:
+        try:
+            mod = __import__(module)
+        except ImportError as exc:
+            errors.append(f"{module}: {exc}")
+            continue
+        except Exception as exc:  # a broken install (e.g. missing libnvinfer) is "not usable", not a crash
+            errors.append(f"{module}: {type(exc).__name__}: {exc}")
+            continue
+        version = getattr(mod, "__version__", "0")
+        if flavor == "tensorrt" and tuple(int(x) for x in version.split(".")[:2]) < MIN_TENSORRT:
+            raise QvlError(f"TensorRT {version} is too old: engine kits need TensorRT >= 8.6", hint=INSTALL_HINT)
+        if not hasattr(mod, "Builder"):  # e.g. PyPI's `tensorrt` placeholder without the real bindings
+            errors.append(f"{module}: no Builder (placeholder package?)")
+            continue
+        return TrtLibrary(mod, flavor, version)
+    raise QvlError("neither TensorRT (>= 8.6) nor TensorRT-RTX is installed: cannot build engines",
+                   hint=INSTALL_HINT)
+
+
+def device_compute_capability() -> tuple[int, int] | None:
+    """GPU 0's compute capability through cuda-python, or None when unknown."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            return None
+    try:
+        attr = cudart.cudaDeviceAttr
+        err, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, 0)
+        err2, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, 0)
+        if err != cudart.cudaError_t.cudaSuccess or err2 != cudart.cudaError_t.cudaSuccess:
+            return None
+        return int(major), int(minor)
+    except Exception:
+        return None
+
+
+def target_mismatch(flavor: str, version: str, kit_target: str, device_cc: tuple[int, int] | None,
+                    fast_fp16: bool | None = None) -> str | None:
+    """Why this library / GPU cannot build engines that run on the kit's target (None: it can)."""
+    major = int(version.split(".")[0])
+    if kit_target == "sm61":
+        if flavor == "tensorrt-rtx":
+            return (f"TensorRT-RTX {version} builds for Turing (SM 7.5) and newer only; the kit targets sm61 (Pascal), "
+                    "whose last TensorRT is 8.6")
+        if major >= 10:
+            return f"TensorRT {version} dropped Pascal (SM 6.x); sm61 engines need TensorRT 8.6, the last release for SM 6.1"
+        if device_cc is not None and device_cc != (6, 1):
+            return f"the GPU is SM {device_cc[0]}.{device_cc[1]}, not SM 6.1: TensorRT engines only run on the GPU kind they were built on"
+        if device_cc is None and fast_fp16:
+            return "the GPU has fast FP16, so it is not a Pascal GP10x (SM 6.1): the engine would not run on the target"
+        return None
+    if kit_target == "sm75+":
+        if device_cc is not None and device_cc < (7, 5):
+            return f"the GPU is SM {device_cc[0]}.{device_cc[1]}: sm75+ engines need Turing (SM 7.5) or newer"
+        if flavor == "tensorrt" and device_cc is None and fast_fp16 is False:
+            return "the GPU has no fast FP16 (Pascal or older): sm75+ engines need Turing (SM 7.5) or newer"
+        return None
+    return f"unknown kit target {kit_target!r}"
+
+
+# -- logger, parse, FP16 guard ----------------------------------------------------------------
+
+
+def _make_logger(trt):
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[str, str]] = []
+
+        def log(self, severity, msg):
+            name = getattr(severity, "name", str(severity))
+            self.messages.append((name, msg))
+            if os.environ.get("QVL_TRT_VERBOSE") and int(severity) <= int(trt.ILogger.Severity.WARNING):
+                print(f"[TensorRT {name}] {msg}")
+
+        def errors(self) -> list[str]:
+            return [m for s, m in self.messages if s in ("ERROR", "INTERNAL_ERROR", "kERROR", "kINTERNAL_ERROR")]
+
+    return _Logger()
+
+
+def _network_flags(lib: TrtLibrary) -> int:
+    flags = lib.trt.NetworkDefinitionCreationFlag
+    if lib.flavor == "tensorrt" and lib.major < 10 and hasattr(flags, "EXPLICIT_BATCH"):
+        return 1 << int(flags.EXPLICIT_BATCH)  # 8.6: implicit batch is the default
+    return 0  # 10 / RTX: explicit batch always (RTX networks are strongly typed)
+
+
+@dataclass
+class ParsedNetwork:
+    lib: TrtLibrary
+    builder: object
+    network: object
+    parser: object
+    logger: object
+    path: Path
+
+
+def parse_onnx(lib: TrtLibrary, onnx_path: Path) -> ParsedNetwork:
+    trt = lib.trt
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    if builder is None:
+        raise QvlError(f"{lib.label} could not create a builder (no usable CUDA GPU or driver?)", hint=INSTALL_HINT)
+    network = builder.create_network(_network_flags(lib))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise QvlError(f"{lib.label}'s ONNX parser rejected {Path(onnx_path).name}: {(errs or logger.errors() or ['unknown error'])[0]}",
+                       hint="the kit graphs must be standard ONNX within the target's opset")
+    return ParsedNetwork(lib, builder, network, parser, logger, Path(onnx_path))
+
+
+_LOW_PRECISION = ("HALF", "BF16")
+
+
+def fp16_violations(lib: TrtLibrary, network, config=None) -> tuple[int, list[str]]:
+    """(layers checked, problems) for a parsed network: layers computing in FP16/BF16, FP16 builder flags."""
+    trt = lib.trt
+    problems = []
+    if config is not None:
+        for flag in ("FP16", "BF16"):
+            f = getattr(trt.BuilderFlag, flag, None)
+            if f is not None and config.get_flag(f):
+                problems.append(f"builder flag {flag} is set")
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.dtype.name in _LOW_PRECISION:
+            problems.append(f"network input {t.name} is {t.dtype.name}")
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        where = f"{layer.name} ({layer.type.name})"
+        if getattr(layer, "precision_is_set", False) and layer.precision.name in _LOW_PRECISION:
+            problems.append(f"{where}: precision {layer.precision.name}")
+        for j in range(layer.num_outputs):
+            out = layer.get_output(j)
+            if out is not None and out.dtype.name in _LOW_PRECISION:
+                problems.append(f"{where}: output {j} is {out.dtype.name}")
+            elif hasattr(layer, "output_type_is_set") and layer.output_type_is_set(j) and layer.get_output_type(j).name in _LOW_PRECISION:
+                problems.append(f"{where}: output {j} constrained to {layer.get_output_type(j).name}")
+    return network.num_layers, problems
+
+
+def check_no_fp16(lib: TrtLibrary, network, config, graph: str) -> dict:
+    n, problems = fp16_violations(lib, network, config)
+    if problems:
+        raise QvlError(f"sm61 build of {graph} would compute in FP16/BF16 ({len(problems)} site(s), first: {problems[0]})",
+                       hint="Pascal GP10x runs FP16 at 1/64 rate: sm61 kits must be FP32 (+INT8 only with explicit Q/DQ)")
+    return {"layers_checked": n, "fp16_layers": [], "fp16_flag": False}
+
+
+# -- build ----------------------------------------------------------------------------------------
+
+
+def _set_flag(trt, config, name: str, on: bool) -> bool | None:
+    """Set/clear a builder flag if this TensorRT has it; returns the state applied or None."""
+    flag = getattr(trt.BuilderFlag, name, None)
+    if flag is None:
+        return None
+    (config.set_flag if on else config.clear_flag)(flag)
+    return on
+
+
+def configure(lib: TrtLibrary, parsed: ParsedNetwork, settings: dict, profiles: list[dict], target: str,
+              gpu_present: bool = True):
+    """Builder config from the kit's build settings and profiles; returns (config, applied flags, notes)."""
+    trt, builder, network = lib.trt, parsed.builder, parsed.network
+    notes = []
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_bytes"]))
+    if hasattr(config, "builder_optimization_level") and settings.get("builder_optimization_level") is not None:
+        config.builder_optimization_level = int(settings["builder_optimization_level"])
+    refit = bool(settings.get("refit"))
+    if refit and lib.flavor == "tensorrt-rtx" and not gpu_present:
+        refit = False  # RTX's CPU-only AOT build fails with REFIT (its refit path JIT-compiles on a GPU)
+        notes.append(f"REFIT not applied: {lib.label} cannot build refittable engines without a GPU")
+    flags = {
+        "refit": _set_flag(trt, config, "REFIT", refit),
+        "tf32": _set_flag(trt, config, "TF32", bool(settings.get("tf32"))),
+        "fp16": _set_flag(trt, config, "FP16", bool(settings.get("fp16")) and target != "sm61"),
+        "int8": _set_flag(trt, config, "INT8", bool(settings.get("int8"))),
+    }
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    for p in profiles:
+        missing = names - set(p["shapes"])
+        if missing:
+            raise QvlError(f"profile {p['name']} of {parsed.path.name} has no shapes for input(s) {', '.join(sorted(missing))}",
+                           hint="re-make the kit with this qvl-compile version")
+        prof = builder.create_optimization_profile()
+        for name in sorted(names):
+            s = p["shapes"][name]
+            prof.set_shape(name, s["min"], s["opt"], s["max"])
+        config.add_optimization_profile(prof)
+    return config, flags, notes
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_graph(lib: TrtLibrary, onnx_path: Path, graph: str, profiles: list[dict], settings: dict, target: str,
+                engine_path: Path, gpu_present: bool = True) -> dict:
+    trt = lib.trt
+    t0 = time.perf_counter()
+    parsed = parse_onnx(lib, onnx_path)
+    parse_s = time.perf_counter() - t0
+    config, flags, notes = configure(lib, parsed, settings, profiles, target, gpu_present)
+    fp16 = check_no_fp16(lib, parsed.network, config, graph) if target == "sm61" else None
+    cache_path = engine_path.with_suffix(".timing.cache")
+    if lib.flavor == "tensorrt":  # RTX ignores timing caches (and would need a GPU to make one)
+        blob = cache_path.read_bytes() if cache_path.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    else:
+        notes.append(f"timing cache not used: {lib.label} ignores timing caches (and needs a GPU to create one)")
+    t1 = time.perf_counter()
+    plan = parsed.builder.build_serialized_network(parsed.network, config)
+    build_s = time.perf_counter() - t1
+    if plan is None:
+        errs = parsed.logger.errors()
+        raise QvlError(f"{lib.label} could not build {graph}: {errs[-1] if errs else 'unknown error'}",
+                       hint="set QVL_TRT_VERBOSE=1 to see TensorRT's log")
+    data = memoryview(plan)
+    _write_atomic(engine_path, data)
+    if lib.flavor == "tensorrt":
+        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+    return {
+        "file": engine_path.name,
+        "bytes": engine_path.stat().st_size,
+        "sha256": mf.sha256_file(engine_path),
+        "layers": parsed.network.num_layers,
+        "profiles": [p["name"] for p in profiles],
+        "flags": flags,
+        "timing_cache": cache_path.name if lib.flavor == "tensorrt" else None,
+        "notes": notes,
+        "fp16_check": fp16,
+        "parse_seconds": round(parse_s, 3),
+        "build_seconds": round(build_s, 3),
+        "network_inputs": {parsed.network.get_input(i).name: parsed.network.get_input(i).dtype.name
+                           for i in range(parsed.network.num_inputs)},
+        "strongly_typed": bool(getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None) is not None
+                               and parsed.network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
+    }
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    library: str
+    target: str
+    target_mismatch: str | None
+    engines: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def read_kit(kit_dir: Path) -> tuple[dict, dict]:
+    manifest = mf.read_manifest(Path(kit_dir))
+    kit = manifest.get("kit")
+    if not kit or kit.get("format") != "qvl-trt-kit":
+        raise QvlError(f"{kit_dir} is an artifact but not a TensorRT engine kit",
+                       hint="make one with `qvl-compile compile SOURCE --target sm61 --out KIT`")
+    return manifest, kit
+
+
+def build_engines(kit_dir: Path, out: Path | None = None, *, allow_target_mismatch: bool = False,
+                  graphs: tuple[str, ...] | None = None, library: str | None = None,
+                  step: Callable[[str], None] | None = None) -> BuildReport:
+    """Build every graph of the kit (or `graphs`) into `out` (default KIT/engines)."""
+    step = step or (lambda m: None)
+    kit_dir = Path(kit_dir)
+    manifest, kit = read_kit(kit_dir)
+    lib = load_tensorrt(library)
+    target = kit["target"]
+    cc = device_compute_capability()
+    fast_fp16 = None
+    if lib.flavor == "tensorrt" and cc is None and lib.major < 10:
+        logger = _make_logger(lib.trt)
+        b = lib.trt.Builder(logger)
+        fast_fp16 = bool(getattr(b, "platform_has_fast_fp16", False)) if b is not None else None
+    mismatch = target_mismatch(lib.flavor, lib.version, target, cc if lib.flavor == "tensorrt" else None, fast_fp16)
+    if mismatch and not allow_target_mismatch:
+        raise QvlError(f"cannot build {target} engines here: {mismatch}", hint=INSTALL_HINT)
+    out = Path(out) if out is not None else kit_dir / ENGINES_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report = BuildReport(out, lib.label, target, mismatch)
+    names = graphs or tuple(kit["graphs"])
+    for name in names:
+        if name not in kit["graphs"]:
+            raise QvlError(f"the kit has no graph {name!r}", hint=f"graphs: {', '.join(kit['graphs'])}")
+        g = kit["graphs"][name]
+        step(f"building {name} with {lib.label}")
+        report.engines[name] = build_graph(lib, kit_dir / g["file"], name, g["profiles"], kit["build"], target,
+                                           out / f"{name}.engine", gpu_present=cc is not None or lib.flavor == "tensorrt")
+    report.seconds = time.perf_counter() - t0
+    record = {
+        "library": {"flavor": lib.flavor, "version": lib.version},
+        "target": target,
+        "target_mismatch": mismatch,
+        "device_compute_capability": list(cc) if cc else None,
+        "kit_manifest_sha256": mf.sha256_file(kit_dir / mf.MANIFEST),
+        "engines": report.engines,
+        "seconds": round(report.seconds, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_atomic(out / BUILD_REPORT, json.dumps(record, indent=2).encode())
+    return report
+
+
+def build_engine_command(kit: Path, out: Path | None = None, *, allow_target_mismatch: bool = False,
+                         echo: Callable[[str], None] | None = None) -> BuildReport:
+    """CLI body of `qvl-compile build-engine KIT [--out DIR]`."""
+    import sys
+
+    echo = echo or (lambda s: print(s, file=sys.stderr))
+    report = build_engines(kit, out, allow_target_mismatch=allow_target_mismatch, step=echo)
+    if report.target_mismatch:
+        echo(f"warning: {report.target_mismatch} -- these engines prove the kit parses and builds; they do not run on the target")
+    for name, e in report.engines.items():
+        on = [k for k, v in e["flags"].items() if v]
+        fp16 = e["fp16_check"]
+        echo(f"  {name:<8} {e['layers']} layers, {e['bytes'] / 1e6:.1f} MB, profiles {'/'.join(e['profiles'])}, "
+             f"flags {','.join(on) or 'none'}, parse {e['parse_seconds']:.1f} s + build {e['build_seconds']:.1f} s"
+             + (f", fp16 check: {fp16['layers_checked']} layers, none FP16" if fp16 else ""))
+    echo(f"wrote {len(report.engines)} engine(s) to {report.out} with {report.library} in {report.seconds:.1f} s")
+    return report
