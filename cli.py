@@ -135,6 +135,7 @@ def compile_cmd(
     min_agreement: Optional[float] = typer.Option(0.9, help="min greedy agreement vs the fp32 artifact"),
     no_budget: bool = typer.Option(False, "--no-budget", help="quantize every eligible layer without measuring"),
     threads: Optional[int] = typer.Option(None, help="threads for the budget measurements"),
+    sparsity: Optional[float] = typer.Option(None, help="opt-in MLP channel sparsity: fraction of SwiGLU channels to remove per layer (budgeted)"),
 ):
     """Export (if needed), run the target's pass pipeline and write a compiled artifact (or, for the
     TensorRT targets sm61 / sm75+, an engine kit to build on the user's GPU with `build-engine`)."""
@@ -152,21 +153,27 @@ def compile_cmd(
                         step=lambda m: status.update(m))
         return
 
-    if weights != "fp32":
+    if weights != "fp32" or sparsity is not None:
         from qvl.toolchain.accuracy_budget import AccuracyBudget
 
         budget = None if no_budget else AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)
         with err.status("compiling") as status:
-            record = compile_with_precision(source, target, out, weights=weights, block_size=block_size,
-                                            budget=budget, overwrite=overwrite, threads=threads,
-                                            step=lambda m: status.update(m))
-        if budget is not None:
-            kept = sorted(k for k, v in record["decisions"].items() if v == "fp32")
-            meas = record["measured"]
-            err.print(f"accuracy budget {'met' if record['within_budget'] else 'NOT met'}: mean KL "
-                      f"{meas['mean_kl']:.4g}, greedy agreement {meas['greedy_agreement']:.3f}, max |Δlogit| "
-                      f"{meas['max_abs_logit_diff']:.3g}; layers kept fp32: {', '.join(kept) or 'none'}")
-        err.print(f"wrote {out} ({weights} weights)")
+            compile_with_precision(source, target, out, weights=weights, block_size=block_size,
+                                             budget=budget, overwrite=overwrite, threads=threads,
+                                             step=lambda m: status.update(m), sparsity=sparsity)
+        written = json.loads((out / "manifest.json").read_text())
+        for kind in ("sparsity", "precision"):
+            rec = written.get(kind, {}).get("budget_search")
+            if rec:
+                meas = rec["measured"]
+                back = rec.get("rolled_back") or []
+                err.print(f"{kind}: accuracy budget {'met' if rec['within_budget'] else 'NOT met'}: mean KL "
+                          f"{meas['mean_kl']:.4g}, greedy agreement {meas['greedy_agreement']:.3f}, max |Δlogit| "
+                          f"{meas['max_abs_logit_diff']:.3g}; layers rolled back: {', '.join(back) or 'none'}")
+        gain = written.get("sparsity", {}).get("gain")
+        if gain:
+            err.print(f"sparsity: {gain['statement']}")
+        err.print(f"wrote {out} ({weights} weights{'' if sparsity is None else f', MLP sparsity {sparsity:g}'})")
         return
     with err.status("compiling") as status:
         report = compile_artifact(source, target, out, overwrite=overwrite, dump_after=dump_after,

@@ -107,3 +107,20 @@ def test_compile_int8_cli_records_budget_and_runs(tiny_artifact, tmp_path):
 def test_int4_for_sm61_is_refused(tiny_artifact, tmp_path):
     proc = run_cli("compile", str(tiny_artifact), "--target", "sm61", "--weights", "int4", "--out", str(tmp_path / "q"))
     assert_one_line_error(proc, "no weight-only int4")
+
+
+def test_compile_sparsity_without_budget_prunes_and_runs(tiny_artifact, tmp_path):
+    proc = run_cli("compile", str(tiny_artifact), "--target", "cpu", "--sparsity", "0.25", "--no-budget",
+                   "--out", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["sparsity"]["layers_pruned"] == m["model"]["num_layers"]
+    assert m["sparsity"]["mlp_weight_bytes_after"] < m["sparsity"]["mlp_weight_bytes_before"]
+    from qvl.runtime import load
+
+    assert isinstance(load(tmp_path / "s", threads=1).generate([{"role": "user", "content": "Hi"}], max_new_tokens=3), str)
+
+
+def test_bad_sparsity_ratio_is_a_user_error(tiny_artifact, tmp_path):
+    proc = run_cli("compile", str(tiny_artifact), "--target", "cpu", "--sparsity", "1.5", "--out", str(tmp_path / "s"))
+    assert_one_line_error(proc, "--sparsity must be a fraction")

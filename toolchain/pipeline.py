@@ -124,28 +124,49 @@ def compile_with_precision(
     overwrite: bool = False,
     threads: int | None = None,
     step: Callable[[str], None] | None = None,
+    sparsity: float | None = None,
 ) -> dict:
-    """compile -> (optionally) weight-only int8/int4 with the accuracy budget, measured against the fp32
-    compiled artifact (itself parity-checked against eager). Returns the manifest's precision record."""
+    """compile -> optional MLP channel sparsity -> optional weight-only int8/int4. Both approximate steps are
+    opt-in and, with a `budget`, measured against the fp32 compiled artifact (itself parity-checked against
+    eager) and rolled back per layer when over it. Returns {"sparsity": record, "precision": record}."""
     from qvl.passes.precision import PrecisionConfig
+    from qvl.passes.sparsity import SparsityConfig
     from qvl.toolchain.accuracy_budget import apply_with_budget, quantize_artifact
+    from qvl.toolchain.sparsity_budget import apply_sparsity_with_budget, sparsify_artifact
 
-    if weights == "fp32":
+    target = get_target(target_name)
+    bits = {"fp32": None, "int8": 8, "int4": 4}
+    if weights not in bits:
+        raise QvlError(f"unknown --weights {weights!r}", hint="fp32 | int8 | int4")
+    nbits = bits[weights]
+    if nbits is not None and (nbits not in target.int_weight_bits or not target.ort_contrib_ops):
+        raise QvlError(f"target {target.name} has no weight-only int{nbits} kernels in this backend",
+                       hint="use --weights fp32, or the TensorRT kit's INT8 path for sm61")
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise QvlError(f"--sparsity must be a fraction in (0, 1), got {sparsity}")
+    if nbits is None and sparsity is None:
         compile_artifact(source, target_name, out, overwrite=overwrite, step=step)
         return {}
-    bits = {"int8": 8, "int4": 4}.get(weights)
-    if bits is None:
-        raise QvlError(f"unknown --weights {weights!r}", hint="fp32 | int8 | int4")
-    target = get_target(target_name)
-    if bits not in target.int_weight_bits or not target.ort_contrib_ops:
-        raise QvlError(f"target {target.name} has no weight-only int{bits} kernels in this backend",
-                       hint="use --weights fp32, or the TensorRT kit's INT8 path for sm61")
-    config = PrecisionConfig(weight_bits=bits, block_size=block_size, accuracy_level=4)
+    records: dict = {}
     with tempfile.TemporaryDirectory(prefix="qvl-fp32-") as tmp:
-        fp32 = Path(tmp) / "fp32"
-        compile_artifact(source, target_name, fp32, step=step)
-        if budget is None:
-            (step or (lambda m: None))(f"quantizing weights to int{bits}")
-            return quantize_artifact(fp32, out, config, target, overwrite=overwrite)
-        result = apply_with_budget(fp32, out, config, budget, target, threads=threads, overwrite=overwrite, progress=step)
-        return result.to_manifest(budget)
+        current = Path(tmp) / "fp32"
+        compile_artifact(source, target_name, current, step=step)
+        if sparsity is not None:
+            dest = out if nbits is None else Path(tmp) / "sparse"
+            config = SparsityConfig(ratio=sparsity)
+            if budget is None:
+                records["sparsity"] = sparsify_artifact(current, dest, config, target, overwrite=overwrite)
+            else:
+                res = apply_sparsity_with_budget(current, dest, config, budget, threads=threads, progress=step,
+                                                 target=target, overwrite=overwrite)
+                records["sparsity"] = res.to_manifest(budget)
+            current = dest
+        if nbits is not None:
+            config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=4)
+            if budget is None:
+                (step or (lambda m: None))(f"quantizing weights to int{nbits}")
+                records["precision"] = quantize_artifact(current, out, config, target, overwrite=overwrite)
+            else:
+                res = apply_with_budget(current, out, config, budget, target, threads=threads, overwrite=overwrite, progress=step)
+                records["precision"] = res.to_manifest(budget)
+    return records
