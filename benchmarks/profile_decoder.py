@@ -1,0 +1,22 @@
+"""ORT profile of decoder ops for one artifact: python benchmarks/profile_decoder.py ARTIFACT (12 greedy tokens, 2 threads)."""
+import sys, json, time, collections
+import onnxruntime as ort
+from qvl.runtime import load
+from qvl.runtime.engine import session_options
+art = sys.argv[1]
+m = load(art, threads=2)
+# rebuild the decoder session with profiling on
+so = session_options(2); so.enable_profiling = True; so.profile_file_prefix = "/tmp/ortprof"
+eng = m.engine
+eng.decoder = ort.InferenceSession(str(eng.artifact / eng.manifest["graphs"]["decoder"]["file"]), so, providers=["CPUExecutionProvider"])
+p = m.prepare([{"role": "user", "content": [{"type": "text", "text": "Describe a sunny day at the beach in two sentences."}]}])
+t = time.time(); ids = [tk for tk, _ in m.generate_ids(p, 12, ignore_stop=True)]; print("12 tokens", time.time() - t)
+f = eng.decoder.end_profiling()
+ev = json.load(open(f))
+agg = collections.Counter(); cnt = collections.Counter()
+for e in ev:
+    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        op = e["args"].get("op_name"); agg[op] += e["dur"]; cnt[op] += 1
+tot = sum(agg.values())
+for op, d in agg.most_common(12):
+    print(f"{op:32s} {d/1e3:10.1f} ms  {100*d/tot:5.1f}%  n={cnt[op]}")
