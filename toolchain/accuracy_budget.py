@@ -338,34 +338,50 @@ def apply_with_budget(
             say(f"{tag}: KL {m.mean_kl:.3g}, |dlogit| {m.max_abs_logit_diff:.3g}, agreement {m.greedy_agreement:.3f}")
             return m, record, path
 
-        full, record, best = evaluate(frozenset(), "all quantized")
-        layers = [k for k, v in record["layers"].items() if v["decision"].startswith("int")]
-        final, rolled_back, scores = full, [], {}
-        if not full.within(budget):
-            for layer in layers:
-                m, _, path = evaluate(frozenset(layers) - {layer}, f"only {layer}")
-                shutil.rmtree(path, ignore_errors=True)
-                scores[layer] = {"score": m.score(budget), "measurement": m.to_dict()}
-            order = sorted(layers, key=lambda k: (-scores[k]["score"], -scores[k]["measurement"]["mean_kl"], k))
-            for layer in order:
-                rolled_back.append(layer)
-                shutil.rmtree(best, ignore_errors=True)
-                final, record, best = evaluate(frozenset(rolled_back), f"fp32 {', '.join(rolled_back)}")
-                if final.within(budget):
-                    break
+        full, final, record, best, rolled_back, scores = rollback_search(
+            evaluate, lambda rec: [k for k, v in rec["layers"].items() if v["decision"].startswith("int")],
+            budget, ("all quantized", "fp32"))
         decisions = {k: ("fp32" if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
         result = BudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations)
         result.seconds = time.perf_counter() - t0
-        # Record the search in the chosen candidate's manifest, then move it into place.
-        man_path = best / mf.MANIFEST
-        manifest = json.loads(man_path.read_text())
-        manifest["precision"]["budget_search"] = result.to_manifest(budget)
-        manifest["precision"]["decisions"] = decisions
-        for key in ("format", "format_version"):
-            manifest.pop(key, None)
-        mf.write_manifest(best, manifest)
-        with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
-            for f in best.iterdir():
-                shutil.move(str(f), tmp / f.name)
+        publish_candidate(best, Path(out), "precision",
+                          {"budget_search": result.to_manifest(budget), "decisions": decisions}, overwrite)
         result.artifact = str(Path(out))
     return result
+
+
+def rollback_search(evaluate, eligible, budget: AccuracyBudget, labels: tuple[str, str]):
+    """The per-layer budget search shared by every approximate pass.
+
+    `evaluate(restored: frozenset, tag) -> (Measurement, record, candidate_dir)` applies the pass to every
+    eligible layer except `restored`. Apply to all; if over budget, measure each layer applied alone, then
+    restore layers costliest-first until the measurement is within budget. Returns
+    (all_applied, final, final_record, final_dir, restored_in_order, per_layer_scores)."""
+    full, record, best = evaluate(frozenset(), labels[0])
+    layers = eligible(record)
+    final, rolled_back, scores = full, [], {}
+    if not full.within(budget):
+        for layer in layers:
+            m, _, path = evaluate(frozenset(layers) - {layer}, f"only {layer}")
+            shutil.rmtree(path, ignore_errors=True)
+            scores[layer] = {"score": m.score(budget), "measurement": m.to_dict()}
+        order = sorted(layers, key=lambda k: (-scores[k]["score"], -scores[k]["measurement"]["mean_kl"], k))
+        for layer in order:
+            rolled_back.append(layer)
+            shutil.rmtree(best, ignore_errors=True)
+            final, record, best = evaluate(frozenset(rolled_back), f"{labels[1]} {', '.join(rolled_back)}")
+            if final.within(budget):
+                break
+    return full, final, record, best, rolled_back, scores
+
+
+def publish_candidate(best: Path, out: Path, section: str, updates: dict, overwrite: bool) -> None:
+    """Record the search in the chosen candidate's manifest section, then move it atomically to `out`."""
+    manifest = json.loads((best / mf.MANIFEST).read_text())
+    manifest[section].update(updates)
+    for key in ("format", "format_version"):
+        manifest.pop(key, None)
+    mf.write_manifest(best, manifest)
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        for f in best.iterdir():
+            shutil.move(str(f), tmp / f.name)

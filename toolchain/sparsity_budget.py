@@ -29,7 +29,6 @@ and `gain` to that record in the final artifact's manifest.
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import tempfile
@@ -48,6 +47,8 @@ from qvl.toolchain.accuracy_budget import (
     calibration_cases,
     compare,
     embedding_entry,
+    publish_candidate,
+    rollback_search,
     trace,
 )
 from qvl.toolchain.fsutil import atomic_output_dir
@@ -255,38 +256,16 @@ def apply_sparsity_with_budget(
             say(f"{tag}: KL {m.mean_kl:.3g}, |dlogit| {m.max_abs_logit_diff:.3g}, agreement {m.greedy_agreement:.3f}")
             return m, record, path
 
-        full, record, best = evaluate(frozenset(), "all pruned")
-        layers = [k for k, v in record["layers"].items() if v["decision"] == "pruned" and "reason" not in v]
-        final, rolled_back, scores = full, [], {}
-        if not full.within(budget):
-            for layer in layers:
-                m, _, path = evaluate(frozenset(layers) - {layer}, f"only {layer}")
-                shutil.rmtree(path, ignore_errors=True)
-                scores[layer] = {"score": m.score(budget), "measurement": m.to_dict()}
-            order = sorted(layers, key=lambda k: (-scores[k]["score"], -scores[k]["measurement"]["mean_kl"], k))
-            for layer in order:
-                rolled_back.append(layer)
-                shutil.rmtree(best, ignore_errors=True)
-                final, record, best = evaluate(frozenset(rolled_back), f"dense {', '.join(rolled_back)}")
-                if final.within(budget):
-                    break
+        full, final, record, best, rolled_back, scores = rollback_search(
+            evaluate, lambda rec: [k for k, v in rec["layers"].items() if v["decision"] == "pruned" and "reason" not in v],
+            budget, ("all pruned", "dense"))
         decisions = {k: ("dense" if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
         result = SparsityBudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations)
         say("measuring decode speed (dense vs pruned)")
         result.gain = measure_gain(fp32_artifact, best, threads=threads, repeats=speed_repeats, new_tokens=speed_tokens)
         say(result.gain["statement"])
         result.seconds = time.perf_counter() - t0
-        # Record the search and the gain in the chosen candidate's manifest, then move it into place.
-        man_path = best / mf.MANIFEST
-        manifest = json.loads(man_path.read_text())
-        manifest["sparsity"]["budget_search"] = result.to_manifest(budget)
-        manifest["sparsity"]["decisions"] = decisions
-        manifest["sparsity"]["gain"] = result.gain
-        for key in ("format", "format_version"):
-            manifest.pop(key, None)
-        mf.write_manifest(best, manifest)
-        with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
-            for f in best.iterdir():
-                shutil.move(str(f), tmp / f.name)
+        publish_candidate(best, Path(out), "sparsity", {"budget_search": result.to_manifest(budget),
+                                                        "decisions": decisions, "gain": result.gain}, overwrite)
         result.artifact = str(Path(out))
     return result
