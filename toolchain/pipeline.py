@@ -5,7 +5,6 @@ The pipelines are plain lists, here and only here. Every pass report lands in th
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
