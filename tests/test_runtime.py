@@ -193,3 +193,16 @@ def test_prompt_longer_than_context(tiny_artifact):
     long_prompt = "word " * 2100  # tiny context is 2048 tokens
     proc = run_cli("run", str(tiny_artifact), "--prompt", long_prompt, "--max-new-tokens", "4")
     assert_one_line_error(proc, "exceeds the model context of 2048")
+
+
+def test_chat_cli_two_turns_with_image(tiny_cpu_artifact, images):
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stdin = f"/image {images['square']}\nWhat is this?\nAnd the colours?\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from qvl.cli import main; main()", "chat", str(tiny_cpu_artifact), "--max-new-tokens", "5", "--threads", "1"],
+        input=stdin, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("generated;") == 2  # one stats line per answered turn
