@@ -279,7 +279,7 @@ def _eager_accuracy(n: int, threads: int = 2):
     return evaluate(answer, sv.make_samples("test", n))
 
 
-# The issue's bar is >= 95 % held-out accuracy; the committed sentinel (seed 0, 1500 steps) scores 85-88 %
+# The issue's bar is >= 95 % held-out accuracy; the committed sentinel (seed 0, 1500 steps) scores 84-85 %
 # (left/right questions near chance). Strict xfail: reported as a known failure, never as a pass, and it
 # turns into a failure the moment a retrained sentinel clears the bar (then drop the marker).
 SENTINEL_BELOW_TARGET = pytest.mark.xfail(strict=True, reason="sentinel below the 95 % accuracy target (issue 8 open)")
