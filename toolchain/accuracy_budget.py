@@ -323,24 +323,12 @@ def apply_with_budget(
     fp32_artifact = Path(fp32_artifact)
     with tempfile.TemporaryDirectory(prefix="qvl-budget-") as work:
         work = Path(work)
-        cases = cases if cases is not None else calibration_cases(work / "images")
-        prompts: dict = {}
-        say("reference (fp32) traces")
-        reference = trace(fp32_artifact, cases, budget.decode_steps, threads, prompts)
-        evaluations = 0
-
-        def evaluate(keep: frozenset, tag: str) -> tuple[Measurement, dict, Path]:
-            nonlocal evaluations
-            evaluations += 1
-            path = work / f"candidate-{evaluations}"
-            record = quantize_artifact(fp32_artifact, path, replace(config, keep_fp32=config.keep_fp32 | keep), target)
-            m = compare(reference, trace(path, cases, budget.decode_steps, threads, prompts))
-            say(f"{tag}: KL {m.mean_kl:.3g}, |dlogit| {m.max_abs_logit_diff:.3g}, agreement {m.greedy_agreement:.3f}")
-            return m, record, path
-
-        full, final, record, best, rolled_back, scores = rollback_search(
-            evaluate, lambda rec: [k for k, v in rec["layers"].items() if v["decision"].startswith("int")],
-            budget, ("all quantized", "fp32"))
+        full, final, record, best, rolled_back, scores, evaluations = rollback_search(
+            fp32_artifact,
+            lambda path, restored: quantize_artifact(
+                fp32_artifact, path, replace(config, keep_fp32=config.keep_fp32 | restored), target),
+            lambda rec: [k for k, v in rec["layers"].items() if v["decision"].startswith("int")],
+            budget, ("all quantized", "fp32"), work, cases, threads, say)
         decisions = {k: ("fp32" if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
         result = BudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations)
         result.seconds = time.perf_counter() - t0
@@ -350,13 +338,29 @@ def apply_with_budget(
     return result
 
 
-def rollback_search(evaluate, eligible, budget: AccuracyBudget, labels: tuple[str, str]):
+def rollback_search(fp32_artifact: Path, apply, eligible, budget: AccuracyBudget, labels: tuple[str, str],
+                    work: Path, cases, threads, say):
     """The per-layer budget search shared by every approximate pass.
 
-    `evaluate(restored: frozenset, tag) -> (Measurement, record, candidate_dir)` applies the pass to every
-    eligible layer except `restored`. Apply to all; if over budget, measure each layer applied alone, then
-    restore layers costliest-first until the measurement is within budget. Returns
-    (all_applied, final, final_record, final_dir, restored_in_order, per_layer_scores)."""
+    `apply(candidate_dir, restored: frozenset) -> record` writes the fp32 artifact with the pass applied to
+    every eligible layer except `restored`. Apply to all and measure against the fp32 traces; if over budget,
+    measure each layer applied alone, then restore layers costliest-first until within budget. Returns
+    (all_applied, final, final_record, final_dir, restored_in_order, per_layer_scores, evaluations)."""
+    cases = cases if cases is not None else calibration_cases(work / "images")
+    prompts: dict = {}
+    say("reference (fp32) traces")
+    reference = trace(fp32_artifact, cases, budget.decode_steps, threads, prompts)
+    evaluations = 0
+
+    def evaluate(restored: frozenset, tag: str) -> tuple[Measurement, dict, Path]:
+        nonlocal evaluations
+        evaluations += 1
+        path = work / f"candidate-{evaluations}"
+        record = apply(path, restored)
+        m = compare(reference, trace(path, cases, budget.decode_steps, threads, prompts))
+        say(f"{tag}: KL {m.mean_kl:.3g}, |dlogit| {m.max_abs_logit_diff:.3g}, agreement {m.greedy_agreement:.3f}")
+        return m, record, path
+
     full, record, best = evaluate(frozenset(), labels[0])
     layers = eligible(record)
     final, rolled_back, scores = full, [], {}
@@ -372,7 +376,7 @@ def rollback_search(evaluate, eligible, budget: AccuracyBudget, labels: tuple[st
             final, record, best = evaluate(frozenset(rolled_back), f"{labels[1]} {', '.join(rolled_back)}")
             if final.within(budget):
                 break
-    return full, final, record, best, rolled_back, scores
+    return full, final, record, best, rolled_back, scores, evaluations
 
 
 def publish_candidate(best: Path, out: Path, section: str, updates: dict, overwrite: bool) -> None:

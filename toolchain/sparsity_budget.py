@@ -44,12 +44,9 @@ from qvl.toolchain.accuracy_budget import (
     CPU_AVX2,
     AccuracyBudget,
     Measurement,
-    calibration_cases,
-    compare,
     embedding_entry,
     publish_candidate,
     rollback_search,
-    trace,
 )
 from qvl.toolchain.fsutil import atomic_output_dir
 
@@ -241,24 +238,11 @@ def apply_sparsity_with_budget(
     fp32_artifact = Path(fp32_artifact)
     with tempfile.TemporaryDirectory(prefix="qvl-sparsity-") as work:
         work = Path(work)
-        cases = cases if cases is not None else calibration_cases(work / "images")
-        prompts: dict = {}
-        say("reference (dense) traces")
-        reference = trace(fp32_artifact, cases, budget.decode_steps, threads, prompts)
-        evaluations = 0
-
-        def evaluate(keep: frozenset, tag: str) -> tuple[Measurement, dict, Path]:
-            nonlocal evaluations
-            evaluations += 1
-            path = work / f"candidate-{evaluations}"
-            record = sparsify_artifact(fp32_artifact, path, replace(config, keep=config.keep | keep), target)
-            m = compare(reference, trace(path, cases, budget.decode_steps, threads, prompts))
-            say(f"{tag}: KL {m.mean_kl:.3g}, |dlogit| {m.max_abs_logit_diff:.3g}, agreement {m.greedy_agreement:.3f}")
-            return m, record, path
-
-        full, final, record, best, rolled_back, scores = rollback_search(
-            evaluate, lambda rec: [k for k, v in rec["layers"].items() if v["decision"] == "pruned" and "reason" not in v],
-            budget, ("all pruned", "dense"))
+        full, final, record, best, rolled_back, scores, evaluations = rollback_search(
+            fp32_artifact,
+            lambda path, restored: sparsify_artifact(fp32_artifact, path, replace(config, keep=config.keep | restored), target),
+            lambda rec: [k for k, v in rec["layers"].items() if v["decision"] == "pruned" and "reason" not in v],
+            budget, ("all pruned", "dense"), work, cases, threads, say)
         decisions = {k: ("dense" if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
         result = SparsityBudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations)
         say("measuring decode speed (dense vs pruned)")
