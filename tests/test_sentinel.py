@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_splits_are_disjoint():
     test = set(sv.split_seeds("test", 1000))
     assert not train & test
     assert all(tr_lo <= s < tr_hi for s in train) and all(te_lo <= s < te_hi for s in test)
-    assert {s["seed"] for s in sv.make_samples("test", 4)} <= set(range(te_lo, te_hi))
+    assert all(te_lo <= s["seed"] < te_hi for s in sv.make_samples("test", 4))
     with pytest.raises(ValueError):
         sv.split_seeds("test", 10, start=te_hi - te_lo - 5)
     with pytest.raises(ValueError):
@@ -272,6 +273,17 @@ def test_committed_sentinel_loads_with_transformers():
     assert max(ids.values()) < cfg["text_config"]["vocab_size"] < 4096
 
 
+def test_copy_sentinel(tmp_path):
+    from qvl.toolchain.sentinel import SENTINEL_FILES, copy_sentinel
+
+    src = _sentinel_dir()
+    out = copy_sentinel(tmp_path / "s")
+    assert sorted(p.name for p in out.iterdir()) == sorted(SENTINEL_FILES)
+    assert (out / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    with pytest.raises(QvlError, match="already exists"):
+        copy_sentinel(tmp_path / "s")
+
+
 def _eager_accuracy(n: int, threads: int = 2):
     from qvl.toolchain.evaluate import eager_answer_fn
 
@@ -279,20 +291,18 @@ def _eager_accuracy(n: int, threads: int = 2):
     return evaluate(answer, sv.make_samples("test", n))
 
 
-# The issue's bar is >= 95 % held-out accuracy; the committed sentinel (seed 0, 1500 steps) scores 84-85 %
-# (left/right questions near chance). Strict xfail: reported as a known failure, never as a pass, and it
-# turns into a failure the moment a retrained sentinel clears the bar (then drop the marker).
-SENTINEL_BELOW_TARGET = pytest.mark.xfail(strict=True, reason="sentinel below the 95 % accuracy target (issue 8 open)")
+# The issue's bar: >= 95 % exact match on held-out questions. The committed sentinel (seed 0, 1500 steps,
+# toolchain/data/sentinel/sentinel_training.json) scores 99.8 % on the first 500 test-split questions.
 
 
-@SENTINEL_BELOW_TARGET
 def test_sentinel_eager_accuracy_on_held_out_subset():
+    t0 = time.perf_counter()
     report = _eager_accuracy(60)
     assert report.total == 60
     assert report.accuracy >= 0.95, report.summary()
+    assert time.perf_counter() - t0 < 60, f"too slow for the fast suite: {report.summary()}"
 
 
-@SENTINEL_BELOW_TARGET
 @pytest.mark.slow
 def test_sentinel_eager_accuracy_on_500_held_out_questions():
     report = _eager_accuracy(500)

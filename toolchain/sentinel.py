@@ -589,6 +589,7 @@ def train_sentinel(
             if k != "lm_head.weight"
         }
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "model.safetensors").chmod(0o644)
         num_bytes = sum(v.numel() * v.element_size() for v in state.values())
         del model, opt
 
