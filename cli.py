@@ -139,7 +139,7 @@ def compile_cmd(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     dump_after: Optional[str] = typer.Option(None, help="also write the graphs after this pass into OUT/dump/"),
     weights: str = typer.Option("fp32", help="fp32 | int8 | int4 (weight-only MatMulNBits, accuracy-budgeted)"),
-    block_size: int = typer.Option(32, help="quantization block size"),
+    block_size: Optional[int] = typer.Option(None, help="quantization block size (default: int4 128 where K allows, else 32)"),
     budget_kl: Optional[float] = typer.Option(0.01, help="max mean KL vs the fp32 artifact; layers over it stay fp32"),
     min_agreement: Optional[float] = typer.Option(0.9, help="min greedy agreement vs the fp32 artifact"),
     no_budget: bool = typer.Option(False, "--no-budget", help="quantize every eligible layer without measuring"),
@@ -152,14 +152,21 @@ def compile_cmd(
     from qvl.toolchain.targets import get_target
 
     if not get_target(target).ort_contrib_ops:
-        if weights != "fp32":
-            raise QvlError(f"target {get_target(target).name} has no weight-only {weights} kernels in this backend",
-                           hint="TensorRT kits are FP32 (INT8 only through explicit Q/DQ); use --weights fp32")
+        if weights not in ("fp32", "int8"):
+            raise QvlError(f"target {get_target(target).name} has no {weights} path",
+                           hint="TensorRT kits are FP32, or INT8 through explicit Q/DQ: use --weights fp32 or int8")
+        if sparsity is not None:
+            raise QvlError("--sparsity is not available for TensorRT engine kits", hint="compile for --target cpu")
         from qvl.toolchain.trt_kit import kit_command
 
+        budget = None
+        if weights == "int8" and not no_budget:
+            from qvl.toolchain.accuracy_budget import AccuracyBudget
+
+            budget = AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)
         with err.status("building engine kit") as status:
             kit_command(source, target, out, overwrite=overwrite, echo=lambda m: err.print(m, highlight=False),
-                        step=lambda m: status.update(m))
+                        step=lambda m: status.update(m), weights=weights, budget=budget, threads=threads)
         return
 
     if weights != "fp32" or sparsity is not None:

@@ -90,7 +90,8 @@ def read_manifest(artifact: Path, verify_graphs: bool = True) -> dict:
             f"artifact weight store {weights.name} has {weights.stat().st_size} bytes, manifest says {manifest['weights']['bytes']}"
         )
     if verify_graphs:
-        for name, g in manifest["graphs"].items():
+        optimized = manifest.get("ort_optimized", {}).get("graphs", {})
+        for name, g in [*manifest["graphs"].items(), *optimized.items()]:
             f = artifact / g["file"]
             if not f.is_file():
                 raise QvlError(f"artifact graph missing: {g['file']}")

@@ -73,11 +73,10 @@ class Engine:
         self.kv_mode = self.manifest.get("decoder", {}).get("kv_mode", "concat")
         self.vision_config = self.manifest["source"]["config"]["vision_config"]
         providers = self._providers(device)
-        so = session_options(threads)
-        graphs = self.manifest["graphs"]
+        files, so, self.optimized_graphs = self._graph_files(device, threads)
         try:
-            self.vision = ort.InferenceSession(str(self.artifact / graphs["vision"]["file"]), so, providers=providers)
-            self.decoder = ort.InferenceSession(str(self.artifact / graphs["decoder"]["file"]), so, providers=providers)
+            self.vision = ort.InferenceSession(str(self.artifact / files["vision"]), so, providers=providers)
+            self.decoder = ort.InferenceSession(str(self.artifact / files["decoder"]), so, providers=providers)
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                 ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
             raise QvlError(f"cannot load artifact graphs from {self.artifact}: {str(exc).splitlines()[0]}") from None
@@ -91,6 +90,24 @@ class Engine:
             self.embedding = map_tensor(self.artifact / emb["file"], emb["offset"], tuple(emb["shape"]), emb["dtype"])
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+
+    def _graph_files(self, device: str, threads: int | None) -> tuple[dict, ort.SessionOptions, bool]:
+        """The graphs to load: ORT's saved optimized graphs when this ORT wrote them for this provider
+        (then optimization is off at load: it already ran), else the plain graphs, optimized at load."""
+        so = session_options(threads)
+        if self.manifest.get("kit", {}).get("build", {}).get("int8"):
+            # An INT8 engine kit's explicit Q/DQ graphs are TensorRT's to run (int8 GEMMs accumulating in
+            # int32). ORT's CPU would fuse them into its U8S8 integer kernels, which can saturate on AVX2 and
+            # then differ from the quantized model by far more than quantization does; computing Q/DQ as
+            # written (fp32 fake quantization) is what TensorRT's result should match.
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
+        plain = {name: g["file"] for name, g in self.manifest["graphs"].items()}
+        opt = self.manifest.get("ort_optimized")
+        if (device == "cpu" and opt and opt.get("onnxruntime") == ort.__version__
+                and set(opt.get("graphs", {})) == set(plain)):
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return {name: g["file"] for name, g in opt["graphs"].items()}, so, True
+        return plain, so, False
 
     @staticmethod
     def _providers(device: str) -> list:

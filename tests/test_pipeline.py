@@ -106,7 +106,8 @@ def test_compile_int8_cli_records_budget_and_runs(tiny_artifact, tmp_path):
 
 def test_int4_for_sm61_is_refused(tiny_artifact, tmp_path):
     proc = run_cli("compile", str(tiny_artifact), "--target", "sm61", "--weights", "int4", "--out", str(tmp_path / "q"))
-    assert_one_line_error(proc, "no weight-only int4")
+    assert_one_line_error(proc, "sm61 has no int4 path")
+    assert not (tmp_path / "q").exists()
 
 
 def test_compile_sparsity_without_budget_prunes_and_runs(tiny_artifact, tmp_path):
@@ -124,3 +125,12 @@ def test_compile_sparsity_without_budget_prunes_and_runs(tiny_artifact, tmp_path
 def test_bad_sparsity_ratio_is_a_user_error(tiny_artifact, tmp_path):
     proc = run_cli("compile", str(tiny_artifact), "--target", "cpu", "--sparsity", "1.5", "--out", str(tmp_path / "s"))
     assert_one_line_error(proc, "--sparsity must be a fraction")
+
+
+def test_default_block_size_per_width_and_shape():
+    from qvl.toolchain.presets import _tiny_config, published_2b_config
+    from qvl.toolchain.pipeline import default_block_size
+
+    assert default_block_size(4, published_2b_config()) == 128  # every K of the 2B model is a multiple of 128
+    assert default_block_size(8, published_2b_config()) == 32
+    assert default_block_size(4, _tiny_config()) == 32  # tiny hidden 64: block 128 would skip every layer

@@ -153,6 +153,128 @@ def test_non_tensorrt_target_is_a_user_error(tiny_artifact, tmp_path):
     assert not (tmp_path / "k").exists()
 
 
+# -- INT8 kit: explicit Q/DQ, calibrated, accuracy-budgeted ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_kit(tiny_artifact, tmp_path_factory):
+    """`compile --target sm61 --weights int8` with the default budget (mean KL 0.01, greedy agreement 0.9)."""
+    from qvl.toolchain.accuracy_budget import AccuracyBudget
+    from qvl.toolchain.trt_kit import kit_command
+
+    lines: list[str] = []
+    out = tmp_path_factory.mktemp("kit8") / "tiny-sm61-int8-kit"
+    budget = AccuracyBudget()
+    report = kit_command(tiny_artifact, "sm61", out, echo=lines.append, weights="int8", budget=budget, threads=1)
+    print("\n" + "\n".join(lines))
+    return out, lines, report, budget
+
+
+def test_int8_kit_is_opset_17_standard_onnx_with_qdq_and_never_fp16(int8_kit, sm61_kit):
+    kit, lines, report, _ = int8_kit
+    m = _manifest(kit)
+    fp16 = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for name, g in m["graphs"].items():
+        model = onnx.load(str(kit / g["file"]), load_external_data=False)
+        assert {o.domain: o.version for o in model.opset_import} == {"": 17} and model.ir_version == 8, name
+        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), name  # no contrib ops
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, name
+        assert not any(t.data_type in fp16 for t in model.graph.initializer)
+        assert not any(a.name == "to" and a.i in fp16 for n in model.graph.node for a in n.attribute)
+        onnx.checker.check_model(str(kit / g["file"]))
+    b = m["kit"]["build"]
+    assert b["int8"] is True and b["fp16"] is False and b["precision"] == "fp32+int8(explicit Q/DQ)"
+    p = m["precision"]
+    assert p["pass"] == "qdq_int8" and p["config"]["weight_format"] == "float_qdq"  # TensorRT 8.6: fp32 Q/DQ weights
+    assert p["calibration"]["cases"] == ["text-only", "image-square", "image-wide", "image-tall", "two-images", "chunked-prefill"]
+    assert p["calibration"]["alpha"] == 0.5 and p["calibration"]["activation_sites"] == {"vision": 32, "decoder": 17}
+    lm_head = [s for s in p["skipped"] if s["where"] == "node_Gemm_838" or "lm_head" in s["reason"] and "tied" in s["reason"]]
+    assert len(lm_head) == 1 and p["layers"]["decoder.lm_head"]["decision"] == "fp32"
+    # Layers are whole transformer layers / vision blocks (re-attributed after opset lowering dropped metadata).
+    assert {k for k in p["decisions"] if k.startswith("decoder.")} == {f"decoder.layers.{i}" for i in range(4)} | {"decoder.lm_head"}
+    search = p["budget_search"]
+    assert search["within_budget"] is True and search["measured"]["mean_kl"] <= 0.01
+    assert search["measured"]["greedy_agreement"] >= 0.9
+    assert {k for k, v in p["decisions"].items() if v == "fp32"} == set(search["rolled_back"]) | {"decoder.lm_head"}
+    assert report.precision["decisions"] == p["decisions"]
+    # Memory fit counts the quantized weights as int8 (TensorRT stores them so), not as the fp32 bytes on disk.
+    fp32_fit = _manifest(sm61_kit[0])["kit"]["memory_fit"]["footprint"]
+    fit = m["kit"]["memory_fit"]["footprint"]
+    assert fit["lm_head_bytes"] == fp32_fit["lm_head_bytes"]  # tied lm_head: fp32 in both
+    q_bytes = p["linear_weight_bytes_before"] - p["linear_weight_bytes_after"]
+    assert q_bytes > 0
+    saved = (fp32_fit["vision_weight_bytes"] + fp32_fit["decoder_layer_weight_bytes"]) - (
+        fit["vision_weight_bytes"] + fit["decoder_layer_weight_bytes"])
+    assert saved > 0.5 * q_bytes, (saved, q_bytes)  # norms/scales added back are small
+    assert any("accuracy budget met" in line for line in lines) and any("int8=on" in line for line in lines)
+    print(f"\nint8 kit: {p['converted']} linear layers INT8, rolled back {search['rolled_back']}; vs the fp32 kit: "
+          f"mean KL {search['measured']['mean_kl']:.4g}, greedy agreement {search['measured']['greedy_agreement']:.3f} "
+          f"(all INT8: KL {search['all_quantized']['mean_kl']:.4g}, agreement {search['all_quantized']['greedy_agreement']:.3f})")
+
+
+def test_int8_kit_runs_the_parity_suite_in_onnx_runtime_within_the_budget(int8_kit, tiny_checkpoint, tmp_path):
+    """Against eager PyTorch fp32: the parity suite (32 greedy steps) and KL / agreement on its prompts."""
+    from qvl.toolchain.accuracy_budget import Trace, compare, trace
+    from qvl.toolchain.parity import run_parity, suite_cases, suite_images
+    from qvl.toolchain.reference import EagerReference
+
+    kit, _, _, budget = int8_kit
+    report = run_parity(kit, tiny_checkpoint, tmp_path, threads=1, logit_tol=float("inf"), vision_tol=float("inf"))
+    assert len(report.cases) == 6
+    agree = total = 0
+    for c in report.cases:
+        n = 0
+        while n < min(len(c.eager_tokens), len(c.artifact_tokens)) and c.eager_tokens[n] == c.artifact_tokens[n]:
+            n += 1
+        agree, total = agree + n, total + len(c.eager_tokens)
+        assert np.isfinite(c.max_abs_logit_diff) or c.max_abs_logit_diff == float("inf")
+        if c.vision_max_abs_diff is not None:
+            assert c.vision_max_abs_diff < 1.0  # int8 vision tower, still the same image features (scale ~O(1))
+    eager = EagerReference(tiny_checkpoint, threads=1)
+    cases = suite_cases(suite_images(tmp_path))
+    ref = []
+    for name, messages, _ in cases:
+        r = eager.answer(messages, max_new_tokens=budget.decode_steps)
+        ref.append(Trace(name, r.token_ids, [np.asarray(l, np.float32) for l in r.step_logits]))
+    m = compare(ref, trace(kit, cases, budget.decode_steps, threads=1))
+    print(f"\nint8 kit vs eager fp32: parity-suite prefix agreement {agree}/{total}; over {budget.decode_steps} steps "
+          f"mean KL {m.mean_kl:.4g}, greedy agreement {m.greedy_agreement:.3f}, max |dlogit| {m.max_abs_logit_diff:.3g}")
+    assert m.within(budget), m.violations(budget)
+    assert agree / total >= budget.min_greedy_agreement
+
+
+def test_int8_kit_parses_and_builds_with_tensorrt_rtx_int8_and_no_fp16(int8_kit, rtx, tmp_path):
+    from qvl.toolchain.trt_build import build_engine_command
+
+    kit, _, _, _ = int8_kit
+    lines: list[str] = []
+    report = build_engine_command(kit, tmp_path / "e", allow_target_mismatch=True, echo=lines.append)
+    reports = _manifest(kit)["steps"][-1]["reports"]
+    for name, e in report.engines.items():
+        assert e["bytes"] > 0 and e["fp16_check"]["fp16_layers"] == [] and e["fp16_check"]["layers_checked"] == e["layers"]
+        quantized = reports[name]["counts"]["quantized"]
+        assert quantized > 0 and e["int8_check"]["int8_matmuls"] == quantized, (name, e["int8_check"]["int8_matmuls"], quantized)
+    print("\nTensorRT-RTX INT8 kit: " + "; ".join(
+        f"{n} {e['layers']} layers, INT8 Q/DQ matmuls {e['int8_check']['int8_matmuls']}/{e['int8_check']['matmuls']}, "
+        f"FP16 layers 0, build {e['build_seconds']:.1f} s" for n, e in report.engines.items()))
+
+
+def test_int8_kit_cli_no_budget_and_user_errors(tiny_artifact, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("compile", str(tiny_artifact), "--target", "sm61", "--weights", "int4",
+                                  "--out", str(tmp_path / "k4")), "has no int4 path")
+    assert not (tmp_path / "k4").exists()
+    proc = run_cli("compile", str(tiny_artifact), "--target", "sm61", "--weights", "int8", "--no-budget",
+                   "--out", str(tmp_path / "k8"))
+    assert proc.returncode == 0, proc.stderr
+    p = _manifest(tmp_path / "k8")["precision"]
+    assert "budget_search" not in p and p["converted"] == 28 + 32 and "int8=on" in proc.stderr
+    assert_one_line_error(run_cli("compile", str(tiny_artifact), "--target", "sm61", "--weights", "int8",
+                                  "--out", str(tmp_path / "k8")), "already exists")
+
+
 # -- memory fit -------------------------------------------------------------------------------------
 
 

@@ -100,6 +100,7 @@ def quantize_artifact(
     import onnx_ir as ir
 
     from qvl.toolchain.export import save_graphs
+    from qvl.toolchain.ort_optimize import ort_optimized_section
 
     t0 = time.perf_counter()
     src = Path(src)
@@ -117,7 +118,8 @@ def quantize_artifact(
         embedding = embedding_entry(graphs["decoder"])
         record = precision_record(config, target, reports)
         record.update(extra_manifest or {})
-        new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created")}
+        new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "ort_optimized")}
+        new.update(ort_optimized_section(tmp, entries, target))
         new.update(
             target=target.name,
             graphs=entries,

@@ -69,6 +69,7 @@ def sparsify_artifact(
     import onnx_ir as ir
 
     from qvl.toolchain.export import save_graphs
+    from qvl.toolchain.ort_optimize import ort_optimized_section
 
     t0 = time.perf_counter()
     src = Path(src)
@@ -82,7 +83,8 @@ def sparsify_artifact(
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         record = sparsity_record(config, target, reports)
-        new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created")}
+        new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "ort_optimized")}
+        new.update(ort_optimized_section(tmp, entries, target))
         new.update(
             graphs=entries,
             weights={"file": mf.WEIGHTS, "bytes": (tmp / mf.WEIGHTS).stat().st_size},

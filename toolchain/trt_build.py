@@ -17,7 +17,7 @@ used to tell a Pascal GP10x from newer GPUs when cuda-python is not installed). 
 
 Per graph the builder writes `<graph>.engine` and, with TensorRT, `<graph>.timing.cache` next to it
 (re-used by the next build); `build.json` records library, flags, profiles, sizes, times and the FP16
-check. FP16 guard for sm61 (FP16 runs at 1/64 rate on GP10x): the parsed network is inspected before
+check and which matrix multiplies take INT8 Q/DQ operands (`int8_matmuls`). FP16 guard for sm61 (FP16 runs at 1/64 rate on GP10x): the parsed network is inspected before
 the build -- any layer whose precision, output-type constraint or output tensor is FP16/BF16, or an FP16
 builder flag, is a `QvlError`.
 """
@@ -217,6 +217,44 @@ def check_no_fp16(lib: TrtLibrary, network, config, graph: str) -> dict:
     return {"layers_checked": n, "fp16_layers": [], "fp16_flag": False}
 
 
+def int8_matmuls(lib: TrtLibrary, network) -> dict:
+    """Which matrix multiplies of a parsed network take INT8 Q/DQ operands on both sides.
+
+    Explicit quantization in TensorRT: a MATRIX_MULTIPLY whose two inputs are DEQUANTIZE outputs of INT8
+    tensors (a QUANTIZE to INT8, or an INT8 constant) is fused into an INT8 GEMM. This reads that from the
+    network definition; the engine inspector would show the chosen kernels, but it needs the engine
+    deserialized on a GPU (not available to a CPU-only TensorRT-RTX build)."""
+    producer = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            out = layer.get_output(j)
+            if out is not None:
+                producer[out.name] = layer
+
+    def int8_dq(tensor) -> bool:
+        layer = producer.get(tensor.name) if tensor is not None else None
+        while layer is not None and layer.type.name == "SHUFFLE":  # a transpose/reshape between DQ and the GEMM
+            t = layer.get_input(0)
+            layer = producer.get(t.name) if t is not None else None
+        if layer is None or layer.type.name != "DEQUANTIZE":
+            return False
+        src = layer.get_input(0)
+        return src is not None and src.dtype.name == "INT8"
+
+    total, int8, names = 0, 0, []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type.name != "MATRIX_MULTIPLY":
+            continue
+        total += 1
+        if int8_dq(layer.get_input(0)) and int8_dq(layer.get_input(1)):
+            int8 += 1
+            names.append(layer.name)
+    return {"matmuls": total, "int8_matmuls": int8, "int8_layers": names,
+            "source": "network definition (INT8 Q/DQ on both operands); engine inspector needs a GPU"}
+
+
 # -- build ----------------------------------------------------------------------------------------
 
 
@@ -279,6 +317,7 @@ def build_graph(lib: TrtLibrary, onnx_path: Path, graph: str, profiles: list[dic
     parse_s = time.perf_counter() - t0
     config, flags, notes = configure(lib, parsed, settings, profiles, target, gpu_present)
     fp16 = check_no_fp16(lib, parsed.network, config, graph) if target == "sm61" else None
+    int8 = int8_matmuls(lib, parsed.network)
     cache_path = engine_path.with_suffix(".timing.cache")
     if lib.flavor == "tensorrt":  # RTX ignores timing caches (and would need a GPU to make one)
         blob = cache_path.read_bytes() if cache_path.is_file() else b""
@@ -307,6 +346,7 @@ def build_graph(lib: TrtLibrary, onnx_path: Path, graph: str, profiles: list[dic
         "timing_cache": cache_path.name if lib.flavor == "tensorrt" else None,
         "notes": notes,
         "fp16_check": fp16,
+        "int8_check": int8,
         "parse_seconds": round(parse_s, 3),
         "build_seconds": round(build_s, 3),
         "network_inputs": {parsed.network.get_input(i).name: parsed.network.get_input(i).dtype.name
@@ -394,6 +434,8 @@ def build_engine_command(kit: Path, out: Path | None = None, *, allow_target_mis
         fp16 = e["fp16_check"]
         echo(f"  {name:<8} {e['layers']} layers, {e['bytes'] / 1e6:.1f} MB, profiles {'/'.join(e['profiles'])}, "
              f"flags {','.join(on) or 'none'}, parse {e['parse_seconds']:.1f} s + build {e['build_seconds']:.1f} s"
-             + (f", fp16 check: {fp16['layers_checked']} layers, none FP16" if fp16 else ""))
+             + (f", fp16 check: {fp16['layers_checked']} layers, none FP16" if fp16 else "")
+             + (f", INT8 Q/DQ matmuls {e['int8_check']['int8_matmuls']}/{e['int8_check']['matmuls']}"
+                if e.get("int8_check", {}).get("int8_matmuls") else ""))
     echo(f"wrote {len(report.engines)} engine(s) to {report.out} with {report.library} in {report.seconds:.1f} s")
     return report

@@ -15,6 +15,16 @@ targets, which have no ORT contrib ops) -> `OpsetLoweringPass` (sm61: Gelu-20 ex
 to opset 17, the ceiling of TensorRT 8.6's parser, the last TensorRT for SM 6.1) -> checks (opset,
 domains) -> memory fit -> profiles -> manifest.
 
+INT8 kits (`make_int8_engine_kit`, `compile --target sm61 --weights int8`): the fp32 kit above, then
+activation calibration on it (`toolchain/calibration.py`, ONNX Runtime CPU, per-input-channel max|x| of
+every linear site), then `QdqInt8Pass` (`passes/qdq_int8.py`: SmoothQuant smoothing, per-tensor int8
+activations, per-channel int8 weights, explicit QuantizeLinear/DequantizeLinear at opset 17, FP32
+compute elsewhere, never FP16), with the per-layer accuracy-budget search of `toolchain/accuracy_budget.py`
+against the fp32 kit: layers over budget stay fp32. The manifest's `precision` section records the pass
+report, the calibration summary, the budget, every measurement and the decisions; the build settings turn
+INT8 on because the graphs contain Q/DQ, and the memory fit counts quantized weights as int8
+(`deployed_bytes`). The tied lm_head stays fp32: it is also the runtime's host-side embedding table.
+
 Memory fit (`memory_fit_report`): for each SM 6.1 card (MX250 2 GB, GTX 1050 2 GB, GTX 1050 Ti 4 GB,
 GTX 1060 3 GB / 6 GB) and each placement, from most to least on the GPU, whether it fits and the longest
 context that does. All sizes come from the checkpoint config (`footprint_from_config`) or, for a kit,
@@ -191,11 +201,22 @@ def footprint_from_config(config: dict, weight_bytes: float = 4.0, weight_dtype:
     )
 
 
+def deployed_bytes(value) -> int:
+    """Bytes an initializer occupies in the engine: int8 weights (a DequantizeLinear's int8 input, or fp32
+    weights read only by QuantizeLinear, which TensorRT quantizes at build time with that layer's scale)
+    count one byte per element, everything else its stored size."""
+    t = value.const_value
+    uses = value.uses()
+    if uses and all(node.op_type == "QuantizeLinear" and idx == 0 for node, idx in uses):
+        return int(t.size)
+    return int(t.nbytes)
+
+
 def footprint_from_graphs(graphs: dict, config: dict, embedding_name: str = "embed_tokens.weight") -> Footprint:
-    """Weight bytes as stored in the kit's graphs (so Q/DQ int8 weights count as int8)."""
+    """Weight bytes as deployed from the kit's graphs (so Q/DQ int8 weights count as int8: `deployed_bytes`)."""
 
     def nbytes(model, skip=()):
-        return sum(int(v.const_value.nbytes) for k, v in model.graph.initializers.items() if v.const_value is not None and k not in skip)
+        return sum(deployed_bytes(v) for k, v in model.graph.initializers.items() if v.const_value is not None and k not in skip)
 
     dec = graphs["decoder"]
     emb = dec.graph.initializers.get(embedding_name)
@@ -380,6 +401,7 @@ class KitReport:
     seconds: float
     lowering: list[dict]
     kit: dict = field(default_factory=dict)
+    precision: dict | None = None  # INT8 kits: the manifest's precision record (pass, calibration, budget)
 
 
 def _preprocessor_max_patches(folder: Path, patch: int) -> int | None:
@@ -415,6 +437,93 @@ def build_settings(target_name: str, has_qdq: bool, workspace: int) -> dict:
     }
 
 
+def _check_standard(graphs: dict, caps, lowering: list[dict]) -> None:
+    problems = []
+    for name, model in graphs.items():
+        opset = _graph_opset(model)
+        if caps.max_opset is not None and (opset is None or opset > caps.max_opset):
+            reasons = "; ".join(s["reason"] for r in lowering if r["graph"] == name for s in r["skipped"])
+            problems.append(f"{name} is opset {opset} > {caps.max_opset} ({reasons or 'not lowered'})")
+        foreign = sorted({f"{n.domain}.{n.op_type}" for n in model.graph if n.domain not in STANDARD_DOMAINS})
+        if foreign:
+            problems.append(f"{name} has non-standard ops {', '.join(foreign)}")
+    if problems:
+        raise QvlError(f"cannot make a {caps.name} engine kit: {problems[0]}",
+                       hint="TensorRT parses standard ONNX only, up to the target's opset")
+
+
+def _save_kit_graphs(graphs: dict, caps, staging: Path, files: dict) -> dict:
+    """Save each graph in place (initializers keep their weight-store references); manifest graph entries."""
+    import onnx_ir as ir
+
+    from qvl.toolchain.export import io_signature
+
+    entries = {}
+    for name, model in graphs.items():
+        if caps.max_opset is not None and caps.max_opset <= 17:
+            model.ir_version = min(model.ir_version, OPSET17_IR_VERSION)  # the ONNX 1.12 era of TensorRT 8.6's parser
+        path = staging / files[name]
+        ir.save(model, str(path))
+        entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), **io_signature(model)}
+    return entries
+
+
+def kit_section(graphs: dict, entries: dict, manifest: dict, caps, staging: Path, *, card: str | None,
+                prefill_chunk: int) -> dict:
+    """manifest["kit"]: memory fit (from the graphs' deployed weight bytes), profiles, build settings, KV contract."""
+    config = manifest["source"]["config"]
+    fp = footprint_from_graphs(graphs, config)
+    d = fp.dims
+    pre_max = _preprocessor_max_patches(staging, config["vision_config"]["patch_size"])
+    chosen = card or _default_card(caps.memory_bytes)
+    cards = SM61_CARDS if caps.name == "sm61" else {}
+    fit = memory_fit_report(fp, cards, chunk=prefill_chunk, preprocessor_max_patches=pre_max)
+    if chosen is not None:
+        sel = fit["cards"][chosen] if chosen in fit["cards"] else {"name": SM61_CARDS[chosen][0], **fit_card(fp, SM61_CARDS[chosen][1], chunk=prefill_chunk)}
+        memory = sel["memory_bytes"]
+        context = sel["max_context"] if sel["recommended"] else min(MIN_CONTEXT, d.context_length)
+        selected = {"card": chosen, "name": sel["name"], "recommended": sel["recommended"], "fits": sel["recommended"] is not None,
+                    "fits_as_built": sel["fits_as_built"], "max_context": sel["max_context"], "on_cpu": sel["on_cpu"]}
+    else:  # sm75+: no card table; size the profiles for the model's context up to 8192 positions
+        memory = caps.memory_bytes or 8 * GiB
+        context = min(8192, d.context_length)
+        selected = {"card": None, "memory_bytes": memory, "fits": None}
+    context = max(min(context, d.context_length), 2)
+    chunk = min(prefill_chunk, context)
+    patches = vision_max_patches(fp, memory, pre_max)
+    unit = d.v_merge**2
+    profiles = {"decoder": decoder_profiles(context, chunk), "vision": vision_profiles(patches, unit)}
+    kit_graphs = {}
+    for name, entry in entries.items():
+        kit_graphs[name] = {
+            "file": entry["file"],
+            "opset": _graph_opset(graphs[name]),
+            "profiles": [{"name": p["name"], "dims": p["dims"], "shapes": profile_shapes(entry["inputs"], p["dims"])}
+                         for p in profiles[name]],
+        }
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for m in graphs.values() for n in m.graph)
+    n_layers = manifest["model"]["num_layers"]
+    return {
+        "format": KIT_FORMAT,
+        "version": KIT_VERSION,
+        "target": caps.name,
+        "context_length": context,
+        "prefill_chunk": chunk,
+        "max_image_patches": patches,
+        "graphs": kit_graphs,
+        "build": build_settings(caps.name, has_qdq, workspace_bytes(memory)),
+        "kv_cache": {
+            "mode": "concat",
+            "inputs": [f"past_{k}_{i}" for i in range(n_layers) for k in ("key", "value")],
+            "outputs": [f"present_{k}_{i}" for i in range(n_layers) for k in ("key", "value")],
+            "layout": "[batch, kv_heads, length, head_dim] float32, contiguous",
+            "binding": "two preallocated device buffers of `context_length` positions per tensor; "
+                       "present of step t is written into one and bound as past of step t+1 (ping-pong)",
+        },
+        "memory_fit": {"selected": selected, **fit},
+    }
+
+
 def make_engine_kit(
     artifact_or_checkpoint: Path,
     target: str = "sm61",
@@ -428,17 +537,11 @@ def make_engine_kit(
     import onnx_ir as ir
 
     from qvl.passes.opset_lowering import OpsetLoweringPass
-    from qvl.toolchain.export import io_signature
+    from qvl.passes.qdq_int8 import linear_sites
     from qvl.toolchain.pipeline import compile_artifact
 
     step = step or (lambda m: None)
-    caps = get_target(target)
-    if caps.name not in TRT_TARGETS:
-        raise QvlError(f"target {target!r} is not a TensorRT target", hint=f"engine kits are for: {', '.join(TRT_TARGETS)}")
-    if out is None:
-        raise QvlError("no output directory given for the engine kit", hint="pass --out DIR")
-    if card is not None and card not in SM61_CARDS:
-        raise QvlError(f"unknown card {card!r}", hint=f"choose one of: {', '.join(SM61_CARDS)}")
+    caps = _kit_target(target, out, card)
     t0 = time.perf_counter()
     with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
         compiled = staging / "compiled"
@@ -447,88 +550,29 @@ def make_engine_kit(
             shutil.move(str(f), str(staging / f.name))
         compiled.rmdir()
         manifest = mf.read_manifest(staging)
-        config = manifest["source"]["config"]
 
         step("lowering opsets")
         graphs = {name: ir.load(str(staging / g["file"])) for name, g in manifest["graphs"].items()}
+        # The opset converter round-trips through protobuf and drops node metadata (the exporter's module
+        # scopes), so the linear layers' layer keys are taken before and stamped back as `qvl.layer` after:
+        # the INT8 budget search rolls back whole layers (decoder.layers.3), not single nodes.
+        layer_of = {name: {n.name: layer for n, _, layer in linear_sites(model, name)} for name, model in graphs.items()}
         lowering = []
         lower = OpsetLoweringPass()
         for name, model in graphs.items():
             result = lower(model, caps, name)
             lowering.append({"graph": name, **result.report.to_dict()})
-        problems = []
         for name, model in graphs.items():
-            opset = _graph_opset(model)
-            if caps.max_opset is not None and (opset is None or opset > caps.max_opset):
-                reasons = "; ".join(s["reason"] for r in lowering if r["graph"] == name for s in r["skipped"])
-                problems.append(f"{name} is opset {opset} > {caps.max_opset} ({reasons or 'not lowered'})")
-            foreign = sorted({f"{n.domain}.{n.op_type}" for n in model.graph if n.domain not in STANDARD_DOMAINS})
-            if foreign:
-                problems.append(f"{name} has non-standard ops {', '.join(foreign)}")
-        if problems:
-            raise QvlError(f"cannot make a {caps.name} engine kit: {problems[0]}",
-                           hint="TensorRT parses standard ONNX only, up to the target's opset")
+            for node in model.graph:
+                layer = layer_of[name].get(node.name)
+                if layer is not None and "qvl.layer" not in node.metadata_props:
+                    node.metadata_props["qvl.layer"] = layer
+        _check_standard(graphs, caps, lowering)
 
         step("writing graphs")
-        entries = {}
-        for name, model in graphs.items():
-            if caps.max_opset is not None and caps.max_opset <= 17:
-                model.ir_version = min(model.ir_version, OPSET17_IR_VERSION)  # the ONNX 1.12 era of TensorRT 8.6's parser
-            path = staging / manifest["graphs"][name]["file"]
-            ir.save(model, str(path))  # initializers keep their references into the shared weights.bin
-            entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), **io_signature(model)}
-
+        entries = _save_kit_graphs(graphs, caps, staging, {n: g["file"] for n, g in manifest["graphs"].items()})
         step("memory fit and profiles")
-        fp = footprint_from_graphs(graphs, config)
-        d = fp.dims
-        pre_max = _preprocessor_max_patches(staging, config["vision_config"]["patch_size"])
-        chosen = card or _default_card(caps.memory_bytes)
-        cards = SM61_CARDS if caps.name == "sm61" else {}
-        fit = memory_fit_report(fp, cards, chunk=prefill_chunk, preprocessor_max_patches=pre_max)
-        if chosen is not None:
-            sel = fit["cards"][chosen] if chosen in fit["cards"] else {"name": SM61_CARDS[chosen][0], **fit_card(fp, SM61_CARDS[chosen][1], chunk=prefill_chunk)}
-            memory = sel["memory_bytes"]
-            context = sel["max_context"] if sel["recommended"] else min(MIN_CONTEXT, d.context_length)
-            selected = {"card": chosen, "name": sel["name"], "recommended": sel["recommended"], "fits": sel["recommended"] is not None,
-                        "fits_as_built": sel["fits_as_built"], "max_context": sel["max_context"], "on_cpu": sel["on_cpu"]}
-        else:  # sm75+: no card table; size the profiles for the model's context up to 8192 positions
-            memory = caps.memory_bytes or 8 * GiB
-            context = min(8192, d.context_length)
-            selected = {"card": None, "memory_bytes": memory, "fits": None}
-        context = max(min(context, d.context_length), 2)
-        chunk = min(prefill_chunk, context)
-        patches = vision_max_patches(fp, memory, pre_max)
-        unit = d.v_merge**2
-        profiles = {"decoder": decoder_profiles(context, chunk), "vision": vision_profiles(patches, unit)}
-        kit_graphs = {}
-        for name, entry in entries.items():
-            kit_graphs[name] = {
-                "file": entry["file"],
-                "opset": _graph_opset(graphs[name]),
-                "profiles": [{"name": p["name"], "dims": p["dims"], "shapes": profile_shapes(entry["inputs"], p["dims"])}
-                             for p in profiles[name]],
-            }
-        has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for m in graphs.values() for n in m.graph)
-        n_layers = manifest["model"]["num_layers"]
-        kit = {
-            "format": KIT_FORMAT,
-            "version": KIT_VERSION,
-            "target": caps.name,
-            "context_length": context,
-            "prefill_chunk": chunk,
-            "max_image_patches": patches,
-            "graphs": kit_graphs,
-            "build": build_settings(caps.name, has_qdq, workspace_bytes(memory)),
-            "kv_cache": {
-                "mode": "concat",
-                "inputs": [f"past_{k}_{i}" for i in range(n_layers) for k in ("key", "value")],
-                "outputs": [f"present_{k}_{i}" for i in range(n_layers) for k in ("key", "value")],
-                "layout": "[batch, kv_heads, length, head_dim] float32, contiguous",
-                "binding": "two preallocated device buffers of `context_length` positions per tensor; "
-                           "present of step t is written into one and bound as past of step t+1 (ping-pong)",
-            },
-            "memory_fit": {"selected": selected, **fit},
-        }
+        kit = kit_section(graphs, entries, manifest, caps, staging, card=card, prefill_chunk=prefill_chunk)
         seconds = time.perf_counter() - t0
         mf.write_manifest(staging, {
             **{k: v for k, v in manifest.items() if k not in ("format", "format_version", "created")},
@@ -541,6 +585,167 @@ def make_engine_kit(
     return KitReport(Path(out), caps.name, seconds, lowering, kit)
 
 
+def _kit_target(target: str, out: Path | None, card: str | None):
+    caps = get_target(target)
+    if caps.name not in TRT_TARGETS:
+        raise QvlError(f"target {target!r} is not a TensorRT target", hint=f"engine kits are for: {', '.join(TRT_TARGETS)}")
+    if out is None:
+        raise QvlError("no output directory given for the engine kit", hint="pass --out DIR")
+    if card is not None and card not in SM61_CARDS:
+        raise QvlError(f"unknown card {card!r}", hint=f"choose one of: {', '.join(SM61_CARDS)}")
+    return caps
+
+
+# -- INT8 kits: explicit Q/DQ, calibrated, accuracy-budgeted ------------------------------------------
+
+
+def qdq_weight_format(target: str) -> str:
+    """sm61 (TensorRT 8.6): fp32 weights + Q/DQ, quantized by TensorRT at build time (8.x requires Q/DQ
+    weights in FP32); sm75+ (TensorRT >= 10): pre-quantized int8 weights behind a DequantizeLinear."""
+    return "float_qdq" if get_target(target).name == "sm61" else "int8"
+
+
+def qdq_record(config, reports: dict, calibration: dict | None) -> dict:
+    """manifest["precision"] of an INT8 kit: per-layer decisions, bytes, skips, counts, calibration."""
+    layers, skipped, counts = {}, [], {}
+    before = after = 0
+    for name, r in reports.items():
+        for layer, d in r.details.get("layers", {}).items():
+            layers[layer] = {"decision": d["decision"], "nodes": len(d["nodes"]), "bytes_before": d["bytes_before"],
+                             "bytes_after": d["bytes_after"]}
+        before += r.details.get("bytes_before", 0)
+        after += r.details.get("bytes_after", 0)
+        skipped += [{"graph": name, "where": s.where, "reason": s.reason} for s in r.skipped]
+        for k, v in r.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    return {
+        "kind": "int8 explicit Q/DQ (TensorRT)",
+        "pass": "qdq_int8",
+        "config": config.to_dict(),
+        "weights": "symmetric per output channel, int8, zero point 0",
+        "activations": "symmetric per tensor, int8, zero point 0, max calibration after SmoothQuant smoothing",
+        "compute": "fp32 everywhere else; never fp16",
+        "calibration": calibration,
+        "layers": layers,
+        "counts": counts,
+        "linear_weight_bytes_before": before,
+        "linear_weight_bytes_after": after,
+        "converted": counts.get("quantized", 0),
+        "skipped": skipped,
+    }
+
+
+def write_qdq_kit(fp32_kit: Path, out: Path, config, *, calibration: dict | None = None,
+                  overwrite: bool = False) -> dict:
+    """Write `out`: the fp32 engine kit `fp32_kit` with `QdqInt8Pass(config)` on its graphs, a new weight
+    store, and a recomputed kit section (int8 build flag, int8 memory fit). Returns the precision record."""
+    import onnx_ir as ir
+
+    from qvl.passes.qdq_int8 import QdqInt8Pass
+    from qvl.toolchain.accuracy_budget import embedding_entry
+    from qvl.toolchain.export import save_graphs
+
+    t0 = time.perf_counter()
+    fp32_kit = Path(fp32_kit)
+    manifest = mf.read_manifest(fp32_kit)
+    kit = manifest.get("kit") or {}
+    if kit.get("format") != KIT_FORMAT:
+        raise QvlError(f"{fp32_kit} is not a TensorRT engine kit")
+    caps = get_target(kit["target"])
+    graphs = {name: ir.load(str(fp32_kit / g["file"])) for name, g in manifest["graphs"].items()}
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for m in graphs.values() for n in m.graph):
+        raise QvlError(f"{fp32_kit} already has Q/DQ: start from the fp32 kit")
+    pass_ = QdqInt8Pass(config)
+    reports = {name: pass_(model, caps, name).report for name, model in graphs.items()}
+    _check_standard(graphs, caps, [])
+    with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
+        _, store = save_graphs(graphs, staging)  # new weight store: smoothed weights, scales, folded norm constants
+        for name in mf.SIDE_FILES:
+            if (fp32_kit / name).is_file():
+                shutil.copy2(fp32_kit / name, staging / name)
+        entries = _save_kit_graphs(graphs, caps, staging, {n: g["file"] for n, g in manifest["graphs"].items()})
+        selected = kit["memory_fit"]["selected"].get("card")
+        section = kit_section(graphs, entries, manifest, caps, staging, card=selected, prefill_chunk=kit["prefill_chunk"])
+        record = qdq_record(config, reports, calibration)
+        new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created")}
+        new.update(
+            graphs=entries,
+            weights={"file": mf.WEIGHTS, "bytes": (staging / mf.WEIGHTS).stat().st_size},
+            embedding=embedding_entry(graphs["decoder"]),
+            kit=section,
+            precision=record,
+            steps=list(manifest.get("steps", [])) + [{
+                "name": "qdq_int8", "target": caps.name, "seconds": round(time.perf_counter() - t0, 2),
+                "weight_bytes_written": store.bytes_written,
+                "reports": {k: r.to_dict() for k, r in reports.items()},
+            }],
+        )
+        mf.write_manifest(staging, new)
+    return record
+
+
+def make_int8_engine_kit(
+    artifact_or_checkpoint: Path,
+    target: str = "sm61",
+    out: Path | None = None,
+    *,
+    budget=None,
+    alpha: float | None = 0.5,
+    card: str | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
+    overwrite: bool = False,
+    threads: int | None = 1,
+    cases: list | None = None,
+    step: Callable[[str], None] | None = None,
+) -> KitReport:
+    """fp32 kit -> calibration -> explicit INT8 Q/DQ on every eligible layer -> with a `budget`
+    (`accuracy_budget.AccuracyBudget`), the per-layer roll-back search against the fp32 kit, so layers
+    over budget stay fp32. Budget, calibration summary and decisions land in the manifest's `precision`."""
+    import tempfile
+    from dataclasses import replace
+
+    from qvl.passes.qdq_int8 import QdqInt8Config
+    from qvl.toolchain.accuracy_budget import BudgetResult, calibration_cases, publish_candidate, rollback_search
+    from qvl.toolchain.calibration import calibrate_artifact
+
+    say = step or (lambda m: None)
+    caps = _kit_target(target, out, card)
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before the (long) fp32 kit + calibration + search
+        raise QvlError(f"output directory already exists: {out.absolute()}", hint="pass --overwrite or choose another --out")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qvl-int8-kit-") as tmp:
+        tmp = Path(tmp)
+        fp32 = tmp / "fp32-kit"
+        base = make_engine_kit(artifact_or_checkpoint, caps.name, fp32, card=card, prefill_chunk=prefill_chunk, step=step)
+        cases = cases if cases is not None else calibration_cases(tmp / "images")
+        say("calibrating activations")
+        stats = calibrate_artifact(fp32, cases=cases, threads=threads or 1, progress=say)
+        calibration = {**stats.summary(), "alpha": alpha}
+        config = QdqInt8Config(stats.channel_max, alpha=alpha, weight_format=qdq_weight_format(caps.name))
+        if budget is None:
+            say("inserting INT8 Q/DQ")
+            record = write_qdq_kit(fp32, out, config, calibration=calibration, overwrite=overwrite)
+        else:
+            work = tmp / "search"
+            work.mkdir()
+            full, final, record, best, rolled_back, scores, evaluations = rollback_search(
+                fp32,
+                lambda path, restored: write_qdq_kit(fp32, path, replace(config, keep_fp32=config.keep_fp32 | restored),
+                                                     calibration=calibration),
+                lambda rec: [k for k, v in rec["layers"].items() if v["decision"] == "int8"],
+                budget, ("all int8", "fp32"), work, cases, threads, say)
+            decisions = {k: ("fp32" if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
+            result = BudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations)
+            result.seconds = time.perf_counter() - t0
+            updates = {"budget_search": result.to_manifest(budget), "decisions": decisions,
+                       "reference": "the fp32 engine kit (same graphs without Q/DQ), parity-checked against eager"}
+            publish_candidate(best, out, "precision", updates, overwrite)
+            record = {**record, **updates}
+    manifest = mf.read_manifest(out)
+    return KitReport(out, caps.name, time.perf_counter() - t0, base.lowering, manifest["kit"], manifest["precision"])
+
+
 def _default_card(memory_bytes: int | None) -> str | None:
     """The smallest SM61 card with the target's memory (sm61: 2 GiB -> MX250, the laptop's GPU)."""
     if memory_bytes is None:
@@ -551,12 +756,19 @@ def _default_card(memory_bytes: int | None) -> str | None:
 
 def kit_command(source: Path, target: str = "sm61", out: Path | None = None, *, overwrite: bool = False,
                 card: str | None = None, echo: Callable[[str], None] | None = None,
-                step: Callable[[str], None] | None = None) -> KitReport:
-    """CLI body of `qvl-compile compile --target sm61|sm75+`: write the kit and print its summary."""
+                step: Callable[[str], None] | None = None, weights: str = "fp32", budget=None,
+                threads: int | None = None) -> KitReport:
+    """CLI body of `qvl-compile compile --target sm61|sm75+ [--weights int8]`: write the kit and print its summary."""
     import sys
 
     echo = echo or (lambda s: print(s, file=sys.stderr))
-    report = make_engine_kit(source, target, out, card=card, overwrite=overwrite, step=step)
+    if weights == "int8":
+        report = make_int8_engine_kit(source, target, out, budget=budget, card=card, overwrite=overwrite,
+                                      threads=threads, step=step)
+    elif weights == "fp32":
+        report = make_engine_kit(source, target, out, card=card, overwrite=overwrite, step=step)
+    else:
+        raise QvlError(f"TensorRT kits have no {weights} path", hint="use --weights fp32 or --weights int8 (explicit Q/DQ)")
     kit = report.kit
     for r in report.lowering:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if v) or "no change"
@@ -565,6 +777,24 @@ def kit_command(source: Path, target: str = "sm61", out: Path | None = None, *, 
         profs = "; ".join(f"{p['name']}: " + ", ".join(f"{k} {v[0]}..{v[2]}" for k, v in p["dims"].items() if v[0] != v[2])
                           for p in g["profiles"])
         echo(f"  {name:<8} opset {g['opset']}  profiles {profs}")
+    if report.precision is not None:
+        p = report.precision
+        counts = p["counts"]
+        kept = sum("keep_fp32" in s["reason"] for s in p["skipped"])
+        other = len(p["skipped"]) - kept
+        echo(f"  int8 Q/DQ: {counts.get('quantized', 0)} linear layers ({counts.get('smoothing_folded', 0)} smoothing vectors "
+             f"folded into norms, {counts.get('smoothing_mul', 0)} as Mul); {kept} kept fp32 by the budget, {other} other "
+             f"skips (the tied lm_head stays fp32: it is the host embedding table); calibration on "
+             f"{len(p['calibration']['cases'])} prompts, SmoothQuant alpha {p['calibration']['alpha']}")
+        search = p.get("budget_search")
+        if search:
+            meas = search["measured"]
+            back = search.get("rolled_back") or []
+            echo(f"  accuracy budget {'met' if search['within_budget'] else 'NOT met'} vs the fp32 kit: mean KL "
+                 f"{meas['mean_kl']:.4g}, greedy agreement {meas['greedy_agreement']:.3f}, max |dlogit| "
+                 f"{meas['max_abs_logit_diff']:.3g}; layers kept fp32: {', '.join(back) or 'none'}")
+        else:
+            echo("  no accuracy budget (--no-budget): every eligible layer is INT8, unmeasured")
     b = kit["build"]
     echo(f"  build: {b['precision']}, fp16={'on' if b['fp16'] else 'off'}, int8={'on' if b['int8'] else 'off'}, "
          f"refit, workspace {b['workspace_bytes'] // MiB} MiB, TensorRT {b['tensorrt']}")
@@ -572,8 +802,9 @@ def kit_command(source: Path, target: str = "sm61", out: Path | None = None, *, 
     if fit["cards"]:
         echo(format_memory_fit(fit))
     sel = fit["selected"]
+    dtype = "int8" if report.precision is not None else "fp32"
     if sel.get("card") and not sel["fits"]:
-        echo(f"warning: the model does not fit the {sel['name']} at fp32 in any placement; "
+        echo(f"warning: the model does not fit the {sel['name']} at {dtype} in any placement; "
              f"profiles sized for {kit['context_length']} positions (see the memory-fit table)")
     elif sel.get("card") and not sel["fits_as_built"]:
         echo(f"note: on the {sel['name']} keep on the CPU: {', '.join(sel['on_cpu'])}")
@@ -592,5 +823,6 @@ def kit_summary(kit: dict) -> dict:
 __all__ = [
     "SM61_CARDS", "ModelDims", "Footprint", "parameter_counts", "footprint_from_config", "footprint_from_graphs",
     "fit_card", "memory_fit_report", "format_memory_fit", "decoder_profiles", "vision_profiles", "profile_shapes",
-    "make_engine_kit", "kit_command", "kit_summary", "KitReport",
+    "make_engine_kit", "kit_command", "kit_summary", "KitReport", "deployed_bytes", "kit_section",
+    "make_int8_engine_kit", "write_qdq_kit", "qdq_weight_format", "qdq_record",
 ]
