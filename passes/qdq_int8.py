@@ -28,9 +28,13 @@ their layer attribution come from `passes/precision.py`: `_as_linear`, `layer_ke
 Only QuantizeLinear / DequantizeLinear / Mul at opset >= 13 (per-axis Q/DQ) are emitted, in float32 and
 int8: never float16. Bias, Gemm attributes, norms, softmax, rotary and residuals stay as they are.
 
-Skips, each with a reason: graphs not configured, opset < 13, no int8 on the target, the tied lm_head
-(`decoder.lm_head`: the `[vocab, hidden]` matrix is also the runtime's host-side embedding table, which
-reads it as fp32, so it stays fp32), `keep_fp32`, no calibration statistics for the activation (or of the
+The tied lm_head (`decoder.lm_head`, `Gemm(h, E, transB=1)`): `E` is also the runtime's host-side fp32
+embedding table, so its site is never smoothed and its weight Q/DQ reads `E` itself (float_qdq form):
+TensorRT stores the int8 codes per vocabulary row (a quarter of the 1.2 GB an fp32 lm_head takes on a 2 GB
+card) while the lookup keeps reading the same fp32 rows. With `weight_format="int8"` it stays fp32.
+
+Skips, each with a reason: graphs not configured, opset < 13, no int8 on the target, the lm_head in the
+pre-quantized int8 form or with `include_lm_head=False` (the default; the sm61 kit sets it), `keep_fp32`, no calibration statistics for the activation (or of the
 wrong length), linear layers `_as_linear` cannot convert. Idempotent: a converted site's weight input is
 a DequantizeLinear output, not an initializer, so a second run finds nothing (`already_quantized`).
 """
@@ -63,6 +67,9 @@ class QdqInt8Config:
     graphs: tuple[str, ...] = ("vision", "decoder")
     weight_format: str = "float_qdq"  # "float_qdq" (TensorRT 8.x) | "int8" (pre-quantized, TensorRT >= 10)
     fold_smoothing: bool = True  # fold 1/s into a preceding norm's constants where only the group reads it
+    # the tied lm_head: per-vocab-row int8 over the unchanged fp32 table (float_qdq form only, never smoothed);
+    # off by default here, the sm61 kit turns it on (toolchain/trt_kit.py)
+    include_lm_head: bool = False
 
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -75,6 +82,7 @@ class QdqInt8Config:
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "keep_fp32": sorted(self.keep_fp32), "graphs": list(self.graphs),
                 "weight_format": self.weight_format, "fold_smoothing": self.fold_smoothing,
+                "include_lm_head": self.include_lm_head,
                 "activation_sites_with_stats": len(self.activation_stats)}
 
 
@@ -169,9 +177,12 @@ class QdqInt8Pass(GraphPass):
             reason = None
             hit = _matches(cfg.keep_fp32, node, graph_name, layer, weight_name, _module_path(node, weight_name))
             stats = cfg.activation_stats.get(stats_key(graph_name, lin.activation))
-            if layer == LM_HEAD_LAYER:
+            if layer == LM_HEAD_LAYER and not cfg.include_lm_head:
                 reason = ("tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
-                          "(host lookup), so it stays fp32")
+                          "(host lookup); include_lm_head=False keeps it fp32")
+            elif layer == LM_HEAD_LAYER and cfg.weight_format != "float_qdq":
+                reason = ("tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
+                          "(host lookup); pre-quantized int8 weights would drop it, so it stays fp32")
             elif hit is not None:
                 reason = f"keep_fp32 ({hit})"
                 details["kept_fp32"] += 1
@@ -200,7 +211,10 @@ class QdqInt8Pass(GraphPass):
             act_max = np.asarray(cfg.activation_stats[stats_key(graph_name, x)], np.float32)
             w_kn = {id(n): self._w_kn(lin) for n, lin, _ in sites}
             w_row_max = np.max(np.stack([np.abs(w).max(axis=1) for w in w_kn.values()]), axis=0)
-            s = smoothing_factors(act_max, w_row_max, cfg.alpha)
+            # The tied lm_head's matrix must stay the embedding table bit for bit (the runtime looks tokens up in
+            # it on the host), so its group is never smoothed: its weight Q/DQ reads the table itself.
+            tied = any(layer == LM_HEAD_LAYER for _, _, layer in sites)
+            s = np.ones_like(act_max) if tied else smoothing_factors(act_max, w_row_max, cfg.alpha)
             first = sites[0][0]
             smoothed, how = x, "none"
             if not np.all(s == 1.0):
@@ -279,29 +293,34 @@ class QdqInt8Pass(GraphPass):
         scales = weight_scales(w_kn)
         axis = 0 if lin.w_nk else 1  # the N (output channel) axis in the stored layout
         wname = lin.weight.name
-        w_stored = w_kn.T.copy() if lin.w_nk else w_kn
+        stored_shape = (lin.n, lin.k) if lin.w_nk else (lin.k, lin.n)
         sc = self._const(graph, f"{wname}.w_scale", scales)
         zp = self._const(graph, f"{wname}.w_zp", np.zeros(lin.n, np.int8))
         new_nodes = []
+        wf = None
         if cfg.weight_format == "int8":
             codes = quantize_weight(w_kn, scales)
             wq = self._const(graph, f"{wname}.int8", codes.T.copy() if lin.w_nk else codes)
         else:
-            wf = self._const(graph, f"{wname}.smoothed", w_stored)
+            if layer == LM_HEAD_LAYER:
+                wf = lin.weight  # unsmoothed (s = 1): quantize the shared fp32 table itself, not a copy
+            else:
+                wf = self._const(graph, f"{wname}.smoothed", w_kn.T.copy() if lin.w_nk else w_kn)
             qw = ir.Node("", "QuantizeLinear", [wf, sc, zp], attributes=[ir.AttrInt64("axis", axis)], name=f"{node.name}/w_q")
             qw.outputs[0].name, qw.outputs[0].dtype = f"{wname}.q", ir.DataType.INT8
-            qw.outputs[0].shape = ir.Shape(w_stored.shape)
+            qw.outputs[0].shape = ir.Shape(stored_shape)
             new_nodes.append(qw)
             wq = qw.outputs[0]
         dqw = ir.Node("", "DequantizeLinear", [wq, sc, zp], attributes=[ir.AttrInt64("axis", axis)], name=f"{node.name}/w_dq")
         dqw.outputs[0].name, dqw.outputs[0].dtype = f"{wname}.dq", ir.DataType.FLOAT
-        dqw.outputs[0].shape = ir.Shape(w_stored.shape)
+        dqw.outputs[0].shape = ir.Shape(stored_shape)
         new_nodes.append(dqw)
         graph.insert_before(node, new_nodes)
         node.replace_input_with(0, x_dq)
         node.replace_input_with(1, dqw.outputs[0])
         node.metadata_props["qvl.layer"] = layer
-        self._drop_if_unused(graph, lin.weight)
+        if wf is not lin.weight:
+            self._drop_if_unused(graph, lin.weight)
         bias_bytes = lin.bias.const_value.nbytes if lin.bias is not None else 0
         before = lin.weight.const_value.nbytes + bias_bytes
         after = lin.k * lin.n + scales.nbytes + bias_bytes  # as deployed: int8 codes + fp32 scales (engine)

@@ -389,3 +389,50 @@ def test_both_weight_forms_parse_and_build_with_tensorrt_rtx(weight_format, rtx,
     prof.set_shape("x", [1, 1, H], [1, 4, H], [1, 8, H])
     config.add_optimization_profile(prof)
     assert parsed.builder.build_serialized_network(parsed.network, config) is not None, parsed.logger.errors()[-3:]
+
+
+# -- the tied lm_head (include_lm_head, what the sm61 kit uses) ---------------------------------------
+
+
+def test_lm_head_int8_reads_the_unchanged_embedding_table():
+    fp32 = fixture_model(seed=6)
+    stats = _stats(fp32)
+    model = fixture_model(seed=6)
+    r = QdqInt8Pass(QdqInt8Config(stats, include_lm_head=True))(model, SM61, "decoder").report
+    ops = [n.op_type for n in model.graph]
+    # activation Q/DQ (never smoothed: no Mul) + the table's own weight Q/DQ in front of the Gemm
+    assert ops == EXPECTED_OPS[:-1] + ["QuantizeLinear", "DequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Gemm"], ops
+    assert r.skipped == [] and r.counts["quantized"] == 7 and r.counts["from_gemm"] == 3
+    assert r.details["layers"]["decoder.lm_head"]["decision"] == "int8"
+    names = {n.name: n for n in model.graph}
+    wq = names["node_lm_head/w_q"]
+    # the Q/DQ reads the embedding initializer itself, bit-identical to the checkpoint's: the runtime's
+    # host-side lookup keeps working on it, and nothing is duplicated in the weight store
+    assert wq.inputs[0] is model.graph.initializers["embed_tokens.weight"]
+    assert np.array_equal(wq.inputs[0].const_value.numpy(), fp32.graph.initializers["embed_tokens.weight"].const_value.numpy())
+    assert wq.attributes["axis"].value == 0 and names["node_lm_head/w_dq"].attributes["axis"].value == 0  # per vocab row
+    assert r.details["nodes"]["node_lm_head"]["smoothing"] == "none"
+    # numerics: logits = fakeq(h) @ fakeq_rows(E)^T with h the graph's own (quantized) fc2 output
+    model.graph.outputs.append(names["node_lm_head"].inputs[0].producer().inputs[0].producer().inputs[0])  # h (pre-Q)
+    x = _feeds(7, 1)[0]["x"] * 0.9
+    logits, h = _run(model, x, optimize=False)[0], _run(model, x, optimize=False)[-1]
+    emb = fp32.graph.initializers["embed_tokens.weight"].const_value.numpy()
+    key = "decoder/" + _act_name(fp32, "node_lm_head")
+    sc = activation_scale(stats[key], np.ones(H, np.float32))
+    hq = np.clip(np.rint(h / sc), -128, 127).astype(np.float32) * sc
+    wsc = weight_scales(emb.T)  # per output channel = per vocabulary row
+    eq = (quantize_weight(emb.T, wsc).astype(np.float32) * wsc[None, :]).T
+    ref = hq.astype(np.float64) @ eq.T.astype(np.float64)
+    assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max()
+    # idempotent
+    again = QdqInt8Pass(QdqInt8Config(stats, include_lm_head=True))(model, SM61, "decoder").report
+    assert again.counts["quantized"] == 0 and [n.op_type for n in model.graph] == ops
+
+
+def test_lm_head_stays_fp32_in_the_pre_quantized_int8_form():
+    model = fixture_model()
+    r = QdqInt8Pass(QdqInt8Config(_stats(model), include_lm_head=True, weight_format="int8"))(model, SM61, "decoder").report
+    assert [(s.where, s.reason.split(": ", 1)[1]) for s in r.skipped] == [(
+        "node_lm_head", "tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
+                        "(host lookup); pre-quantized int8 weights would drop it, so it stays fp32")]
+    assert [n.op_type for n in model.graph][-1:] == ["Gemm"] and r.details["layers"]["decoder.lm_head"]["decision"] == "fp32"

@@ -189,23 +189,29 @@ def test_int8_kit_is_opset_17_standard_onnx_with_qdq_and_never_fp16(int8_kit, sm
     assert p["pass"] == "qdq_int8" and p["config"]["weight_format"] == "float_qdq"  # TensorRT 8.6: fp32 Q/DQ weights
     assert p["calibration"]["cases"] == ["text-only", "image-square", "image-wide", "image-tall", "two-images", "chunked-prefill"]
     assert p["calibration"]["alpha"] == 0.5 and p["calibration"]["activation_sites"] == {"vision": 32, "decoder": 17}
-    lm_head = [s for s in p["skipped"] if s["where"] == "node_Gemm_838" or "lm_head" in s["reason"] and "tied" in s["reason"]]
-    assert len(lm_head) == 1 and p["layers"]["decoder.lm_head"]["decision"] == "fp32"
+    assert p["config"]["include_lm_head"] is True  # the kit quantizes the tied lm_head too (its fp32 table stays)
     # Layers are whole transformer layers / vision blocks (re-attributed after opset lowering dropped metadata).
     assert {k for k in p["decisions"] if k.startswith("decoder.")} == {f"decoder.layers.{i}" for i in range(4)} | {"decoder.lm_head"}
     search = p["budget_search"]
     assert search["within_budget"] is True and search["measured"]["mean_kl"] <= 0.01
     assert search["measured"]["greedy_agreement"] >= 0.9
-    assert {k for k, v in p["decisions"].items() if v == "fp32"} == set(search["rolled_back"]) | {"decoder.lm_head"}
+    assert {k for k, v in p["decisions"].items() if v == "fp32"} == set(search["rolled_back"])
+    lm_head_int8 = "decoder.lm_head" not in search["rolled_back"]
+    assert p["decisions"]["decoder.lm_head"] == ("int8" if lm_head_int8 else "fp32")
+    # the runtime's embedding table is still the one fp32 matrix in the weight store
+    assert m["embedding"]["dtype"] == "float32" and m["embedding"]["shape"][0] == m["model"]["vocab_size"]
     assert report.precision["decisions"] == p["decisions"]
     # Memory fit counts the quantized weights as int8 (TensorRT stores them so), not as the fp32 bytes on disk.
     fp32_fit = _manifest(sm61_kit[0])["kit"]["memory_fit"]["footprint"]
     fit = m["kit"]["memory_fit"]["footprint"]
-    assert fit["lm_head_bytes"] == fp32_fit["lm_head_bytes"]  # tied lm_head: fp32 in both
+    if lm_head_int8:  # int8 codes (TensorRT quantizes the fp32 table at build): a quarter of the fp32 bytes
+        assert fit["lm_head_bytes"] == fp32_fit["lm_head_bytes"] // 4, (fit["lm_head_bytes"], fp32_fit["lm_head_bytes"])
+    else:
+        assert fit["lm_head_bytes"] == fp32_fit["lm_head_bytes"]
     q_bytes = p["linear_weight_bytes_before"] - p["linear_weight_bytes_after"]
     assert q_bytes > 0
-    saved = (fp32_fit["vision_weight_bytes"] + fp32_fit["decoder_layer_weight_bytes"]) - (
-        fit["vision_weight_bytes"] + fit["decoder_layer_weight_bytes"])
+    parts = ("vision_weight_bytes", "decoder_layer_weight_bytes", "lm_head_bytes")
+    saved = sum(fp32_fit[k] for k in parts) - sum(fit[k] for k in parts)
     assert saved > 0.5 * q_bytes, (saved, q_bytes)  # norms/scales added back are small
     assert any("accuracy budget met" in line for line in lines) and any("int8=on" in line for line in lines)
     print(f"\nint8 kit: {p['converted']} linear layers INT8, rolled back {search['rolled_back']}; vs the fp32 kit: "
@@ -270,7 +276,7 @@ def test_int8_kit_cli_no_budget_and_user_errors(tiny_artifact, tmp_path):
                    "--out", str(tmp_path / "k8"))
     assert proc.returncode == 0, proc.stderr
     p = _manifest(tmp_path / "k8")["precision"]
-    assert "budget_search" not in p and p["converted"] == 28 + 32 and "int8=on" in proc.stderr
+    assert "budget_search" not in p and p["converted"] == 28 + 32 + 1 and "int8=on" in proc.stderr
     assert_one_line_error(run_cli("compile", str(tiny_artifact), "--target", "sm61", "--weights", "int8",
                                   "--out", str(tmp_path / "k8")), "already exists")
 

@@ -23,7 +23,8 @@ compute elsewhere, never FP16), with the per-layer accuracy-budget search of `to
 against the fp32 kit: layers over budget stay fp32. The manifest's `precision` section records the pass
 report, the calibration summary, the budget, every measurement and the decisions; the build settings turn
 INT8 on because the graphs contain Q/DQ, and the memory fit counts quantized weights as int8
-(`deployed_bytes`). The tied lm_head stays fp32: it is also the runtime's host-side embedding table.
+(`deployed_bytes`). The tied lm_head is quantized too (per vocabulary row, never smoothed): its Q/DQ reads
+the fp32 table itself, which stays the runtime's host-side embedding table.
 
 Memory fit (`memory_fit_report`): for each SM 6.1 card (MX250 2 GB, GTX 1050 2 GB, GTX 1050 Ti 4 GB,
 GTX 1060 3 GB / 6 GB) and each placement, from most to least on the GPU, whether it fits and the longest
@@ -220,7 +221,7 @@ def footprint_from_graphs(graphs: dict, config: dict, embedding_name: str = "emb
 
     dec = graphs["decoder"]
     emb = dec.graph.initializers.get(embedding_name)
-    lm_head = int(emb.const_value.nbytes) if emb is not None and emb.const_value is not None else 0
+    lm_head = deployed_bytes(emb) if emb is not None and emb.const_value is not None else 0  # int8 when Q/DQ'd
     return Footprint(
         ModelDims.from_config(config),
         vision_weight_bytes=nbytes(graphs["vision"]),
@@ -722,7 +723,10 @@ def make_int8_engine_kit(
         say("calibrating activations")
         stats = calibrate_artifact(fp32, cases=cases, threads=threads or 1, progress=say)
         calibration = {**stats.summary(), "alpha": alpha}
-        config = QdqInt8Config(stats.channel_max, alpha=alpha, weight_format=qdq_weight_format(caps.name))
+        # The lm_head in INT8 too (its fp32 table stays the host embedding table): on a 2 GB card it is the
+        # largest single weight (1.16 GiB fp32 for the 2B model, 0.29 GiB int8 in the engine).
+        config = QdqInt8Config(stats.channel_max, alpha=alpha, weight_format=qdq_weight_format(caps.name),
+                               include_lm_head=True)
         if budget is None:
             say("inserting INT8 Q/DQ")
             record = write_qdq_kit(fp32, out, config, calibration=calibration, overwrite=overwrite)
@@ -784,7 +788,7 @@ def kit_command(source: Path, target: str = "sm61", out: Path | None = None, *, 
         other = len(p["skipped"]) - kept
         echo(f"  int8 Q/DQ: {counts.get('quantized', 0)} linear layers ({counts.get('smoothing_folded', 0)} smoothing vectors "
              f"folded into norms, {counts.get('smoothing_mul', 0)} as Mul); {kept} kept fp32 by the budget, {other} other "
-             f"skips (the tied lm_head stays fp32: it is the host embedding table); calibration on "
+             f"skips (the tied lm_head is INT8 in the engine; its fp32 table stays the host embedding table); calibration on "
              f"{len(p['calibration']['cases'])} prompts, SmoothQuant alpha {p['calibration']['alpha']}")
         search = p.get("budget_search")
         if search:
