@@ -293,19 +293,24 @@ class BudgetResult:
     artifact: str | None = None
 
     def to_manifest(self, budget: AccuracyBudget) -> dict:
-        return {
-            "budget": asdict(budget),
-            "decisions": self.decisions,
-            "within_budget": self.within_budget,
-            "measured": self.measured.to_dict(),
-            "all_quantized": self.all_quantized.to_dict(),
-            "layer_scores": {k: {"score": v["score"], **{m: v["measurement"][m] for m in
-                                 ("mean_kl", "max_abs_logit_diff", "greedy_agreement")}}
-                             for k, v in self.layer_scores.items()},
-            "rolled_back": self.rolled_back,
-            "evaluations": self.evaluations,
-            "seconds": round(self.seconds, 2),
-        }
+        return search_record(self, budget, "all_quantized", self.all_quantized)
+
+
+def search_record(result, budget: AccuracyBudget, all_applied_key: str, all_applied: Measurement) -> dict:
+    """The manifest record of a per-layer budget search (precision: "all_quantized", sparsity: "all_pruned")."""
+    return {
+        "budget": asdict(budget),
+        "decisions": result.decisions,
+        "within_budget": result.within_budget,
+        "measured": result.measured.to_dict(),
+        all_applied_key: all_applied.to_dict(),
+        "layer_scores": {k: {"score": v["score"], **{m: v["measurement"][m] for m in
+                             ("mean_kl", "max_abs_logit_diff", "greedy_agreement")}}
+                         for k, v in result.layer_scores.items()},
+        "rolled_back": result.rolled_back,
+        "evaluations": result.evaluations,
+        "seconds": round(result.seconds, 2),
+    }
 
 
 def apply_with_budget(

@@ -33,7 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +47,7 @@ from qvl.toolchain.accuracy_budget import (
     embedding_entry,
     publish_candidate,
     rollback_search,
+    search_record,
 )
 from qvl.toolchain.fsutil import atomic_output_dir
 
@@ -205,19 +206,7 @@ class SparsityBudgetResult:
     artifact: str | None = None
 
     def to_manifest(self, budget: AccuracyBudget) -> dict:
-        return {
-            "budget": asdict(budget),
-            "decisions": self.decisions,
-            "within_budget": self.within_budget,
-            "measured": self.measured.to_dict(),
-            "all_pruned": self.all_pruned.to_dict(),
-            "layer_scores": {k: {"score": v["score"], **{m: v["measurement"][m] for m in
-                                 ("mean_kl", "max_abs_logit_diff", "greedy_agreement")}}
-                             for k, v in self.layer_scores.items()},
-            "rolled_back": self.rolled_back,
-            "evaluations": self.evaluations,
-            "seconds": round(self.seconds, 2),
-        }
+        return search_record(self, budget, "all_pruned", self.all_pruned)
 
 
 def apply_sparsity_with_budget(
