@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qvl.artifacts.nbits_codes import pack_codes, unpack_codes
 from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
 
 MS_DOMAIN = "com.microsoft"
@@ -128,26 +129,6 @@ def quantize_blockwise(w_nk: np.ndarray, bits: int, block_size: int, symmetric: 
     packed = pack_codes(codes, bits)
     zero_points = None if symmetric else pack_codes(zp.astype(np.uint8), bits).reshape(-1)
     return QuantizedWeight(packed, scales.reshape(-1), zero_points, bits, block_size, n, k)
-
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack the last axis low-bits-first (4-bit: element 2j -> low nibble of byte j); odd lengths pad 0."""
-    if bits == 8:
-        return np.ascontiguousarray(codes, dtype=np.uint8)
-    if bits != 4:
-        raise ValueError(f"unsupported bits {bits}")
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4), dtype=np.uint8)
-
-
-def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    if bits == 8:
-        return packed[..., :count]
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out[..., :count]
 
 
 def dequantize(q: QuantizedWeight) -> np.ndarray:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qvl.artifacts.nbits_codes import unpack_codes
 from qvl.errors import QvlError
 
 FORMAT = "matmulnbits"
@@ -80,24 +81,14 @@ class QuantizedEmbedding:
         flat = ids.reshape(-1)
         if flat.size and (flat.min() < -self.shape[0] or flat.max() >= self.shape[0]):
             raise IndexError(f"token id out of range for a vocabulary of {self.shape[0]}")
-        codes = _unpack(np.asarray(self.packed[flat]), self.bits, self.block_size).astype(np.float32)
+        codes = unpack_codes(np.asarray(self.packed[flat]), self.bits, self.block_size).astype(np.float32)
         if self.zero_points is None:
             zp = np.float32(1 << (self.bits - 1))
         else:
-            zp = _unpack(np.asarray(self.zero_points[flat]), self.bits, self.n_blocks).astype(np.float32)[..., None]
+            zp = unpack_codes(np.asarray(self.zero_points[flat]), self.bits, self.n_blocks).astype(np.float32)[..., None]
         scales = np.asarray(self.scales[flat], dtype=np.float32)[..., None]
         rows = (codes - zp) * scales  # [n, blocks, block_size], float32 like the op
         return rows.reshape(ids.shape + (self.shape[1],))
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Codes packed low-bits-first along the last axis (4-bit: element 2j is the low nibble of byte j)."""
-    if bits == 8:
-        return packed[..., :count]
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out[..., :count]
 
 
 def _map(artifact: Path, entry: dict, part: dict) -> np.ndarray:
