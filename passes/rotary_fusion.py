@@ -138,8 +138,61 @@ class _RotateHalfRope(pattern.RewriteRuleClassBase):
         flat = op.Reshape(y, op.Constant(value=ir.tensor(np.array([0, 0, -1], dtype=np.int64))))
         rotated = op.RotaryEmbedding(flat, positions, cos_cache, sin_cache, num_heads=heads, interleaved=0,
                                      _domain=MS_DOMAIN)
+        for v in (flat, rotated):  # recorded so that later rules (and ORT) see [batch, seq, heads*head_dim]
+            v.shape, v.dtype = ir.Shape([y.shape[0], y.shape[1], heads * d]), y.dtype
         bshd = op.Reshape(rotated, op.Constant(value=ir.tensor(np.array([0, 0, heads, d], dtype=np.int64))))
         return op.Transpose(bshd, perm=[0, 2, 1, 3])
+
+
+class _HeadSplitRoundTrip(pattern.RewriteRuleClassBase):
+    """`Reshape(Transpose(Transpose(Reshape(x, [0, 0, N, D]), p), p), [0, 0, -1 | N*D])` with p = [0, 2, 1, 3]
+    is `x`: a `[batch, seq, N*D]` tensor split into heads, moved to BNSH and back, and merged again. Left in
+    front of GroupQueryAttention by the attention fusion (v) and by the rotary rewrite above (q, k); ORT
+    cancels the transposes but keeps both Reshapes (two dispatches per tensor per layer per token)."""
+
+    def __init__(self):
+        super().__init__("HeadSplitRoundTrip", remove_nodes=False)
+
+    def pattern(self, op, x, split, merge):
+        heads = op.Reshape(x, split, _outputs=["heads"])
+        return op.Reshape(op.Transpose(op.Transpose(heads, _outputs=["t1"]), _outputs=["t2"]), merge, _outputs=["merged"])
+
+    def check(self, context, x, split, merge, heads, t1, t2, merged, **_) -> MatchResult:
+        result = MatchResult()
+        for t in (t1, t2):
+            if list(t.producer().attributes.get_ints("perm", None) or ()) != [0, 2, 1, 3]:
+                return result.fail("transposes are not the [0, 2, 1, 3] head swap and back", t)
+        for r in (heads, merged):
+            if r.producer().attributes.get_int("allowzero", 0):
+                return result.fail("Reshape with allowzero=1 (0 is not 'copy this dimension')", r)
+        shape = x.shape
+        rope = x.producer()
+        if shape is None and rope is not None and (rope.domain, rope.op_type) == (MS_DOMAIN, "RotaryEmbedding"):
+            shape = rope.inputs[0].shape  # RotaryEmbedding keeps its input's shape (graphs saved without it)
+        if shape is None or shape.rank() != 3 or not isinstance(shape[2], int):
+            return result.fail("input is not [batch, seq, hidden] with a static hidden size", x)
+        hidden = shape[2]
+        s1, s2 = _const_ints(split), _const_ints(merge)
+        if s1 is None or len(s1) != 4 or s1[:2] != [0, 0] or s1[2] * s1[3] != hidden:
+            return result.fail(f"head split {s1} is not [0, 0, N, D] with N*D = {hidden}", split)
+        if s2 is None or len(s2) != 3 or s2[:2] != [0, 0] or s2[2] not in (-1, hidden):
+            return result.fail(f"head merge {s2} is not [0, 0, -1 | {hidden}]", merge)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)  # ORT drops Identity at load
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    """Integers of an initializer or `Constant` output (what the exporter and the fusions emit)."""
+    if value is None:
+        return None
+    if value.const_value is None:
+        node = value.producer()
+        if node is None or node.op_type != "Constant" or "value" not in node.attributes:
+            return None
+        return [int(v) for v in np.asarray(node.attributes["value"].as_tensor().numpy()).reshape(-1)]
+    return _ints(value)
 
 
 def _rules() -> pattern.RewriteRuleSet:
@@ -157,6 +210,7 @@ class RotaryFusionPass(GraphPass):
 
     def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
         report.counts["rotary_embedding"] = 0
+        report.counts["head_split_round_trip"] = 0
         if graph_name not in self.config.graphs:
             report.skipped.append(Skip(graph_name, "graph not configured for rotary fusion"))
             return
@@ -167,7 +221,10 @@ class RotaryFusionPass(GraphPass):
         rules = _rules()
         report.counts["rotary_embedding"] = rules.apply_to_model(model)
         report.skipped.extend(explain_failures(model, [("rotary_embedding", rules)]))
-        if report.counts["rotary_embedding"]:
+        round_trips = pattern.RewriteRuleSet([_HeadSplitRoundTrip.rule()])
+        report.counts["head_split_round_trip"] = round_trips.apply_to_model(model)
+        report.skipped.extend(explain_failures(model, [("head_split_round_trip", round_trips)]))
+        if any(report.counts.values()):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             CommonSubexpressionEliminationPass()(model)  # one cache/position subgraph, not one per site
             RemoveUnusedNodesPass()(model)

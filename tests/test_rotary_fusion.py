@@ -85,19 +85,19 @@ def _apply(proto: onnx.ModelProto, target=CPU, graph="decoder"):
 def test_fuses_both_sites_exact_ops_and_numerics():
     before = rope_graph()
     after, result = _apply(before)
-    assert result.report.counts == {"rotary_embedding": 2}
+    assert result.report.counts == {"rotary_embedding": 2, "head_split_round_trip": 2}
     assert result.report.skipped == []
     ops = Counter((n.domain, n.op_type) for n in after.graph.node)
-    # per site: Reshape -> RotaryEmbedding -> Reshape -> Transpose (then the original Transpose back +
-    # Reshape); one shared cache/position subgraph (CSE): 2 cache Reshapes, Shape, ReduceProd, Range, Reshape;
-    # 5 shared Constants ([-1, D/2], 0, 1, [0, 0, -1], [0, 0, H, D])
+    # per site: Reshape -> RotaryEmbedding -> Identity (the rewrite's head split + Transpose, the graph's
+    # Transpose back + merge Reshape are a round trip and go); one shared cache/position subgraph (CSE): 2 cache
+    # Reshapes, Shape, ReduceProd, Range, Reshape; 3 shared Constants ([-1, D/2], 0, 1) + the [0, 0, -1]
+    # of the input Reshapes
     assert ops == Counter({
-        ("", "Constant"): 5,
-        ("", "Cos"): 1, ("", "Sin"): 1, ("com.microsoft", "RotaryEmbedding"): 2,
-        ("", "Reshape"): 2 + 2 * 2 + 2 + 1, ("", "Transpose"): 2 * 2, ("", "Shape"): 1, ("", "ReduceProd"): 1,
-        ("", "Range"): 1,
+        ("", "Constant"): 4,
+        ("", "Cos"): 1, ("", "Sin"): 1, ("com.microsoft", "RotaryEmbedding"): 2, ("", "Identity"): 2,
+        ("", "Reshape"): 2 + 2 + 1, ("", "Shape"): 1, ("", "ReduceProd"): 1, ("", "Range"): 1,
     }), ops
-    assert not any(n.op_type in ("Neg", "Slice", "Concat", "Mul", "Add", "Unsqueeze") for n in after.graph.node)
+    assert not any(n.op_type in ("Neg", "Slice", "Concat", "Mul", "Add", "Unsqueeze", "Transpose") for n in after.graph.node)
     for batch, seq in ((1, 1), (2, 5), (1, 9)):
         feeds = _feeds(batch, seq, seed=seq)
         for ref, got in zip(_run(before, feeds), _run(after, feeds)):
@@ -108,7 +108,7 @@ def test_unequal_halves_are_skipped_with_reason():
     before = rope_graph(equal_halves=False)
     after, result = _apply(before)
     # the k/q sites share the cos table, so neither may use a half-width cache
-    assert result.report.counts == {"rotary_embedding": 0}
+    assert result.report.counts == {"rotary_embedding": 0, "head_split_round_trip": 0}
     reasons = {s.reason for s in result.report.skipped}
     assert reasons == {"RotateHalfRope: cos halves differ (Concat(c1, c2) with c1 != c2): "
                        "a half-width cache would not be exact"}, reasons
@@ -118,7 +118,7 @@ def test_unequal_halves_are_skipped_with_reason():
 def test_trt_target_and_unconfigured_graph_are_skipped():
     before = rope_graph()
     after, result = _apply(before, target=TRT)
-    assert result.report.counts == {"rotary_embedding": 0}
+    assert result.report.counts == {"rotary_embedding": 0, "head_split_round_trip": 0}
     assert "no ORT contrib ops" in result.report.skipped[0].reason
     assert [n.op_type for n in after.graph.node] == [n.op_type for n in before.graph.node]
     _, result = _apply(before, graph="vision")
@@ -128,8 +128,42 @@ def test_trt_target_and_unconfigured_graph_are_skipped():
 def test_idempotent():
     once, _ = _apply(rope_graph())
     twice, result = _apply(once)
-    assert result.report.counts == {"rotary_embedding": 0}
+    assert result.report.counts == {"rotary_embedding": 0, "head_split_round_trip": 0}
     assert [n.op_type for n in twice.graph.node] == [n.op_type for n in once.graph.node]
     feeds = _feeds()
     for a, b in zip(_run(once, feeds), _run(twice, feeds)):
         np.testing.assert_array_equal(a, b)
+
+
+def round_trip_graph(perm2=(0, 2, 1, 3)) -> onnx.ModelProto:
+    """x [B, S, H*D] -> split heads -> BNSH -> back -> merge: the layout round trip left in front of GQA."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "split"], ["heads"], name="split_heads"),
+        helper.make_node("Transpose", ["heads"], ["bnsh"], name="to_bnsh", perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["bnsh"], ["back"], name="to_bsnh", perm=list(perm2)),
+        helper.make_node("Reshape", ["back", "merge"], ["y"], name="merge_heads"),
+        helper.make_node("Relu", ["y"], ["out"], name="consumer"),
+    ]
+    graph = helper.make_graph(
+        nodes, "round_trip", [helper.make_tensor_value_info("x", T.FLOAT, ["B", "S", H * D])],
+        [helper.make_tensor_value_info("out", T.FLOAT, None)],
+        [_i64("split", [0, 0, H, D]), _i64("merge", [0, 0, -1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def test_head_split_round_trip_is_removed_exactly_and_a_real_transpose_is_kept():
+    before = round_trip_graph()
+    after, result = _apply(before)
+    assert result.report.counts == {"rotary_embedding": 0, "head_split_round_trip": 1}
+    assert [n.op_type for n in after.graph.node] == ["Identity", "Relu"]
+    x = np.random.default_rng(3).standard_normal((2, 3, H * D)).astype(np.float32)
+    np.testing.assert_array_equal(_run(after, {"x": x})[0], _run(before, {"x": x})[0])
+    # a second transpose that is not the inverse changes the data: left alone, with the reason
+    before = round_trip_graph(perm2=(0, 1, 3, 2))
+    after, result = _apply(before)
+    assert result.report.counts == {"rotary_embedding": 0, "head_split_round_trip": 0}
+    assert [(s.where, s.reason) for s in result.report.skipped] == [
+        ("merge_heads", "HeadSplitRoundTrip: transposes are not the [0, 2, 1, 3] head swap and back")]
+    assert [n.op_type for n in after.graph.node] == [n.op_type for n in before.graph.node]
