@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class TargetCapabilities:
@@ -74,3 +76,10 @@ class GraphPass:
         self.run(model, target, graph_name, report)
         report.seconds = round(time.perf_counter() - t0, 4)
         return PassResult(model, report)
+
+
+def initializer_ints(value) -> list[int] | None:
+    """The integers of an initializer input (a value with `const_value`), flattened; None otherwise."""
+    if value is None or value.const_value is None:
+        return None
+    return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]

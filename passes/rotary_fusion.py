@@ -40,7 +40,7 @@ from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnus
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
+from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities, initializer_ints
 from qvl.passes.norm_fusion import explain_failures
 
 MS_DOMAIN = "com.microsoft"
@@ -51,18 +51,12 @@ class RotaryFusionConfig:
     graphs: tuple[str, ...] = ("decoder",)
 
 
-def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]
-
-
 def _half_table(value: ir.Value) -> tuple[ir.Value | None, str]:
     """`Unsqueeze(Concat(c, c, axis=-1), [1])` -> c, or (None, why not)."""
     unsq = value.producer()
     if unsq is None or unsq.op_type != "Unsqueeze" or unsq.domain not in ("", "ai.onnx"):
         return None, "is not Unsqueeze(Concat(c, c)) of a per-token table"
-    axes = _ints(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
+    axes = initializer_ints(unsq.inputs[1]) if len(unsq.inputs) > 1 else None
     if axes not in ([1], [-3]):
         return None, f"is unsqueezed on axes {axes}, not the head axis 1"
     cat = unsq.inputs[0].producer()
@@ -97,7 +91,7 @@ class _RotateHalfRope(pattern.RewriteRuleClassBase):
     def check(self, context, y, x, cos, sin, start1, end1, axes1, start2, end2, axes2, steps1=None, steps2=None,
               **_) -> MatchResult:
         result = MatchResult()
-        if self._with_steps and (_ints(steps1) != [1] or _ints(steps2) != [1]):
+        if self._with_steps and (initializer_ints(steps1) != [1] or initializer_ints(steps2) != [1]):
             return result.fail("rotate_half slices have steps other than 1", steps1)
         if list(x.producer().attributes.get_ints("perm", None) or ()) != [0, 2, 1, 3]:
             return result.fail("rotated tensor is not Transpose(perm=[0, 2, 1, 3]) of [batch, seq, heads, head_dim]", x)
@@ -107,11 +101,11 @@ class _RotateHalfRope(pattern.RewriteRuleClassBase):
         if d % 2:
             return result.fail(f"head_dim {d} is odd", y)
         for axes in (axes1, axes2):
-            if _ints(axes) not in ([3], [-1]):
+            if initializer_ints(axes) not in ([3], [-1]):
                 return result.fail("rotate_half slices are not on the last axis", axes)
-        if _ints(start1) != [0] or _ints(end1) != [d // 2] or _ints(start2) != [d // 2]:
+        if initializer_ints(start1) != [0] or initializer_ints(end1) != [d // 2] or initializer_ints(start2) != [d // 2]:
             return result.fail(f"rotate_half does not split head_dim {d} into two halves at {d // 2}", start2)
-        e2 = _ints(end2)
+        e2 = initializer_ints(end2)
         if e2 is None or len(e2) != 1 or e2[0] < d:
             return result.fail("second half does not run to the end of head_dim", end2)
         for name, table in (("cos", cos), ("sin", sin)):
@@ -185,14 +179,8 @@ class _HeadSplitRoundTrip(pattern.RewriteRuleClassBase):
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
     """Integers of an initializer or `Constant` output (what the exporter and the fusions emit)."""
-    if value is None:
-        return None
-    if value.const_value is None:
-        node = value.producer()
-        if node is None or node.op_type != "Constant" or "value" not in node.attributes:
-            return None
-        return [int(v) for v in np.asarray(node.attributes["value"].as_tensor().numpy()).reshape(-1)]
-    return _ints(value)
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
 
 
 def _rules() -> pattern.RewriteRuleSet:

@@ -34,13 +34,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import _fusion_utils, pattern
 from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
 
-from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
+from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities, initializer_ints
 
 _STRUCTURE = (
     "Transpose(q|k|v) -> MatMul -> Mul(scale) [-> Add(bias)] -> Softmax -> MatMul(v) -> Transpose -> Reshape"
@@ -57,12 +56,6 @@ def _scalar(value: ir.Value | None) -> float | None:
         return None
     arr = value.const_value.numpy()
     return float(arr.reshape(-1)[0]) if arr.size == 1 else None
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
 def site_name(v: ir.Value | None, fallback: str) -> str:
@@ -119,7 +112,7 @@ class _PackedVisionAttention(pattern.RewriteRuleClassBase):
         axis = softmax.attributes.get_int("axis", -1 if opset >= 13 else 1)
         if axis not in (-1, 2):
             return result.fail(f"Softmax axis {axis} is not the key axis (-1)", softmax)
-        target = _ints(out_shape)
+        target = initializer_ints(out_shape)
         allowzero = out.producer().attributes.get_int("allowzero", 0)
         lead_ok = target is not None and len(target) == 2 and (
             target[0] == -1 or (target[0] == 0 and not allowzero) or target[0] == bindings["N"]
