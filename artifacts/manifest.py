@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +30,13 @@ SIDE_FILES = (
     "chat_template.json",
     "chat_template.jinja",
 )
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy the `SIDE_FILES` that `src` has (checkpoint or artifact) into `dst`."""
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -99,9 +99,6 @@ def quantize_artifact(
     """Write `out`: the fp32 artifact `src` with the precision pass applied. Returns the manifest's precision record."""
     import onnx_ir as ir
 
-    from qvl.toolchain.export import save_graphs
-    from qvl.toolchain.ort_optimize import ort_optimized_section
-
     t0 = time.perf_counter()
     src = Path(src)
     manifest = mf.read_manifest(src)
@@ -110,31 +107,41 @@ def quantize_artifact(
     graphs = {name: ir.load(src / g["file"]) for name, g in manifest["graphs"].items()}
     pass_ = PrecisionPass(config)
     reports = {name: pass_(model, target, name).report for name, model in graphs.items()}
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+    record = precision_record(config, target, reports)
+    record.update(extra_manifest or {})
+    write_derived_artifact(src, manifest, graphs, Path(out), target, "precision", record, reports, t0, overwrite,
+                           updates={"target": target.name})
+    return record
+
+
+def write_derived_artifact(src: Path, manifest: dict, graphs: dict, out: Path, target: TargetCapabilities,
+                           section: str, record: dict, reports: dict, t0: float, overwrite: bool,
+                           updates: dict | None = None) -> None:
+    """Write `out` (atomically): the artifact `src` (whose manifest is `manifest`) with `graphs` as one approximate
+    pass left them -- a new weight store, the side files, ORT's optimized graphs for the new graphs (never the
+    source's), `manifest[section] = record` and one more step (`section`, seconds since `t0`, pass reports)."""
+    from qvl.toolchain.export import save_graphs
+    from qvl.toolchain.ort_optimize import ort_optimized_section
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
         entries, store = save_graphs(graphs, tmp)
-        for name in mf.SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        embedding = embedding_entry(graphs["decoder"])
-        record = precision_record(config, target, reports)
-        record.update(extra_manifest or {})
+        mf.copy_side_files(src, tmp)
         new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "ort_optimized")}
         new.update(ort_optimized_section(tmp, entries, target))
+        new.update(updates or {})
         new.update(
-            target=target.name,
             graphs=entries,
             weights={"file": mf.WEIGHTS, "bytes": (tmp / mf.WEIGHTS).stat().st_size},
-            embedding=embedding,
-            precision=record,
+            embedding=embedding_entry(graphs["decoder"]),
             steps=list(manifest.get("steps", [])) + [{
-                "name": "precision",
+                "name": section,
                 "seconds": round(time.perf_counter() - t0, 2),
                 "weight_bytes_written": store.bytes_written,
                 "reports": {k: r.to_dict() for k, r in reports.items()},
             }],
         )
+        new[section] = record
         mf.write_manifest(tmp, new)
-    return record
 
 
 def precision_record(config: PrecisionConfig, target: TargetCapabilities, reports: dict) -> dict:

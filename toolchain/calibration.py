@@ -181,9 +181,7 @@ def calibrate_artifact(
         run_dir = tmp / "tapped"
         run_dir.mkdir()
         _link_or_copy(artifact / manifest["weights"]["file"], run_dir / manifest["weights"]["file"])
-        for name in mf.SIDE_FILES:
-            if (artifact / name).is_file():
-                shutil.copy2(artifact / name, run_dir / name)
+        mf.copy_side_files(artifact, run_dir)
         taps: dict[str, tuple[int, list[str]]] = {}
         entries = {}
         for name, g in manifest["graphs"].items():

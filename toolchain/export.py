@@ -14,7 +14,6 @@ The result directory is written atomically: an interrupted export leaves nothing
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,10 +290,7 @@ def export_artifact(
         del model
         step("writing graphs and weight store")
         graphs, store = save_graphs({"vision": vision, "decoder": decoder}, tmp)
-        for name in mf.SIDE_FILES:
-            src = info.path / name
-            if src.is_file():
-                shutil.copy2(src, tmp / name)
+        mf.copy_side_files(info.path, tmp)
         seconds = time.perf_counter() - t0
         mf.write_manifest(
             tmp,

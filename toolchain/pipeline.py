@@ -5,7 +5,6 @@ The pipelines are plain lists, here and only here. Every pass report lands in th
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,9 +87,7 @@ def compile_artifact(
                         ir.save(model, str(dump / f"{name}.after-{p.name}.onnx"), external_data=f"{name}.after-{p.name}.data")
             step("writing artifact")
             entries, store = save_graphs(graphs, staging)
-            for name in mf.SIDE_FILES:
-                if (exported / name).is_file():
-                    shutil.copy2(exported / name, staging / name)
+            mf.copy_side_files(exported, staging)
             decoder_ops = {n.op_type for n in graphs["decoder"].graph}
             from qvl.toolchain.accuracy_budget import embedding_entry
             from qvl.toolchain.ort_optimize import ort_optimized_section

@@ -29,7 +29,6 @@ and `gain` to that record in the final artifact's manifest.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import tempfile
 import time
@@ -44,12 +43,11 @@ from qvl.toolchain.accuracy_budget import (
     CPU_AVX2,
     AccuracyBudget,
     Measurement,
-    embedding_entry,
     publish_candidate,
     rollback_search,
     search_record,
+    write_derived_artifact,
 )
-from qvl.toolchain.fsutil import atomic_output_dir
 
 SPEED_PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle, "
                 "and describe the sea, the weather and the keeper's daily routine in detail.")
@@ -69,36 +67,14 @@ def sparsify_artifact(
     """Write `out`: the artifact `src` with MLP channel sparsity applied. Returns the manifest's sparsity record."""
     import onnx_ir as ir
 
-    from qvl.toolchain.export import save_graphs
-    from qvl.toolchain.ort_optimize import ort_optimized_section
-
     t0 = time.perf_counter()
     src = Path(src)
     manifest = mf.read_manifest(src)
     graphs = {name: ir.load(src / g["file"]) for name, g in manifest["graphs"].items()}
     pass_ = MlpChannelSparsityPass(config)
     reports = {name: pass_(model, target, name).report for name, model in graphs.items()}
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
-        entries, store = save_graphs(graphs, tmp)
-        for name in mf.SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        record = sparsity_record(config, target, reports)
-        new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "ort_optimized")}
-        new.update(ort_optimized_section(tmp, entries, target))
-        new.update(
-            graphs=entries,
-            weights={"file": mf.WEIGHTS, "bytes": (tmp / mf.WEIGHTS).stat().st_size},
-            embedding=embedding_entry(graphs["decoder"]),
-            sparsity=record,
-            steps=list(manifest.get("steps", [])) + [{
-                "name": "sparsity",
-                "seconds": round(time.perf_counter() - t0, 2),
-                "weight_bytes_written": store.bytes_written,
-                "reports": {k: r.to_dict() for k, r in reports.items()},
-            }],
-        )
-        mf.write_manifest(tmp, new)
+    record = sparsity_record(config, target, reports)
+    write_derived_artifact(src, manifest, graphs, Path(out), target, "sparsity", record, reports, t0, overwrite)
     return record
 
 

@@ -661,9 +661,7 @@ def write_qdq_kit(fp32_kit: Path, out: Path, config, *, calibration: dict | None
     _check_standard(graphs, caps, [])
     with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
         _, store = save_graphs(graphs, staging)  # new weight store: smoothed weights, scales, folded norm constants
-        for name in mf.SIDE_FILES:
-            if (fp32_kit / name).is_file():
-                shutil.copy2(fp32_kit / name, staging / name)
+        mf.copy_side_files(fp32_kit, staging)
         entries = _save_kit_graphs(graphs, caps, staging, {n: g["file"] for n, g in manifest["graphs"].items()})
         selected = kit["memory_fit"]["selected"].get("card")
         section = kit_section(graphs, entries, manifest, caps, staging, card=selected, prefill_chunk=kit["prefill_chunk"])
