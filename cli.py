@@ -1,8 +1,9 @@
 """`qvl-compile`: the command-line front end.
 
 Commands import their heavy dependencies lazily, so `qvl-compile run` on a laptop with only the base
-install never imports torch. A `QvlError` (bad user input) prints one line and a hint and exits 2;
-anything else is a bug and keeps its traceback.
+install never imports torch. A `QvlError` (bad user input) or a usage error (unknown flag, missing or
+unparsable option) prints one `error:` line and a hint and exits 2; a failed check (parity) exits 1;
+Ctrl-C exits 130 with `aborted`; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ def _progress():
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(), console=err, transient=True,
     )
+
+
+def _check_options(**values) -> None:
+    """Range-check numeric options before any work starts (exit 2, the accepted range in the message).
+    The rules live in the runtime (`check_options`) so the Python API rejects exactly the same values."""
+    from qvl.runtime.sampling import check_options
+
+    check_options(flags=True, **values)
+
+
+def _check_text(flag: str, *values: str) -> None:
+    """Text options must be UTF-8: non-UTF-8 argv bytes reach Python as lone surrogates."""
+    from qvl.runtime.prompt import check_utf8
+
+    for value in values:
+        check_utf8(value, flag)
 
 
 def _messages(images: list[Path], prompt: str) -> list[dict]:
@@ -87,6 +104,8 @@ def reference_cmd(
     as_json: bool = typer.Option(False, "--json", help="print token ids and text as JSON"),
 ):
     """Answer an image prompt with eager PyTorch (fp32, greedy): the parity oracle."""
+    _check_options(max_new_tokens=max_new_tokens)
+    _check_text("--prompt", prompt)
     from qvl.toolchain.reference import EagerReference
 
     ref = EagerReference(checkpoint)
@@ -148,6 +167,7 @@ def compile_cmd(
 ):
     """Export (if needed), run the target's pass pipeline and write a compiled artifact (or, for the
     TensorRT targets sm61 / sm75+, an engine kit to build on the user's GPU with `build-engine`)."""
+    _check_options(threads=threads)
     from qvl.toolchain.pipeline import compile_artifact, compile_with_precision
     from qvl.toolchain.targets import get_target
 
@@ -211,6 +231,7 @@ def bench_cmd(
     repeats: int = typer.Option(3, help="timed runs per case (medians reported)"),
 ):
     """Artifact (runtime) vs eager PyTorch on the same inputs: decode tok/s, TTFT, RSS, roofline."""
+    _check_options(threads=threads, repeats=repeats)
     from qvl.toolchain.bench import bench_command
 
     bench_command(artifact, checkpoint, eager_dtype, threads, repeats, as_json, plot)
@@ -239,6 +260,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Exact-match accuracy on a VQA set (and agreement with eager answers)."""
+    _check_options(n=n, max_new_tokens=max_new_tokens, threads=threads)
     from qvl.toolchain.evaluate import agreement, eager_answer_fn, evaluate
     from qvl.toolchain.synthetic_vqa import load_jsonl, make_samples
 
@@ -274,6 +296,7 @@ def parity_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Compare an artifact with eager PyTorch on the parity suite; exit 0 only if every threshold holds."""
+    _check_options(steps=steps)
     import tempfile
 
     from qvl.toolchain.parity import run_parity
@@ -286,6 +309,17 @@ def parity_cmd(
     else:
         _print_parity(report)
     raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command("verify")
+def verify_cmd(artifact: Path = typer.Argument(..., help="artifact directory")):
+    """Check every graph, side file and weight-store chunk of an artifact against its manifest (and that every
+    path stays inside it), regardless of this machine's verified record; exit 0 only if all match."""
+    from qvl.artifacts.integrity import verify_artifact
+
+    r = verify_artifact(artifact)
+    typer.echo(f"OK {artifact}: {r['files']} files, {r['bytes'] / 1e6:.1f} MB verified in {r['seconds']:.2f} s "
+               f"(weight store: {r['chunks']} blake3 chunks, digest {r['digest'][:16]})")
 
 
 @app.command("run")
@@ -304,6 +338,10 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
 ):
     """Answer an image+text prompt from an artifact (torch-free), streaming the answer."""
+    _check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   seed=seed, threads=threads)
+    _check_text("--prompt", prompt)
+    _check_text("--stop", *stop)
     from qvl.runtime import GenerationStats, load
 
     model = load(artifact, device=device, threads=threads)
@@ -346,6 +384,7 @@ def chat_cmd(
     threads: Optional[int] = typer.Option(None),
 ):
     """Interactive multi-turn chat. Attach an image with `/image PATH`; `/reset` clears; Ctrl-D quits."""
+    _check_options(max_new_tokens=max_new_tokens, threads=threads)
     from qvl.runtime import GenerationStats, load
 
     model = load(artifact, threads=threads)
@@ -357,6 +396,9 @@ def chat_cmd(
             line = input("> ")
         except EOFError:
             break
+        except UnicodeDecodeError:  # a non-UTF-8 line on stdin: report it and keep the session
+            _print_error("that line is not valid UTF-8 text", hint="type or paste UTF-8 text")
+            continue
         if line.startswith("/image "):
             pending.append({"type": "image", "image": line[7:].strip()})
             continue
@@ -376,7 +418,7 @@ def chat_cmd(
                 sys.stdout.flush()
         except QvlError as exc:
             history.pop()
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            _print_error(str(exc), exc.hint)
             continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(pieces)})
@@ -389,6 +431,7 @@ def demo_cmd(
     threads: Optional[int] = typer.Option(None),
 ):
     """The whole job on the tiny synthetic checkpoint: make -> export + passes -> answer an image prompt -> parity."""
+    _check_options(threads=threads)
     from qvl.runtime import GenerationStats, load
     from qvl.toolchain.checkpoint import make_checkpoint
     from qvl.toolchain.parity import run_parity, suite_images
@@ -421,26 +464,69 @@ def demo_cmd(
     raise typer.Exit(0 if report.passed else 1)
 
 
-def main() -> None:
+def _print_error(message: str, hint: str | None = None) -> None:
+    # escape(): a message quoting a path or user text such as "a[b]" must not be read as rich markup.
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if hint:
+        err.print(f"[dim]hint: {escape(hint)}[/]", highlight=False, soft_wrap=True)
+
+
+def _click_exception_types() -> tuple[type, ...]:
+    # typer >= 0.2x vendors click as `typer._click` and raises those classes, not `click`'s; older
+    # typer re-raises plain click's. Catch both (the mro of a NoSuchOption names typer._click.exceptions).
+    types: list[type] = []
     try:
-        app(standalone_mode=False)
-    except QvlError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            err.print(f"[dim]hint: {exc.hint}[/]", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        types.append(VendoredClickException)
+    except ImportError:
+        pass
+    try:
         import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        types.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _show_click_exception(exc) -> int:
+    """A usage error (unknown flag/command, missing or unparsable option): one `error:` line + a hint."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        # Bare `qvl-compile`: the help and exit 2, as typer/click do for no_args_is_help. typer's rich
+        # help formatter has already printed it (to stdout) while building the exception; plain click
+        # only returns the text.
+        if exc.format_message().strip():
+            err.print(exc.format_message(), markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    command = ctx.command_path if ctx is not None else "qvl-compile"
+    _print_error(exc.format_message(), hint=f"see '{command} --help'")
+    return exc.exit_code
+
+
+def main() -> None:
+    """Console entry point. Exit codes: 0 ok, 1 a check failed (parity, demo), 2 bad input or usage,
+    130 interrupted (Ctrl-C). Only unexpected errors (bugs) keep their traceback."""
+    try:
+        # standalone_mode=False: we print errors ourselves. In that mode typer *returns* the code of a
+        # `raise typer.Exit(n)` (and turns Ctrl-C inside a command into Exit(130)) instead of exiting.
+        rc = app(prog_name="qvl-compile", standalone_mode=False)
+    except QvlError as exc:
+        _print_error(str(exc), exc.hint)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        rc = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        rc = 130
+    except _click_exception_types() as exc:
+        sys.exit(_show_click_exception(exc))
+    if isinstance(rc, int) and not isinstance(rc, bool):
+        if rc == 130:
+            err.print("aborted", highlight=False)
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,10 @@ class KVCache:
 class Engine:
     def __init__(self, artifact: Path, device: str = "cpu", threads: int | None = None):
         self.artifact = Path(artifact)
-        self.manifest = read_manifest(self.artifact)
+        # Schema, paths, graph and side-file hashes, and the weight store's chunk digests (skipped when this
+        # machine's verified record for the store matches); `integrity["weights"]` is 'cached' or 'verified'.
+        self.integrity: dict = {}
+        self.manifest = read_manifest(self.artifact, summary=self.integrity)
         m = self.manifest["model"]
         self.model_info = m
         self.num_layers = m["num_layers"]

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -200,8 +201,15 @@ def _check_pixel_cap(name: str, width: int, height: int) -> None:
         )
 
 
-def _too_large(name: str) -> QvlError:
-    # PIL's own decompression-bomb check fired (its limit may have been lowered by the host program).
+def _too_large(name: str, exc: Exception | None = None) -> QvlError:
+    # PIL's own decompression-bomb check fired before ours could run (it is part of Image.open, at
+    # 2x PIL's limit; the host program may also have lowered that limit). Its message carries the
+    # decoded pixel count, which makes ours say how large the image is, like _check_pixel_cap does.
+    found = re.search(r"\((\d+) pixels\)", str(exc or ""))
+    pixels = int(found.group(1)) if found else 0
+    if pixels > MAX_IMAGE_PIXELS:
+        return QvlError(f"cannot read image {name}: {pixels:,} pixels, more than the {MAX_IMAGE_PIXELS:,}-pixel "
+                        "limit (decompression-bomb check)", hint=_TOO_LARGE_HINT)
     return QvlError(f"cannot read image {name}: image too large (decompression-bomb limit)", hint=_TOO_LARGE_HINT)
 
 
@@ -211,8 +219,8 @@ def _open_bytes_or_path(fp, name: str) -> Image.Image:
             # Our own cap (below PIL's) decides; PIL's warning for 89M+ pixel headers would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)  # lazy: reads the header only
-    except Image.DecompressionBombError:
-        raise _too_large(name) from None
+    except Image.DecompressionBombError as e:
+        raise _too_large(name, e) from None
     except FileNotFoundError:
         raise _cannot_read(name, "no such file") from None
     except IsADirectoryError:
@@ -236,9 +244,9 @@ def _open_bytes_or_path(fp, name: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()  # decode now, so truncated/corrupt data fails here and not mid-preprocessing
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError as e:
         img.close()
-        raise _too_large(name) from None
+        raise _too_large(name, e) from None
     except MemoryError:
         img.close()
         raise _cannot_read(name, "out of memory while decoding") from None

@@ -22,7 +22,7 @@ from qvl.runtime.detokenize import StopStrings, StreamDecoder
 from qvl.runtime.engine import Engine
 from qvl.runtime.mrope import decode_position_ids, rope_index
 from qvl.runtime.prompt import PreparedPrompt, PromptBuilder
-from qvl.runtime.sampling import Sampler, SamplingConfig
+from qvl.runtime.sampling import Sampler, SamplingConfig, check_options
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -53,6 +53,7 @@ class GenerationResult:
 
 class Model:
     def __init__(self, artifact: Path, device: str = "cpu", threads: int | None = None):
+        check_options(threads=threads)  # ORT would silently take 0 as "default" and fail on negatives
         self.engine = Engine(artifact, device=device, threads=threads)
         self.prompts = PromptBuilder.from_dir(artifact)
         gen_path = Path(artifact) / "generation_config.json"
@@ -107,6 +108,7 @@ class Model:
         `ignore_stop=True` (used by `qvl-compile bench`) keeps decoding after a stop id, so exactly
         `max_new_tokens` tokens come out, as eager `generate(min_new_tokens=max_new_tokens)` does.
         """
+        check_options(max_new_tokens=max_new_tokens, seed=seed)
         stats = stats if stats is not None else GenerationStats()
         sampling = sampling or SamplingConfig(do_sample=False)
         n = len(prompt)
@@ -160,6 +162,10 @@ class Model:
         stats: GenerationStats | None = None,
     ) -> Iterator[str]:
         """Yield text pieces as tokens arrive (never a partial UTF-8 character, nothing past a stop string)."""
+        # Same ranges as the CLI flags; checked before any image is loaded. (A generator body runs on the
+        # first next(), which is where a caller iterating stream() sees the QvlError.)
+        check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      repetition_penalty=repetition_penalty, seed=seed)
         sampling = _sampling_config(self.generation_config, temperature, top_p, top_k, repetition_penalty)
         prompt = self.prepare(messages, images)
         decoder = StreamDecoder(self.prompts.tokenizer, skip_special_tokens=True)
@@ -197,31 +203,41 @@ def _sampling_config(gen: dict, temperature, top_p, top_k, repetition_penalty) -
         raise QvlError(str(exc)) from None
 
 
-def _attach_images(messages: Any, images: list) -> list:
+def _attach_images(messages: Any, images: list) -> Any:
     """`generate(messages, images=[...])`: images fill the image parts that have no source, in order."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": [{"type": "text", "text": messages}]}]
+    if not isinstance(messages, (list, tuple)):
+        return messages  # not a conversation: prompt building rejects it with a QvlError
     return _fill(messages, images)
 
 
 def _fill(messages: list, images: list) -> list:
+    # Anything that is not a well-formed message/part is passed through untouched: the prompt builder
+    # reports malformed messages as QvlErrors, this helper must not fail first with a TypeError.
     queue = list(images)
     out = []
     for m in messages:
-        m = dict(m)
-        if isinstance(m.get("content"), list):
-            parts = []
-            for p in m["content"]:
-                p = dict(p)
-                if p.get("type") == "image" and p.get("image") is None and queue:
-                    p["image"] = queue.pop(0)
-                parts.append(p)
-            m["content"] = parts
+        if isinstance(m, dict):
+            m = dict(m)
+            if isinstance(m.get("content"), list):
+                parts = []
+                for p in m["content"]:
+                    if isinstance(p, dict):
+                        p = dict(p)
+                        if p.get("type") == "image" and p.get("image") is None and queue:
+                            p["image"] = queue.pop(0)
+                    parts.append(p)
+                m["content"] = parts
         out.append(m)
     if queue:  # images without a slot go in front of the last user message's content
         for m in reversed(out):
-            if m.get("role") == "user":
-                content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            if isinstance(m, dict) and m.get("role") == "user":
+                content = m.get("content")
+                if isinstance(content, str):
+                    content = [{"type": "text", "text": content}]
+                elif not isinstance(content, list):
+                    content = [] if content is None else [content]
                 m["content"] = [{"type": "image", "image": im} for im in queue] + content
                 break
     return out

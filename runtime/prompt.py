@@ -193,6 +193,16 @@ def normalize_messages(messages: Any) -> list[dict]:
     return out
 
 
+def check_utf8(text: str, what: str) -> None:
+    """QvlError unless `text` is valid Unicode. Command-line bytes that are not UTF-8 arrive as lone
+    surrogates (Python's surrogateescape), which the tokenizer rejects with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise QvlError(f"{what} is not valid UTF-8 text (undecodable byte at character {e.start})",
+                       hint="pass text in UTF-8") from None
+
+
 def collect_images(messages: list[dict]) -> list[Any]:
     """The image sources of `type == "image"` blocks, in order (ProcessorMixin's collection)."""
     images = []
@@ -400,6 +410,7 @@ class PromptBuilder:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text` as the processor's tokenizer call gives them (add_special_tokens=True)."""
+        check_utf8(text, "the prompt")
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
@@ -509,6 +520,7 @@ __all__ = [
     "MM_VIDEO",
     "PreparedPrompt",
     "PromptBuilder",
+    "check_utf8",
     "collect_images",
     "compile_chat_template",
     "find_chat_template",

@@ -16,10 +16,13 @@ reproducible for a given seed but does not reproduce torch's `multinomial` RNG s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from qvl.errors import QvlError
 
 _NEG_INF = np.float32(-np.inf)
 
@@ -72,6 +75,43 @@ class SamplingConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["do_sample"] = bool(values["do_sample"])
         return cls(**values)
+
+
+# The user-facing generation options and their accepted ranges, shared by the Python API (`Model.stream`,
+# `load`) and every CLI command, so both reject the same values with the same message. `None` always means
+# "not given" (greedy / the default). Rule: (predicate, accepted range as the message states it).
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+_OPTION_RULES = {
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _is_real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)"),
+    "top_p": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = no top-k filter)"),
+    "repetition_penalty": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
+    "threads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),  # numpy's default_rng rejects negatives
+    # counts of the toolchain commands (parity --steps, bench --repeats, eval --n)
+    "steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "repeats": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def check_options(flags: bool = False, **values) -> None:
+    """Raise QvlError for the first option outside its accepted range (None = not given, always fine).
+
+    `flags=True` names them as CLI flags (`--max-new-tokens`) instead of keyword arguments."""
+    for name, value in values.items():
+        ok, accepted = _OPTION_RULES[name]
+        if value is not None and not ok(value):
+            label = "--" + name.replace("_", "-") if flags else name
+            raise QvlError(f"{label} must be {accepted}, got {value!r}")
 
 
 def apply_repetition_penalty(scores: np.ndarray, token_ids: Sequence[int] | np.ndarray, penalty: float) -> np.ndarray:

@@ -220,12 +220,33 @@ class _EngineIO:
             raise QvlError("TensorRT execution failed")
 
 
+def _read_build_report(build_path: Path, engines: Path) -> dict:
+    """The engines' build report, with every engine file inside `engines` and matching its recorded sha256
+    (hashed once per file and machine: the verified record in the user cache skips it on warm starts)."""
+    from qvl.artifacts import integrity
+
+    try:
+        build = json.loads(build_path.read_text("utf-8"))
+        entries = build["engines"]
+        files = {name: (e["file"], e["sha256"]) for name, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise QvlError(f"corrupt engine build report {build_path}: {exc}",
+                       hint="rebuild the engines with `qvl-compile build-engine`") from None
+    for name, (file, sha) in files.items():
+        path = integrity.contained(engines, file, f"{name} engine")
+        if not path.is_file():
+            raise QvlError(f"engine file missing: {path}", hint="rebuild the engines with `qvl-compile build-engine`")
+        integrity.verify_sha256(path, str(sha), f"TensorRT {name} engine")
+    return build
+
+
 class TrtEngine:
     """The kit's engines behind Engine's interface (see the module docstring: untested on hardware)."""
 
     def __init__(self, kit_dir: Path, engines_dir: Path | None = None, vision: str = "auto", threads: int | None = None):
         self.artifact = Path(kit_dir)
-        self.manifest = read_manifest(self.artifact)
+        self.integrity: dict = {}
+        self.manifest = read_manifest(self.artifact, summary=self.integrity)
         self.kit = self.manifest.get("kit")
         if not self.kit:
             raise QvlError(f"{kit_dir} is not a TensorRT engine kit")
@@ -233,7 +254,7 @@ class TrtEngine:
         build_path = engines / BUILD_REPORT
         if not build_path.is_file():
             raise QvlError(f"no engines in {engines}", hint=f"build them with `qvl-compile build-engine {kit_dir}`")
-        build = json.loads(build_path.read_text())
+        build = _read_build_report(build_path, engines)
         if build.get("target_mismatch"):
             raise QvlError(f"the engines in {engines} cannot run on {self.kit['target']}: {build['target_mismatch']}",
                            hint="rebuild them on the target machine with `qvl-compile build-engine`")

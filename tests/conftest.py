@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+try:  # hypothesis: reproducible examples in CI (CI=true), fresh random ones on a developer's machine
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # the fuzz tests import hypothesis themselves and fail loudly without it
+    pass
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:

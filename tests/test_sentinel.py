@@ -278,7 +278,8 @@ def test_copy_sentinel(tmp_path):
 
     src = _sentinel_dir()
     out = copy_sentinel(tmp_path / "s")
-    assert sorted(p.name for p in out.iterdir()) == sorted(SENTINEL_FILES)
+    # The copy is the committed files plus the marker that lets a later `--overwrite` replace it.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SENTINEL_FILES, ".qvl-output.json"])
     assert (out / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     with pytest.raises(QvlError, match="already exists"):
         copy_sentinel(tmp_path / "s")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from qvl.artifacts import manifest as mf
 from qvl.passes.base import TargetCapabilities
 from qvl.passes.precision import LM_HEAD_LAYER, PrecisionConfig, PrecisionPass
 from qvl.toolchain.fsutil import atomic_output_dir
+from qvl.toolchain.staging import scratch_dir
 from qvl.toolchain.targets import get_target
 
 CPU_AVX2 = get_target("cpu-avx2")  # the laptop CPU: AVX2 int8 dot products, ORT contrib ops
@@ -335,7 +335,7 @@ def apply_with_budget(
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     fp32_artifact = Path(fp32_artifact)
-    with tempfile.TemporaryDirectory(prefix="qvl-budget-") as work:
+    with scratch_dir("qvl-budget-") as work:
         work = Path(work)
         full, final, record, best, rolled_back, scores, evaluations = rollback_search(
             fp32_artifact,

@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qvl.errors import QvlError
+from qvl.toolchain.staging import scratch_dir
 
 TEXT_TOKENS = 128
 NEW_TOKENS = 64
@@ -653,7 +653,7 @@ def run_bench(
         state["done"] += 1
 
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qvl-bench-") as tmp:
+    with scratch_dir("qvl-bench-") as tmp:
         wd = Path(work_dir) if work_dir else Path(tmp)
         wd.mkdir(parents=True, exist_ok=True)
         inputs = build_inputs(artifact, wd, text_tokens, question_tokens, image_size)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from qvl.artifacts import manifest as mf
+from qvl.toolchain.staging import scratch_dir
 
 DECODE_STEPS = 4  # decode-phase rows (one token each) next to the prefill rows, per case
 
@@ -167,6 +167,7 @@ def calibrate_artifact(
 
     from qvl.runtime.model import Model
     from qvl.toolchain.accuracy_budget import calibration_cases
+    from qvl.toolchain.export import io_signature
 
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
@@ -174,7 +175,7 @@ def calibrate_artifact(
     manifest = mf.read_manifest(artifact)
     sink = ChannelMax()
     # Next to the artifact, so the weight store can be hard-linked (same file system) rather than copied.
-    with tempfile.TemporaryDirectory(prefix=".qvl-calib-", dir=artifact.parent) as tmp:
+    with scratch_dir(".qvl-calib-", dir=artifact.parent) as tmp:
         tmp = Path(tmp)
         if cases is None:
             cases = calibration_cases(Path(work_dir) if work_dir is not None else tmp / "images")
@@ -191,7 +192,7 @@ def calibrate_artifact(
             path = run_dir / g["file"]
             ir.save(model, str(path))  # initializers keep their `weights.bin` references (linked above)
             taps[name] = (n, keys)
-            entries[name] = {**g, "sha256": mf.sha256_file(path)}
+            entries[name] = {**g, "sha256": mf.sha256_file(path), **io_signature(model)}  # taps are outputs too
         m = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created")}
         m["graphs"] = entries
         mf.write_manifest(run_dir, m)

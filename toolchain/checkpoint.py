@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qvl.toolchain.fsutil import atomic_output_dir, check_free_space
+from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
 from qvl.toolchain.presets import GENERATION_CONFIG, PRESETS, Preset, chat_template
 from qvl.toolchain.tokenizer_builder import build_tokenizer, tokenizer_config
 
@@ -133,10 +133,11 @@ def make_checkpoint(
     specs = tensor_specs(preset.config)
     itemsize = torch.empty((), dtype=getattr(torch, preset.weight_dtype)).element_size()
     num_params = sum(int(torch.Size(s).numel()) for _, s in specs)
-    check_free_space(Path(out), num_params * itemsize + (64 << 20))
     shards = _plan_shards(specs, itemsize, preset.shard_bytes)
 
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+    # kind="checkpoint" marks it as qvl-written, so a later --overwrite may replace it (and nothing else)
+    with atomic_output_dir(Path(out), overwrite=overwrite, kind="checkpoint") as tmp:
+        check_free_space(tmp, num_params * itemsize + (64 << 20))
         cfg = dict(preset.config)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
@@ -162,7 +163,8 @@ def make_checkpoint(
                 done += t.numel()
                 if progress:
                     progress(done, num_params)
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})  # 0600: fixed when published
+            fault_point("weights:write")
             del tensors
         if len(shards) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}

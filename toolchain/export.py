@@ -24,7 +24,7 @@ import numpy as np
 from qvl.artifacts import manifest as mf
 from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers
 from qvl.toolchain.checkpoint_io import CheckpointInfo, validate_checkpoint
-from qvl.toolchain.fsutil import atomic_output_dir, check_free_space
+from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
 
 OPSET = 20
 IR_VERSION = 10  # ONNX 1.16 / opset 21 era: every ONNX Runtime >= 1.17 loads it
@@ -196,6 +196,7 @@ def save_graphs(graphs: dict, out_dir: Path) -> tuple[dict, WeightStoreWriter]:
             path = out_dir / f"{name}.onnx"
             ir.save(model, path)
             entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), **io_signature(model)}
+            fault_point("weights:write")  # the weight store is part-written here
     return entries, store
 
 
@@ -260,29 +261,34 @@ def export_artifact(
     overwrite: bool = False,
     step: Callable[[str], None] | None = None,
 ) -> ExportReport:
+    step = step or (lambda msg: None)
+    t0 = time.perf_counter()
+    # Config, headers, tensor names/shapes/dtypes, tied lm_head and tokenizer are all checked here,
+    # before the (slow) load: from_pretrained would fill missing weights with random numbers. Config,
+    # header and tokenizer problems are found before torch/transformers are even imported.
+    info = validate_checkpoint(checkpoint)
+    n_params = info.num_parameters
+
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    step = step or (lambda msg: None)
-    t0 = time.perf_counter()
-    info = validate_checkpoint(checkpoint)
-    n_params = sum(_param_count(f) for f in info.weight_files)
-    check_free_space(Path(out), n_params * 4 + (256 << 20))
-
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+    # the checkpoint is a source: `export CK --out CK --overwrite` must never replace it
+    with atomic_output_dir(Path(out), overwrite=overwrite, sources=(info.path,)) as tmp:
+        check_free_space(tmp, n_params * 4 + (256 << 20))
         step("hashing checkpoint")
         fingerprint = checkpoint_fingerprint(info)
         step("loading checkpoint (fp32)")
         model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(info.path), dtype=torch.float32, attn_implementation="eager"
         ).eval()
-        if not model.config.tie_word_embeddings:
-            raise NotImplementedError("untied lm_head: qvl-compile exports tied-embedding Qwen3-VL checkpoints only")
+        if not model.config.tie_word_embeddings:  # validate_checkpoint refuses untied checkpoints up front
+            raise RuntimeError("internal: an untied checkpoint passed validate_checkpoint")
         timings = {}
         t = time.perf_counter()
         step("exporting vision encoder")
         vision = export_vision_graph(model)
         timings["vision"] = time.perf_counter() - t
+        fault_point("export:traced")
         t = time.perf_counter()
         step("exporting decoder")
         decoder = export_decoder_graph(model)

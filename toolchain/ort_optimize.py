@@ -20,13 +20,13 @@ only with that same version on the CPU provider, and otherwise loads the plain g
 from __future__ import annotations
 
 import mmap
-import tempfile
 import time
 from pathlib import Path
 
 import onnx
 
 from qvl.artifacts import manifest as mf
+from qvl.toolchain.staging import scratch_dir
 
 LEVEL = "extended"
 SUFFIX = ".ort.onnx"
@@ -101,7 +101,7 @@ def add_ort_optimized(artifact: Path, graphs: dict, threads: int = 1) -> dict:
     artifact = Path(artifact)
     section: dict = {"onnxruntime": ort.__version__, "level": LEVEL, "provider": "CPUExecutionProvider",
                      "graphs": {}, "not_optimized": {}}
-    with tempfile.TemporaryDirectory(prefix="qvl-ortopt-") as work:
+    with scratch_dir("qvl-ortopt-") as work:
         for name, entry in graphs.items():
             plain = artifact / entry["file"]
             model, info = _rebind(_optimize_one(plain, Path(work), threads), plain, artifact)

@@ -40,6 +40,10 @@ class ParityReport:
     vision_tolerance: float
     cases: list[CaseResult] = field(default_factory=list)
     seconds: float = 0.0
+    # whether `checkpoint` is the one the artifact was compiled from (manifest source sha256); None: unknown
+    source_matches: bool | None = None
+    source_sha256: str | None = None
+    checkpoint_sha256: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -108,6 +112,28 @@ def vision_diff(eager, model, prompt) -> float:
     return float(max(diffs))
 
 
+def source_check(artifact: Path, checkpoint: Path, warn=None) -> tuple[bool | None, str | None, str]:
+    """(matches, artifact's source sha256, checkpoint's sha256): the checkpoint's fingerprint against the
+    manifest's `source.sha256`. A mismatch prints one `warning:` line (to stderr unless `warn` is given):
+    parity against another checkpoint still runs, but its numbers say nothing about this artifact's export."""
+    import sys
+
+    from qvl.artifacts.manifest import read_manifest
+    from qvl.toolchain.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.export import checkpoint_fingerprint
+
+    source = read_manifest(Path(artifact), verify_graphs=False)["source"]
+    expected = source.get("sha256") or None
+    actual = checkpoint_fingerprint(validate_checkpoint(Path(checkpoint)))
+    matches = None if expected is None else expected == actual
+    if matches is False:
+        msg = (f"warning: checkpoint {checkpoint} is not the one this artifact was compiled from (artifact source "
+               f"sha256 {expected[:16]}... from {source.get('checkpoint', '?')}, this checkpoint {actual[:16]}...); "
+               "parity compares two different models")
+        (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+    return matches, expected, actual
+
+
 def run_parity(
     artifact: Path,
     checkpoint: Path,
@@ -123,9 +149,11 @@ def run_parity(
     from qvl.toolchain.reference import EagerReference
 
     t0 = time.perf_counter()
+    matches, expected, actual = source_check(artifact, checkpoint)
     eager = EagerReference(checkpoint, threads=threads)
     model = Model(Path(artifact), device=device, threads=threads)
-    report = ParityReport(str(artifact), str(checkpoint), logit_tol, vision_tol)
+    report = ParityReport(str(artifact), str(checkpoint), logit_tol, vision_tol, source_matches=matches,
+                          source_sha256=expected, checkpoint_sha256=actual)
     cases = suite_cases(suite_images(work_dir))
     for i, (name, messages, chunk) in enumerate(cases):
         if progress:

@@ -5,7 +5,7 @@ The pipelines are plain lists, here and only here. Every pass report lands in th
 
 from __future__ import annotations
 
-import tempfile
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,8 @@ from qvl.passes.base import GraphPass
 from qvl.passes.norm_fusion import NormFusionPass
 from qvl.passes.rotary_fusion import RotaryFusionPass
 from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
-from qvl.toolchain.fsutil import atomic_output_dir
+from qvl.toolchain.fsutil import atomic_output_dir, check_output_target, check_space, fault_point, output_lock
+from qvl.toolchain.staging import scratch_dir
 from qvl.toolchain.targets import get_target
 
 
@@ -58,64 +59,84 @@ def compile_artifact(
     target = get_target(target_name)
     t0 = time.perf_counter()
     source = Path(source)
-    with tempfile.TemporaryDirectory(prefix="qvl-compile-") as tmp_root:
-        if (source / mf.MANIFEST).is_file():
+    is_artifact = (source / mf.MANIFEST).is_file()
+    if not is_artifact and not (source / "config.json").is_file():
+        raise QvlError(f"{source} is neither a checkpoint (config.json) nor an artifact (manifest.json)")
+    passes = pipeline_for(target_name)
+    known = {p.name for p in passes}
+    if dump_after and dump_after not in known:
+        raise QvlError(f"--dump-after {dump_after!r} is not a pass of target {target.name}", hint=f"passes: {', '.join(sorted(known))}")
+    # The output (lock, staging) comes first so that a second writer or a wrong --out fails before the export;
+    # the scratch dir is inside it so that a full TMPDIR is reported before its cleanup frees the space.
+    with atomic_output_dir(Path(out), overwrite=overwrite, sources=(source,)) as staging, \
+            scratch_dir("qvl-compile-") as tmp_root:
+        weights = source_weight_bytes(source)
+        check_space([(staging, weights + (64 << 20))] + ([] if is_artifact else [(tmp_root, 2 * weights + (256 << 20))]))
+        if is_artifact:
             exported = source
-        elif (source / "config.json").is_file():
+        else:
             step("exporting")
             exported = Path(tmp_root) / "export"
             export_artifact(source, exported)
-        else:
-            raise QvlError(f"{source} is neither a checkpoint (config.json) nor an artifact (manifest.json)")
         manifest = mf.read_manifest(exported)
         graphs = {name: ir.load(str(exported / g["file"])) for name, g in manifest["graphs"].items()}
         reports: list[dict] = []
-        passes = pipeline_for(target_name)
-        known = {p.name for p in passes}
-        if dump_after and dump_after not in known:
-            raise QvlError(f"--dump-after {dump_after!r} is not a pass of target {target.name}", hint=f"passes: {', '.join(sorted(known))}")
-        with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
-            for p in passes:
+        fault_point("passes:start")
+        for p in passes:
+            for name, model in graphs.items():
+                step(f"{p.name} on {name}")
+                result = p(model, target, name)
+                reports.append({"graph": name, **result.report.to_dict()})
+            if dump_after == p.name:
+                dump = staging / "dump"
+                dump.mkdir()
                 for name, model in graphs.items():
-                    step(f"{p.name} on {name}")
-                    result = p(model, target, name)
-                    reports.append({"graph": name, **result.report.to_dict()})
-                if dump_after == p.name:
-                    dump = staging / "dump"
-                    dump.mkdir()
-                    for name, model in graphs.items():
-                        ir.save(model, str(dump / f"{name}.after-{p.name}.onnx"), external_data=f"{name}.after-{p.name}.data")
-            step("writing artifact")
-            entries, store = save_graphs(graphs, staging)
-            mf.copy_side_files(exported, staging)
-            decoder_ops = {n.op_type for n in graphs["decoder"].graph}
-            from qvl.toolchain.accuracy_budget import embedding_entry
-            from qvl.toolchain.ort_optimize import ort_optimized_section
+                    ir.save(model, str(dump / f"{name}.after-{p.name}.onnx"), external_data=f"{name}.after-{p.name}.data")
+        step("writing artifact")
+        entries, store = save_graphs(graphs, staging)
+        mf.copy_side_files(exported, staging)
+        decoder_ops = {n.op_type for n in graphs["decoder"].graph}
+        from qvl.toolchain.accuracy_budget import embedding_entry
+        from qvl.toolchain.ort_optimize import ort_optimized_section
 
-            step("saving ONNX Runtime's optimized graphs")
-            optimized = ort_optimized_section(staging, entries, target) if ort_optimize else {}
+        step("saving ONNX Runtime's optimized graphs")
+        optimized = ort_optimized_section(staging, entries, target) if ort_optimize else {}
 
-            mf.write_manifest(
-                staging,
-                {
-                    "target": target.name,
-                    "source": manifest["source"],
-                    "model": manifest["model"],
-                    "graphs": entries,
-                    "weights": {"file": mf.WEIGHTS, "bytes": (staging / mf.WEIGHTS).stat().st_size},
-                    "embedding": embedding_entry(graphs["decoder"]),
-                    "decoder": {"kv_mode": "shared" if "GroupQueryAttention" in decoder_ops else "concat"},
-                    **optimized,
-                    "tool_versions": mf.tool_versions(),
-                    "steps": manifest.get("steps", []) + [
-                        {"name": "compile", "target": target.name, "passes": reports,
-                         "seconds": round(time.perf_counter() - t0, 2),
-                         "weight_bytes_written": store.bytes_written,
-                         "weight_bytes_deduplicated": store.bytes_deduplicated}
-                    ],
-                },
-            )
+        mf.write_manifest(
+            staging,
+            {
+                "target": target.name,
+                "source": manifest["source"],
+                "model": manifest["model"],
+                "graphs": entries,
+                "weights": {"file": mf.WEIGHTS, "bytes": (staging / mf.WEIGHTS).stat().st_size},
+                "embedding": embedding_entry(graphs["decoder"]),
+                "decoder": {"kv_mode": "shared" if "GroupQueryAttention" in decoder_ops else "concat"},
+                **optimized,
+                "tool_versions": mf.tool_versions(),
+                "steps": manifest.get("steps", []) + [
+                    {"name": "compile", "target": target.name, "passes": reports,
+                     "seconds": round(time.perf_counter() - t0, 2),
+                     "weight_bytes_written": store.bytes_written,
+                     "weight_bytes_deduplicated": store.bytes_deduplicated}
+                ],
+            },
+        )
     return CompileReport(Path(out), target.name, time.perf_counter() - t0, reports)
+
+
+def source_weight_bytes(source: Path) -> int:
+    """fp32 bytes of the source's weights: what an export or compile of it writes (space estimates)."""
+    source = Path(source)
+    if (source / mf.MANIFEST).is_file():
+        try:
+            return int(json.loads((source / mf.MANIFEST).read_text())["weights"]["bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # read_manifest reports a broken artifact properly later
+    from qvl.toolchain.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.export import _param_count
+
+    return 4 * sum(_param_count(f) for f in validate_checkpoint(source).weight_files)
 
 
 def default_block_size(bits: int, config: dict) -> int:
@@ -167,7 +188,13 @@ def compile_with_precision(
         compile_artifact(source, target_name, out, overwrite=overwrite, step=step)
         return {}
     records: dict = {}
-    with tempfile.TemporaryDirectory(prefix="qvl-fp32-") as tmp:
+    # Up front, and the lock held throughout: the budgeted paths write --out only at their very end.
+    with output_lock(Path(out)), scratch_dir("qvl-fp32-") as tmp:
+        check_output_target(Path(out), overwrite, sources=(source,))
+        w = source_weight_bytes(Path(source))
+        ckpt = not (Path(source) / mf.MANIFEST).is_file()
+        # fp32 intermediate + (if a checkpoint) its export + candidates of the budget search, all in TMPDIR
+        check_space([(Path(out), w + (64 << 20)), (tmp, (4 if ckpt else 3) * w + (256 << 20))])
         current = Path(tmp) / "fp32"
         # intermediate only: the approximate steps below rewrite the graphs and save ORT's optimized form then
         compile_artifact(source, target_name, current, step=step, ort_optimize=False)

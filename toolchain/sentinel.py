@@ -156,7 +156,7 @@ def copy_sentinel(out_dir: str | Path, overwrite: bool = False) -> Path:
             f"the committed sentinel checkpoint is incomplete at {SENTINEL_DIR} (missing {', '.join(missing)})",
             hint="reinstall qvl-compile, or train one with qvl.toolchain.sentinel.train_sentinel",
         )
-    with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
+    with atomic_output_dir(Path(out_dir), overwrite=overwrite, sources=(SENTINEL_DIR,), kind="checkpoint") as tmp:
         for f in SENTINEL_FILES:
             shutil.copyfile(SENTINEL_DIR / f, tmp / f)
     return Path(out_dir)
@@ -514,7 +514,7 @@ def train_sentinel(
     torch.manual_seed(seed)
     np.random.seed(seed)
 
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, kind="checkpoint") as tmp:
         write_sentinel_metadata(tmp, arch)
         cfg = json.loads((tmp / "config.json").read_text())
         processor = image_only_processor(tmp)

@@ -30,13 +30,13 @@ and `gain` to that record in the final artifact's manifest.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from qvl.artifacts import manifest as mf
+from qvl.toolchain.staging import scratch_dir
 from qvl.passes.base import TargetCapabilities
 from qvl.passes.sparsity import MlpChannelSparsityPass, SparsityConfig
 from qvl.toolchain.accuracy_budget import (
@@ -203,7 +203,7 @@ def apply_sparsity_with_budget(
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     fp32_artifact = Path(fp32_artifact)
-    with tempfile.TemporaryDirectory(prefix="qvl-sparsity-") as work:
+    with scratch_dir("qvl-sparsity-") as work:
         work = Path(work)
         full, final, record, best, rolled_back, scores, evaluations = rollback_search(
             fp32_artifact,

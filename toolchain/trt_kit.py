@@ -47,7 +47,8 @@ from typing import Callable
 
 from qvl.artifacts import manifest as mf
 from qvl.errors import QvlError
-from qvl.toolchain.fsutil import atomic_output_dir
+from qvl.toolchain.fsutil import atomic_output_dir, check_output_target, output_lock
+from qvl.toolchain.staging import scratch_dir
 from qvl.toolchain.targets import GiB, get_target
 
 MiB = 1 << 20
@@ -544,7 +545,7 @@ def make_engine_kit(
     step = step or (lambda m: None)
     caps = _kit_target(target, out, card)
     t0 = time.perf_counter()
-    with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
+    with atomic_output_dir(Path(out), overwrite=overwrite, sources=(Path(artifact_or_checkpoint),)) as staging:
         compiled = staging / "compiled"
         compile_artifact(Path(artifact_or_checkpoint), caps.name, compiled, step=step)
         for f in compiled.iterdir():
@@ -659,7 +660,7 @@ def write_qdq_kit(fp32_kit: Path, out: Path, config, *, calibration: dict | None
     pass_ = QdqInt8Pass(config)
     reports = {name: pass_(model, caps, name).report for name, model in graphs.items()}
     _check_standard(graphs, caps, [])
-    with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
+    with atomic_output_dir(Path(out), overwrite=overwrite, sources=(fp32_kit,)) as staging:
         _, store = save_graphs(graphs, staging)  # new weight store: smoothed weights, scales, folded norm constants
         mf.copy_side_files(fp32_kit, staging)
         entries = _save_kit_graphs(graphs, caps, staging, {n: g["file"] for n, g in manifest["graphs"].items()})
@@ -700,7 +701,6 @@ def make_int8_engine_kit(
     """fp32 kit -> calibration -> explicit INT8 Q/DQ on every eligible layer -> with a `budget`
     (`accuracy_budget.AccuracyBudget`), the per-layer roll-back search against the fp32 kit, so layers
     over budget stay fp32. Budget, calibration summary and decisions land in the manifest's `precision`."""
-    import tempfile
     from dataclasses import replace
 
     from qvl.passes.qdq_int8 import QdqInt8Config
@@ -710,10 +710,10 @@ def make_int8_engine_kit(
     say = step or (lambda m: None)
     caps = _kit_target(target, out, card)
     out = Path(out)
-    if out.exists() and not overwrite:  # fail before the (long) fp32 kit + calibration + search
-        raise QvlError(f"output directory already exists: {out.absolute()}", hint="pass --overwrite or choose another --out")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qvl-int8-kit-") as tmp:
+    # lock and check --out before the (long) fp32 kit + calibration + search, which write it only at the end
+    with output_lock(out), scratch_dir("qvl-int8-kit-") as tmp:
+        check_output_target(out, overwrite, sources=(Path(artifact_or_checkpoint),))
         tmp = Path(tmp)
         fp32 = tmp / "fp32-kit"
         base = make_engine_kit(artifact_or_checkpoint, caps.name, fp32, card=card, prefill_chunk=prefill_chunk, step=step)
