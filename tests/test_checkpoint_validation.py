@@ -19,7 +19,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_2B = Path("/work/shared/reference/qwen3-vl-2b-instruct.config.json")
+REFERENCE_2B = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen3-vl-2b-instruct.config.json"  # beside the repo
 Q_PROJ = "model.language_model.layers.0.self_attn.q_proj.weight"
 DOWN_PROJ = "model.language_model.layers.1.mlp.down_proj.weight"
 FINAL_NORM = "model.language_model.norm.weight"
