@@ -67,10 +67,10 @@ def make_checkpoint_cmd(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
 ):
     """Write a synthetic Qwen3-VL checkpoint in real Hugging Face format."""
-    from qvl.toolchain.presets import PRESETS
+    from qvl.toolchain.checkpoints.presets import PRESETS
 
     if preset == "sentinel":
-        from qvl.toolchain.sentinel import train_sentinel
+        from qvl.toolchain.eval.sentinel import train_sentinel
 
         with _progress() as prog:
             task = prog.add_task("training the sentinel", total=1.0)
@@ -80,7 +80,7 @@ def make_checkpoint_cmd(
         return
     if preset not in PRESETS:
         raise QvlError(f"unknown preset {preset!r}", hint=f"choose one of: {', '.join([*PRESETS, 'sentinel'])}")
-    from qvl.toolchain.checkpoint import make_checkpoint
+    from qvl.toolchain.checkpoints.synthetic import make_checkpoint
 
     with _progress() as prog:
         task = prog.add_task(f"writing {preset} checkpoint", total=1.0)
@@ -106,7 +106,7 @@ def reference_cmd(
     """Answer an image prompt with eager PyTorch (fp32, greedy): the parity oracle."""
     _check_options(max_new_tokens=max_new_tokens)
     _check_text("--prompt", prompt)
-    from qvl.toolchain.reference import EagerReference
+    from qvl.toolchain.eval.reference import EagerReference
 
     ref = EagerReference(checkpoint)
     res = ref.answer(_messages(image, prompt), max_new_tokens=max_new_tokens, keep_logits=False)
@@ -123,7 +123,7 @@ def export_cmd(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
 ):
     """Export a checkpoint to an fp32 ONNX artifact (vision encoder + KV-cached decoder)."""
-    from qvl.toolchain.export import export_artifact
+    from qvl.toolchain.export.exporter import export_artifact
 
     with err.status("exporting") as status:
         report = export_artifact(checkpoint, out, overwrite=overwrite, step=lambda m: status.update(m))
@@ -168,8 +168,8 @@ def compile_cmd(
     """Export (if needed), run the target's pass pipeline and write a compiled artifact (or, for the
     TensorRT targets sm61 / sm75+, an engine kit to build on the user's GPU with `build-engine`)."""
     _check_options(threads=threads)
-    from qvl.toolchain.pipeline import compile_artifact, compile_with_precision
-    from qvl.toolchain.targets import get_target
+    from qvl.toolchain.compile.pipeline import compile_artifact, compile_with_precision
+    from qvl.toolchain.compile.targets import get_target
 
     if not get_target(target).ort_contrib_ops:
         if weights not in ("fp32", "int8"):
@@ -177,11 +177,11 @@ def compile_cmd(
                            hint="TensorRT kits are FP32, or INT8 through explicit Q/DQ: use --weights fp32 or int8")
         if sparsity is not None:
             raise QvlError("--sparsity is not available for TensorRT engine kits", hint="compile for --target cpu")
-        from qvl.toolchain.trt_kit import kit_command
+        from qvl.toolchain.tensorrt.kit import kit_command
 
         budget = None
         if weights == "int8" and not no_budget:
-            from qvl.toolchain.accuracy_budget import AccuracyBudget
+            from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
 
             budget = AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)
         with err.status("building engine kit") as status:
@@ -190,7 +190,7 @@ def compile_cmd(
         return
 
     if weights != "fp32" or sparsity is not None:
-        from qvl.toolchain.accuracy_budget import AccuracyBudget
+        from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
 
         budget = None if no_budget else AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)
         with err.status("compiling") as status:
@@ -232,7 +232,7 @@ def bench_cmd(
 ):
     """Artifact (runtime) vs eager PyTorch on the same inputs: decode tok/s, TTFT, RSS, roofline."""
     _check_options(threads=threads, repeats=repeats)
-    from qvl.toolchain.bench import bench_command
+    from qvl.toolchain.eval.bench import bench_command
 
     bench_command(artifact, checkpoint, eager_dtype, threads, repeats, as_json, plot)
 
@@ -244,7 +244,7 @@ def build_engine_cmd(
     allow_target_mismatch: bool = typer.Option(False, help="build even if the library/GPU cannot run the kit's target (proves parsing only)"),
 ):
     """Build TensorRT engines from a kit with whichever of tensorrt (>= 8.6) or tensorrt_rtx is installed."""
-    from qvl.toolchain.trt_build import build_engine_command
+    from qvl.toolchain.tensorrt.build import build_engine_command
 
     build_engine_command(kit, out, allow_target_mismatch=allow_target_mismatch, echo=lambda m: err.print(m, highlight=False))
 
@@ -261,8 +261,8 @@ def eval_cmd(
 ):
     """Exact-match accuracy on a VQA set (and agreement with eager answers)."""
     _check_options(n=n, max_new_tokens=max_new_tokens, threads=threads)
-    from qvl.toolchain.evaluate import agreement, eager_answer_fn, evaluate
-    from qvl.toolchain.synthetic_vqa import load_jsonl, make_samples
+    from qvl.toolchain.eval.evaluate import agreement, eager_answer_fn, evaluate
+    from qvl.toolchain.eval.synthetic_vqa import load_jsonl, make_samples
 
     samples = make_samples("test", n) if set_ == "synthetic-vqa" else load_jsonl(Path(set_))
     if (source / "manifest.json").is_file():
@@ -299,7 +299,7 @@ def parity_cmd(
     _check_options(steps=steps)
     import tempfile
 
-    from qvl.toolchain.parity import run_parity
+    from qvl.toolchain.eval.parity import run_parity
 
     with tempfile.TemporaryDirectory() as tmp, err.status("parity") as status:
         report = run_parity(artifact, checkpoint, Path(tmp), steps=steps,
@@ -433,9 +433,9 @@ def demo_cmd(
     """The whole job on the tiny synthetic checkpoint: make -> export + passes -> answer an image prompt -> parity."""
     _check_options(threads=threads)
     from qvl.runtime import GenerationStats, load
-    from qvl.toolchain.checkpoint import make_checkpoint
-    from qvl.toolchain.parity import run_parity, suite_images
-    from qvl.toolchain.pipeline import compile_artifact
+    from qvl.toolchain.checkpoints.synthetic import make_checkpoint
+    from qvl.toolchain.eval.parity import run_parity, suite_images
+    from qvl.toolchain.compile.pipeline import compile_artifact
 
     work.mkdir(parents=True, exist_ok=True)
     ckpt, art = work / "tiny-checkpoint", work / "tiny-artifact"

@@ -26,9 +26,9 @@ def main() -> int:
     work = Path(sys.argv[1])
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
     work.mkdir(parents=True, exist_ok=True)
-    from qvl.toolchain.checkpoint import make_checkpoint
-    from qvl.toolchain.export import export_artifact
-    from qvl.toolchain.parity import run_parity
+    from qvl.toolchain.checkpoints.synthetic import make_checkpoint
+    from qvl.toolchain.export.exporter import export_artifact
+    from qvl.toolchain.eval.parity import run_parity
 
     print(json.dumps({"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}), flush=True)
     ckpt, art = work / "tiny", work / "tiny-art"
@@ -36,14 +36,14 @@ def main() -> int:
     export_artifact(ckpt, art, overwrite=True)
     targets = [("export-fp32", art)]
     if "--kit" in sys.argv:
-        from qvl.toolchain.trt_kit import make_engine_kit
+        from qvl.toolchain.tensorrt.kit import make_engine_kit
 
         kit = work / "tiny-sm61-kit"
         make_engine_kit(art, "sm61", kit)
         targets.append(("sm61-kit", kit))
     if "--kit-int8" in sys.argv:
-        from qvl.toolchain.accuracy_budget import AccuracyBudget
-        from qvl.toolchain.trt_kit import make_int8_engine_kit
+        from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
+        from qvl.toolchain.tensorrt.kit import make_int8_engine_kit
 
         kit8 = work / "tiny-sm61-int8-kit"
         make_int8_engine_kit(art, "sm61", kit8, budget=AccuracyBudget(), overwrite=True, threads=1)

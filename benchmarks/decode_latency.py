@@ -16,7 +16,7 @@ if which == "qvl":
 else:
     import torch
     torch.set_num_threads(2)
-    from qvl.toolchain.reference import EagerReference
+    from qvl.toolchain.eval.reference import EagerReference
     t = time.time(); ref = EagerReference(ckpt, threads=2); load_s = time.time() - t
     inputs = ref.prepare(msgs)
     times = []

@@ -6,8 +6,8 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from qvl.runtime.model import Model
-from qvl.toolchain.parity import suite_cases, suite_images
-from qvl.toolchain.reference import EagerReference
+from qvl.toolchain.eval.parity import suite_cases, suite_images
+from qvl.toolchain.eval.reference import EagerReference
 
 work = Path(sys.argv[1]); devices = sys.argv[2:] or ["cpu"]
 eager = EagerReference(work / "tiny")

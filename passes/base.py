@@ -17,7 +17,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TargetCapabilities:
-    """What a compile target offers a pass (filled in by `toolchain/targets.py`)."""
+    """What a compile target offers a pass (filled in by `toolchain/compile/targets.py`)."""
 
     name: str
     fast_dtypes: tuple[str, ...] = ("float32",)  # activation dtypes computed at full rate

@@ -23,7 +23,7 @@ manifest `embedding.format = "matmulnbits"`). `report.details["embedding"]` name
 
 Each converted node is attributed to a layer (`decoder.layers.3`, `vision.blocks.5`, `vision.merger`,
 `vision.deepstack_merger_list.0`, `decoder.lm_head`) from its `pkg.torch.onnx.name_scopes` metadata or
-its weight's initializer name, so the accuracy budget (`toolchain/accuracy_budget.py`) can keep whole
+its weight's initializer name, so the accuracy budget (`toolchain/quant/accuracy_budget.py`) can keep whole
 layers in fp32 through `keep_fp32`. Skipped sites carry their reason: no ORT contrib ops (TensorRT),
 no fast integer kernels of that width on the target, `K` not a multiple of `block_size`, `keep_fp32`,
 an unsupported Gemm form.
@@ -42,7 +42,7 @@ from qvl.artifacts.nbits_codes import pack_codes, unpack_codes
 from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
 
 MS_DOMAIN = "com.microsoft"
-EMBEDDING_NAME = "embed_tokens.weight"  # the export's tied [vocab, hidden] matrix (toolchain/export.py)
+EMBEDDING_NAME = "embed_tokens.weight"  # the export's tied [vocab, hidden] matrix (toolchain/export/exporter.py)
 LM_HEAD_LAYER = "decoder.lm_head"
 _ROOT_PREFIXES = ("model.language_model.", "model.visual.", "language_model.", "visual.", "model.", "lm.")
 

@@ -7,7 +7,7 @@ their layer attribution come from `passes/precision.py`: `_as_linear`, `layer_ke
                         W' = diag(s) W -> QuantizeLinear(w_scale[N], int8 0, axis) -> DequantizeLinear --^
 
 * `s` (SmoothQuant, Xiao et al. 2023): per input channel j, `s_j = max|x_j|^alpha / max|W'_j.|^(1-alpha)`
-  from the calibrated per-channel activation maxima (`toolchain/calibration.py`) and the weight rows. It
+  from the calibrated per-channel activation maxima (`toolchain/quant/calibration.py`) and the weight rows. It
   moves activation outliers into the weights, where per-channel scales absorb them; `x/s @ diag(s) W` is
   `x @ W` exactly in real arithmetic. Sites reading the same activation share one `s` (the weight maxima
   are taken over all of them: q/k/v share the input RMSNorm, gate/up the post-attention one).
@@ -68,7 +68,7 @@ class QdqInt8Config:
     weight_format: str = "float_qdq"  # "float_qdq" (TensorRT 8.x) | "int8" (pre-quantized, TensorRT >= 10)
     fold_smoothing: bool = True  # fold 1/s into a preceding norm's constants where only the group reads it
     # the tied lm_head: per-vocab-row int8 over the unchanged fp32 table (float_qdq form only, never smoothed);
-    # off by default here, the sm61 kit turns it on (toolchain/trt_kit.py)
+    # off by default here, the sm61 kit turns it on (toolchain/tensorrt/kit.py)
     include_lm_head: bool = False
 
     def __post_init__(self):

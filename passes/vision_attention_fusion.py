@@ -1,6 +1,6 @@
 """Vision attention fusion: the vision tower's packed block-diagonal attention -> `com.microsoft.MultiHeadAttention`.
 
-`VisionEncoderAdapter` (toolchain/export_adapters.py) exports every vision block's attention over all
+`VisionEncoderAdapter` (toolchain/export/adapters.py) exports every vision block's attention over all
 packed patches of all images as (N patches, H heads, Dh head size, D = H * Dh):
 
     q, k, v = Squeeze(Slice(Transpose(Reshape(qkv, [-1, 3, H, Dh]), [1, 0, 2, 3])))    each [N, H, Dh]

@@ -20,7 +20,7 @@ except ImportError:  # the fuzz tests import hypothesis themselves and fail loud
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny Qwen3-VL checkpoint in real HF format (seed 0), made by the project's own generator."""
-    from qvl.toolchain.checkpoint import make_checkpoint
+    from qvl.toolchain.checkpoints.synthetic import make_checkpoint
 
     cached = os.environ.get("QVL_TINY_CHECKPOINT")
     if cached and (Path(cached) / "config.json").exists():
@@ -33,7 +33,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint exported once per session (plain fp32 export)."""
-    from qvl.toolchain.export import export_artifact
+    from qvl.toolchain.export.exporter import export_artifact
 
     out = tmp_path_factory.mktemp("artifact") / "tiny-art"
     export_artifact(tiny_checkpoint, out)
@@ -69,7 +69,7 @@ def assert_one_line_error(proc, *needles: str) -> None:
 @pytest.fixture(scope="session")
 def tiny_cpu_artifact(tiny_artifact, tmp_path_factory) -> Path:
     """The tiny export compiled for the cpu target (fusion passes, in-place KV cache)."""
-    from qvl.toolchain.pipeline import compile_artifact
+    from qvl.toolchain.compile.pipeline import compile_artifact
 
     out = tmp_path_factory.mktemp("cpu") / "tiny-cpu"
     compile_artifact(tiny_artifact, "cpu", out)

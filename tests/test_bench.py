@@ -27,7 +27,7 @@ def _numbers(obj, path=""):
 
 @pytest.fixture(scope="module")
 def bench_result(tiny_artifact, tiny_checkpoint):
-    from qvl.toolchain.bench import run_bench
+    from qvl.toolchain.eval.bench import run_bench
 
     steps = []
     result = run_bench(
@@ -111,7 +111,7 @@ def test_bench_report_shape_and_consistency(bench_result, tiny_artifact):
 
 
 def test_bench_plot_and_table(bench_result, tmp_path):
-    from qvl.toolchain.bench import format_bench, plot_bench
+    from qvl.toolchain.eval.bench import format_bench, plot_bench
 
     result, _ = bench_result
     out = plot_bench(result, tmp_path / "bench.png")
@@ -123,7 +123,7 @@ def test_bench_plot_and_table(bench_result, tmp_path):
 def test_default_inputs_are_exact(tiny_artifact, tmp_path):
     """The real-size inputs: 128 prompt tokens after the template; 196 visual tokens + a 32-token question."""
     from qvl.runtime.prompt import PromptBuilder
-    from qvl.toolchain.bench import build_inputs
+    from qvl.toolchain.eval.bench import build_inputs
 
     inputs = build_inputs(tiny_artifact, tmp_path)
     builder = PromptBuilder.from_dir(tiny_artifact)
@@ -145,7 +145,7 @@ def test_runtime_ignore_stop(tiny_artifact):
 
 
 def test_bench_rejects_bad_dtype(tiny_artifact, tiny_checkpoint):
-    from qvl.toolchain.bench import run_bench
+    from qvl.toolchain.eval.bench import run_bench
 
     with pytest.raises(QvlError, match="eager dtype"):
         run_bench(tiny_artifact, tiny_checkpoint, eager_dtype="fp16")

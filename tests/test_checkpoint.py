@@ -33,7 +33,7 @@ def test_tiny_loads_with_transformers_without_missing_keys(tiny_checkpoint):
 
 
 def test_tiny_generates_decisively(tiny_checkpoint):
-    from qvl.toolchain.reference import EagerReference
+    from qvl.toolchain.eval.reference import EagerReference
 
     ref = EagerReference(tiny_checkpoint, threads=1)
     res = ref.answer([{"role": "user", "content": [{"type": "text", "text": "Describe the weather today."}]}], 12)
@@ -60,8 +60,8 @@ def test_tokenizer_special_ids_match_config(tiny_checkpoint):
 def test_2b_preset_is_the_published_architecture():
     import torch
 
-    from qvl.toolchain.checkpoint import tensor_specs
-    from qvl.toolchain.presets import PRESETS
+    from qvl.toolchain.checkpoints.synthetic import tensor_specs
+    from qvl.toolchain.checkpoints.presets import PRESETS
 
     cfg = PRESETS["2b"].config
     t, v = cfg["text_config"], cfg["vision_config"]

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qvl.errors import QvlError
-from qvl.toolchain.checkpoint_schema import validate_config
-from qvl.toolchain.presets import PRESETS
-from qvl.toolchain.safetensors_header import parse_header
+from qvl.toolchain.export.checkpoint_schema import validate_config
+from qvl.toolchain.checkpoints.presets import PRESETS
+from qvl.toolchain.export.safetensors_header import parse_header
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -86,7 +86,7 @@ def test_config_validator_on_mutated_configs(cfg):
 @given(mutated_configs())
 def test_configs_that_validate_build_on_the_meta_device(cfg):
     """What the schema admits, transformers can build (or refuses as a QvlError): never a traceback."""
-    from qvl.toolchain.checkpoint_tensors import expected_tensors
+    from qvl.toolchain.export.checkpoint_tensors import expected_tensors
 
     if _accepts_or_qvl_error(validate_config, cfg):
         _accepts_or_qvl_error(expected_tensors, cfg)

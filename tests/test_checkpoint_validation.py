@@ -280,7 +280,7 @@ def test_bad_checkpoint_export_is_one_line_error(case, damaged, tmp_path):
 
 
 def test_valid_checkpoints_validate(tiny_checkpoint, damaged):
-    from qvl.toolchain.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.export.checkpoint_io import validate_checkpoint
 
     info = validate_checkpoint(tiny_checkpoint)
     assert info.num_parameters == 10_560_384 and EMBED in info.tensors and "lm_head.weight" not in info.tensors
@@ -290,17 +290,17 @@ def test_valid_checkpoints_validate(tiny_checkpoint, damaged):
 
 
 def test_tied_checkpoint_may_also_store_lm_head(damaged):
-    from qvl.toolchain.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.export.checkpoint_io import validate_checkpoint
 
     validate_checkpoint(damaged(_tensors(lambda t: t.__setitem__("lm_head.weight", t[EMBED].copy()))))
 
 
 @pytest.mark.parametrize("path", [REFERENCE_2B, ROOT / "toolchain" / "data" / "qwen3-vl-2b-instruct.config.json"])
 def test_published_2b_config_and_key_naming_validate(path):
-    from qvl.toolchain.checkpoint import tensor_specs
-    from qvl.toolchain.checkpoint_schema import validate_config
-    from qvl.toolchain.checkpoint_tensors import check_tensors, expected_tensors
-    from qvl.toolchain.safetensors_header import TensorEntry
+    from qvl.toolchain.checkpoints.synthetic import tensor_specs
+    from qvl.toolchain.export.checkpoint_schema import validate_config
+    from qvl.toolchain.export.checkpoint_tensors import check_tensors, expected_tensors
+    from qvl.toolchain.export.safetensors_header import TensorEntry
 
     if not path.is_file():
         pytest.skip(f"{path} not present")

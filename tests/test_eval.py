@@ -16,7 +16,7 @@ SENTINEL = Path(__file__).resolve().parents[1] / "toolchain" / "data" / "sentine
 def sentinel_artifact(tmp_path_factory):
     if not (SENTINEL / "model.safetensors").is_file():
         pytest.fail(f"the committed sentinel checkpoint is missing at {SENTINEL}")
-    from qvl.toolchain.pipeline import compile_artifact
+    from qvl.toolchain.compile.pipeline import compile_artifact
 
     out = tmp_path_factory.mktemp("sentinel") / "art"
     compile_artifact(SENTINEL, "cpu", out)
@@ -25,8 +25,8 @@ def sentinel_artifact(tmp_path_factory):
 
 def test_artifact_answers_equal_eager_question_by_question(sentinel_artifact):
     from qvl.runtime import load
-    from qvl.toolchain.evaluate import agreement, eager_answer_fn, evaluate
-    from qvl.toolchain.synthetic_vqa import make_samples
+    from qvl.toolchain.eval.evaluate import agreement, eager_answer_fn, evaluate
+    from qvl.toolchain.eval.synthetic_vqa import make_samples
 
     samples = make_samples("test", 24)
     model = load(sentinel_artifact, threads=1)

@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, run_cli
 
 def test_parity_suite_passes(tiny_artifact, tiny_checkpoint, tmp_path):
     """Issue thresholds: vision/DeepStack <= 1e-4, every step's logits <= 1e-4, greedy identical."""
-    from qvl.toolchain.parity import run_parity
+    from qvl.toolchain.eval.parity import run_parity
 
     report = run_parity(tiny_artifact, tiny_checkpoint, tmp_path, threads=1)
     names = [c.name for c in report.cases]
@@ -37,7 +37,7 @@ def test_parity_cli_exit_codes(tiny_artifact, tiny_checkpoint):
     report = json.loads(proc.stdout)
     assert report["passed"] is True and len(report["cases"]) == 6
     # A stricter-than-possible tolerance makes the same run fail with exit 1 (not 0, not 2).
-    from qvl.toolchain.parity import run_parity
+    from qvl.toolchain.eval.parity import run_parity
 
     strict = run_parity(tiny_artifact, tiny_checkpoint, tiny_artifact.parent / "imgs", steps=2, logit_tol=0.0, threads=1)
     assert not strict.passed
@@ -115,7 +115,7 @@ def _leftovers(parent, name):
 
 
 def test_export_failure_midway_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    from qvl.toolchain import export as export_mod
+    from qvl.toolchain.export import exporter as export_mod
 
     def boom(model):
         raise RuntimeError("simulated failure while exporting the decoder")

@@ -14,7 +14,7 @@ from PIL import Image
 from qvl.errors import QvlError
 from qvl.runtime import image_preprocess as ip
 from qvl.runtime.image_preprocess import ImageProcessorConfig, load_image, preprocess_images, smart_resize
-from qvl.toolchain.presets import PRESETS
+from qvl.toolchain.checkpoints.presets import PRESETS
 
 hf_ip = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 

@@ -13,7 +13,7 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLTextRotaryEmbedding
 
 from qvl.runtime import mrope
-from qvl.toolchain.presets import published_2b_config
+from qvl.toolchain.checkpoints.presets import published_2b_config
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
 MERGE = 2

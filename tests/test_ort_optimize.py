@@ -1,4 +1,4 @@
-"""ORT's optimized graphs saved in CPU artifacts (toolchain/ort_optimize.py) and used by the runtime."""
+"""ORT's optimized graphs saved in CPU artifacts (toolchain/compile/ort_optimize.py) and used by the runtime."""
 
 from __future__ import annotations
 

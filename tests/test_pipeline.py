@@ -40,7 +40,7 @@ def test_compiled_artifact_stores_each_weight_once(tiny_cpu_artifact, tiny_artif
 
 def test_compiled_artifact_parity_with_in_place_cache(tiny_cpu_artifact, tiny_checkpoint, tmp_path):
     from qvl.runtime import load
-    from qvl.toolchain.parity import run_parity
+    from qvl.toolchain.eval.parity import run_parity
 
     assert load(tiny_cpu_artifact, threads=1).engine.kv_mode == "shared"
     report = run_parity(tiny_cpu_artifact, tiny_checkpoint, tmp_path, threads=1)
@@ -70,7 +70,7 @@ def test_in_place_cache_buffers_are_reused(tiny_cpu_artifact):
 
 
 def test_sm61_compile_emits_no_contrib_ops(tiny_artifact, tmp_path):
-    from qvl.toolchain.pipeline import compile_artifact
+    from qvl.toolchain.compile.pipeline import compile_artifact
 
     rep = compile_artifact(tiny_artifact, "sm61", tmp_path / "sm61")
     for f in ("decoder.onnx", "vision.onnx"):
@@ -128,8 +128,8 @@ def test_bad_sparsity_ratio_is_a_user_error(tiny_artifact, tmp_path):
 
 
 def test_default_block_size_per_width_and_shape():
-    from qvl.toolchain.presets import _tiny_config, published_2b_config
-    from qvl.toolchain.pipeline import default_block_size
+    from qvl.toolchain.checkpoints.presets import _tiny_config, published_2b_config
+    from qvl.toolchain.compile.pipeline import default_block_size
 
     assert default_block_size(4, published_2b_config()) == 128  # every K of the 2B model is a multiple of 128
     assert default_block_size(8, published_2b_config()) == 32

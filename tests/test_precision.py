@@ -12,7 +12,7 @@ import pytest
 from qvl.passes.base import TargetCapabilities
 from qvl.passes.precision import PrecisionConfig, PrecisionPass, dequantize, quantize_blockwise
 
-from qvl.toolchain.targets import get_target
+from qvl.toolchain.compile.targets import get_target
 
 CPU = get_target("cpu-avx2")
 SM61_TRT = get_target("sm61")  # TensorRT 8.6: no ORT contrib ops
@@ -279,7 +279,7 @@ def test_embedding_lookup_bit_identical_to_matmulnbits(bits, block_size, symmetr
 
 @pytest.fixture(scope="module")
 def reference_traces(tiny_artifact, tmp_path_factory):
-    from qvl.toolchain.accuracy_budget import calibration_cases, trace
+    from qvl.toolchain.quant.accuracy_budget import calibration_cases, trace
 
     cases = calibration_cases(tmp_path_factory.mktemp("calib"))
     prompts: dict = {}
@@ -292,7 +292,7 @@ def test_quantized_tiny_artifact_runs(bits, tiny_artifact, reference_traces, tmp
 
     from qvl.runtime.engine import Engine
     from qvl.runtime.quantized_embedding import QuantizedEmbedding
-    from qvl.toolchain.accuracy_budget import compare, quantize_artifact, trace
+    from qvl.toolchain.quant.accuracy_budget import compare, quantize_artifact, trace
 
     out = tmp_path / f"int{bits}"
     record = quantize_artifact(tiny_artifact, out, PrecisionConfig(weight_bits=bits))
@@ -335,7 +335,7 @@ def test_quantized_tiny_artifact_runs(bits, tiny_artifact, reference_traces, tmp
 def test_budget_rolls_back_costliest_layers(tiny_artifact, reference_traces, tmp_path):
     """int4 decoder over a strict budget: per-layer costs are measured, rolled back in order until within."""
     from qvl.runtime.model import Model
-    from qvl.toolchain.accuracy_budget import AccuracyBudget, apply_with_budget
+    from qvl.toolchain.quant.accuracy_budget import AccuracyBudget, apply_with_budget
 
     cases = [c for c in reference_traces[0] if c[0] in ("text-only", "image-square")]
     budget = AccuracyBudget(max_mean_kl=0.02, min_greedy_agreement=1.0, decode_steps=6)
@@ -367,7 +367,7 @@ def test_budget_rolls_back_costliest_layers(tiny_artifact, reference_traces, tmp
 @pytest.mark.slow
 def test_budget_full_search_vision_and_decoder(tiny_artifact, tmp_path):
     """The whole search: int4 vision + decoder on the full parity suite, 16 decode steps."""
-    from qvl.toolchain.accuracy_budget import AccuracyBudget, apply_with_budget
+    from qvl.toolchain.quant.accuracy_budget import AccuracyBudget, apply_with_budget
 
     budget = AccuracyBudget(max_mean_kl=0.01, min_greedy_agreement=0.95, decode_steps=16)
     result = apply_with_budget(tiny_artifact, tmp_path / "b", PrecisionConfig(weight_bits=4), budget, threads=1)

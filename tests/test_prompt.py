@@ -80,7 +80,7 @@ def _oracle(proc, messages, add_generation_prompt=True, **kwargs):
 
 @pytest.fixture(scope="module")
 def proc(tiny_checkpoint):
-    from qvl.toolchain.hf_compat import image_only_processor
+    from qvl.toolchain.export.hf_compat import image_only_processor
 
     return image_only_processor(tiny_checkpoint)
 
@@ -181,9 +181,9 @@ def test_token_ids_come_from_the_tokenizer(proc, builder):
 
 def test_other_special_token_ids(tiny_checkpoint, tmp_path):
     """A checkpoint whose special tokens live at other ids: nothing may be hard-coded."""
-    from qvl.toolchain.hf_compat import image_only_processor
-    from qvl.toolchain.presets import chat_template
-    from qvl.toolchain.tokenizer_builder import build_tokenizer, tokenizer_config
+    from qvl.toolchain.export.hf_compat import image_only_processor
+    from qvl.toolchain.checkpoints.presets import chat_template
+    from qvl.toolchain.checkpoints.tokenizer_builder import build_tokenizer, tokenizer_config
 
     d = tmp_path / "shifted"
     d.mkdir()

@@ -16,8 +16,8 @@ from qvl.passes.qdq_int8 import (
     smoothing_factors,
     weight_scales,
 )
-from qvl.toolchain.calibration import calibrate_model
-from qvl.toolchain.targets import get_target
+from qvl.toolchain.quant.calibration import calibrate_model
+from qvl.toolchain.compile.targets import get_target
 
 SM61 = get_target("sm61")
 H, F, V = 32, 48, 40  # hidden, MLP width, vocab of the fixture graph
@@ -361,7 +361,7 @@ def test_graph_and_target_gates():
 @pytest.fixture(scope="module")
 def rtx():
     from qvl.errors import QvlError
-    from qvl.toolchain.trt_build import load_tensorrt
+    from qvl.toolchain.tensorrt.build import load_tensorrt
 
     try:
         return load_tensorrt("tensorrt-rtx")
@@ -372,7 +372,7 @@ def rtx():
 @pytest.mark.parametrize("weight_format", ["float_qdq", "int8"])
 def test_both_weight_forms_parse_and_build_with_tensorrt_rtx(weight_format, rtx, tmp_path):
     """TensorRT-RTX (CPU-only build) accepts fp32 W -> Q -> DQ (the TensorRT 8.x form) and int8 W -> DQ."""
-    from qvl.toolchain.trt_build import fp16_violations, int8_matmuls, parse_onnx
+    from qvl.toolchain.tensorrt.build import fp16_violations, int8_matmuls, parse_onnx
 
     model = fixture_model()
     QdqInt8Pass(QdqInt8Config(_stats(model), weight_format=weight_format))(model, SM61, "decoder")

@@ -15,14 +15,14 @@ from conftest import assert_one_line_error, run_cli
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from qvl.toolchain.parity import suite_images
+    from qvl.toolchain.eval.parity import suite_images
 
     return suite_images(tmp_path_factory.mktemp("imgs"))
 
 
 @pytest.fixture(scope="module")
 def eager(tiny_checkpoint):
-    from qvl.toolchain.reference import EagerReference
+    from qvl.toolchain.eval.reference import EagerReference
 
     return EagerReference(tiny_checkpoint, threads=1)
 

@@ -17,7 +17,7 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration
 
 from qvl.runtime import sampling as S
-from qvl.toolchain.presets import GENERATION_CONFIG, PRESETS
+from qvl.toolchain.checkpoints.presets import GENERATION_CONFIG, PRESETS
 
 V = 4096
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from qvl.errors import QvlError
-from qvl.toolchain import synthetic_vqa as sv
-from qvl.toolchain.evaluate import EvalRecord, EvalReport, agreement, evaluate, normalize_answer
+from qvl.toolchain.eval import synthetic_vqa as sv
+from qvl.toolchain.eval.evaluate import EvalRecord, EvalReport, agreement, evaluate, normalize_answer
 
 QWEN_2B_FIRST_SPECIAL_ID = 151643
 
@@ -210,15 +210,15 @@ def test_normalize_answer():
 
 
 def _sentinel_dir() -> Path:
-    from qvl.toolchain.sentinel import SENTINEL_DIR
+    from qvl.toolchain.eval.sentinel import SENTINEL_DIR
 
     if not (SENTINEL_DIR / "model.safetensors").exists():
-        pytest.fail(f"committed sentinel checkpoint missing at {SENTINEL_DIR}; see qvl.toolchain.sentinel")
+        pytest.fail(f"committed sentinel checkpoint missing at {SENTINEL_DIR}; see qvl.toolchain.eval.sentinel")
     return SENTINEL_DIR
 
 
 def test_sentinel_config_is_the_real_architecture():
-    from qvl.toolchain.sentinel import SentinelArch, sentinel_config, special_ids
+    from qvl.toolchain.eval.sentinel import SentinelArch, sentinel_config, special_ids
 
     cfg = sentinel_config(SentinelArch())
     text, vision = cfg["text_config"], cfg["vision_config"]
@@ -274,7 +274,7 @@ def test_committed_sentinel_loads_with_transformers():
 
 
 def test_copy_sentinel(tmp_path):
-    from qvl.toolchain.sentinel import SENTINEL_FILES, copy_sentinel
+    from qvl.toolchain.eval.sentinel import SENTINEL_FILES, copy_sentinel
 
     src = _sentinel_dir()
     out = copy_sentinel(tmp_path / "s")
@@ -286,7 +286,7 @@ def test_copy_sentinel(tmp_path):
 
 
 def _eager_accuracy(n: int, threads: int = 2):
-    from qvl.toolchain.evaluate import eager_answer_fn
+    from qvl.toolchain.eval.evaluate import eager_answer_fn
 
     answer = eager_answer_fn(_sentinel_dir(), threads=threads)
     return evaluate(answer, sv.make_samples("test", n))

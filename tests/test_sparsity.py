@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from qvl.passes.sparsity import METADATA_KEY, MlpChannelSparsityPass, SparsityConfig, channel_scores, kept_indices
-from qvl.toolchain.targets import get_target
+from qvl.toolchain.compile.targets import get_target
 
 CPU = get_target("cpu-avx2")
 SM61_TRT = get_target("sm61")  # TensorRT: slicing is plain ONNX, so it applies there too
@@ -275,7 +275,7 @@ def test_ratio_zero_is_a_no_op_and_second_application_skips_already_pruned():
 
 def test_tiny_artifact_pruned_loads_and_generates(tiny_artifact, tmp_path):
     from qvl.runtime.model import Model
-    from qvl.toolchain.sparsity_budget import sparsify_artifact
+    from qvl.toolchain.quant.sparsity_budget import sparsify_artifact
 
     out = tmp_path / "sparse"
     record = sparsify_artifact(tiny_artifact, out, SparsityConfig(ratio=0.25))
@@ -303,8 +303,8 @@ def test_tiny_artifact_pruned_loads_and_generates(tiny_artifact, tmp_path):
 def test_budgeted_sparsity_records_accuracy_and_measured_gain(tiny_artifact, tmp_path, record_property):
     """Strict budget: all-pruned is over it, layers are rolled back by their own cost; gain is measured."""
     from qvl.runtime.model import Model
-    from qvl.toolchain.accuracy_budget import AccuracyBudget, calibration_cases
-    from qvl.toolchain.sparsity_budget import apply_sparsity_with_budget
+    from qvl.toolchain.quant.accuracy_budget import AccuracyBudget, calibration_cases
+    from qvl.toolchain.quant.sparsity_budget import apply_sparsity_with_budget
 
     cases = [c for c in calibration_cases(tmp_path / "calib") if c[0] in ("text-only", "image-square")]
     budget = AccuracyBudget(max_mean_kl=0.05, min_greedy_agreement=1.0, decode_steps=6)

@@ -228,7 +228,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 
 def test_source_check_matches_own_checkpoint(tiny_checkpoint, tiny_cpu_artifact):
-    from qvl.toolchain.parity import source_check
+    from qvl.toolchain.eval.parity import source_check
 
     warnings = []
     matches, expected, actual = source_check(tiny_cpu_artifact, tiny_checkpoint, warn=warnings.append)

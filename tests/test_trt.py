@@ -23,7 +23,7 @@ CARDS = ("mx250-2gb", "gtx1050-2gb", "gtx1050ti-4gb", "gtx1060-3gb", "gtx1060-6g
 
 @pytest.fixture(scope="module")
 def sm61_kit(tiny_artifact, tmp_path_factory):
-    from qvl.toolchain.trt_kit import kit_command
+    from qvl.toolchain.tensorrt.kit import kit_command
 
     lines: list[str] = []
     out = tmp_path_factory.mktemp("kit") / "tiny-sm61-kit"
@@ -33,7 +33,7 @@ def sm61_kit(tiny_artifact, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rtx():
-    from qvl.toolchain.trt_build import load_tensorrt
+    from qvl.toolchain.tensorrt.build import load_tensorrt
 
     try:
         return load_tensorrt("tensorrt-rtx")
@@ -43,7 +43,7 @@ def rtx():
 
 @pytest.fixture(scope="module")
 def built(sm61_kit, rtx, tmp_path_factory):
-    from qvl.toolchain.trt_build import build_engine_command
+    from qvl.toolchain.tensorrt.build import build_engine_command
 
     kit, _ = sm61_kit
     out = tmp_path_factory.mktemp("engines")
@@ -122,7 +122,7 @@ def test_kit_kv_cache_is_engine_io(sm61_kit):
 
 
 def test_kit_runs_in_onnx_runtime_with_parity(sm61_kit, tiny_checkpoint, tmp_path):
-    from qvl.toolchain.parity import run_parity
+    from qvl.toolchain.eval.parity import run_parity
 
     kit, _ = sm61_kit
     report = run_parity(kit, tiny_checkpoint, tmp_path, threads=1)
@@ -132,8 +132,8 @@ def test_kit_runs_in_onnx_runtime_with_parity(sm61_kit, tiny_checkpoint, tmp_pat
 
 
 def test_sm75_kit_keeps_opset_20_and_builds_with_tensorrt_rtx(tiny_artifact, rtx, tmp_path):
-    from qvl.toolchain.trt_build import build_engines
-    from qvl.toolchain.trt_kit import make_engine_kit
+    from qvl.toolchain.tensorrt.build import build_engines
+    from qvl.toolchain.tensorrt.kit import make_engine_kit
 
     report = make_engine_kit(tiny_artifact, "sm75+", tmp_path / "kit75")
     assert all("no ONNX opset ceiling" in r["skipped"][0]["reason"] for r in report.lowering)
@@ -146,7 +146,7 @@ def test_sm75_kit_keeps_opset_20_and_builds_with_tensorrt_rtx(tiny_artifact, rtx
 
 
 def test_non_tensorrt_target_is_a_user_error(tiny_artifact, tmp_path):
-    from qvl.toolchain.trt_kit import make_engine_kit
+    from qvl.toolchain.tensorrt.kit import make_engine_kit
 
     with pytest.raises(QvlError, match="not a TensorRT target"):
         make_engine_kit(tiny_artifact, "cpu", tmp_path / "k")
@@ -159,8 +159,8 @@ def test_non_tensorrt_target_is_a_user_error(tiny_artifact, tmp_path):
 @pytest.fixture(scope="module")
 def int8_kit(tiny_artifact, tmp_path_factory):
     """`compile --target sm61 --weights int8` with the default budget (mean KL 0.01, greedy agreement 0.9)."""
-    from qvl.toolchain.accuracy_budget import AccuracyBudget
-    from qvl.toolchain.trt_kit import kit_command
+    from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
+    from qvl.toolchain.tensorrt.kit import kit_command
 
     lines: list[str] = []
     out = tmp_path_factory.mktemp("kit8") / "tiny-sm61-int8-kit"
@@ -221,9 +221,9 @@ def test_int8_kit_is_opset_17_standard_onnx_with_qdq_and_never_fp16(int8_kit, sm
 
 def test_int8_kit_runs_the_parity_suite_in_onnx_runtime_within_the_budget(int8_kit, tiny_checkpoint, tmp_path):
     """Against eager PyTorch fp32: the parity suite (32 greedy steps) and KL / agreement on its prompts."""
-    from qvl.toolchain.accuracy_budget import Trace, compare, trace
-    from qvl.toolchain.parity import run_parity, suite_cases, suite_images
-    from qvl.toolchain.reference import EagerReference
+    from qvl.toolchain.quant.accuracy_budget import Trace, compare, trace
+    from qvl.toolchain.eval.parity import run_parity, suite_cases, suite_images
+    from qvl.toolchain.eval.reference import EagerReference
 
     kit, _, _, budget = int8_kit
     report = run_parity(kit, tiny_checkpoint, tmp_path, threads=1, logit_tol=float("inf"), vision_tol=float("inf"))
@@ -251,7 +251,7 @@ def test_int8_kit_runs_the_parity_suite_in_onnx_runtime_within_the_budget(int8_k
 
 
 def test_int8_kit_parses_and_builds_with_tensorrt_rtx_int8_and_no_fp16(int8_kit, rtx, tmp_path):
-    from qvl.toolchain.trt_build import build_engine_command
+    from qvl.toolchain.tensorrt.build import build_engine_command
 
     kit, _, _, _ = int8_kit
     lines: list[str] = []
@@ -287,7 +287,7 @@ def test_int8_kit_cli_no_budget_and_user_errors(tiny_artifact, tmp_path):
 def test_parameter_counts_from_config_match_the_checkpoint(tiny_checkpoint):
     from safetensors import safe_open
 
-    from qvl.toolchain.trt_kit import ModelDims, parameter_counts
+    from qvl.toolchain.tensorrt.kit import ModelDims, parameter_counts
 
     counts = {"vision": 0, "decoder_layers": 0, "embedding": 0}
     for f in tiny_checkpoint.glob("*.safetensors"):
@@ -300,7 +300,7 @@ def test_parameter_counts_from_config_match_the_checkpoint(tiny_checkpoint):
 
 
 def test_kit_footprint_matches_config_footprint(sm61_kit):
-    from qvl.toolchain.trt_kit import footprint_from_config
+    from qvl.toolchain.tensorrt.kit import footprint_from_config
 
     kit, _ = sm61_kit
     m = _manifest(kit)
@@ -311,8 +311,8 @@ def test_kit_footprint_matches_config_footprint(sm61_kit):
 
 
 def test_memory_fit_report_for_the_2b_config_covers_five_sm61_cards():
-    from qvl.toolchain.presets import published_2b_config
-    from qvl.toolchain.trt_kit import GiB, footprint_from_config, format_memory_fit, memory_fit_report
+    from qvl.toolchain.checkpoints.presets import published_2b_config
+    from qvl.toolchain.tensorrt.kit import GiB, footprint_from_config, format_memory_fit, memory_fit_report
 
     cfg = published_2b_config()
     fp32 = memory_fit_report(cfg, preprocessor_max_patches=16384)
@@ -359,7 +359,7 @@ def test_every_kit_graph_parses_and_builds_with_tensorrt_rtx(built, sm61_kit):
 
 
 def test_no_layer_computes_in_fp16_for_sm61(built, sm61_kit, rtx):
-    from qvl.toolchain.trt_build import fp16_violations, parse_onnx
+    from qvl.toolchain.tensorrt.build import fp16_violations, parse_onnx
 
     report, _, _ = built
     kit, _ = sm61_kit
@@ -375,7 +375,7 @@ def test_fp16_guard_rejects_a_network_that_computes_in_fp16(rtx, tmp_path):
     from onnx import TensorProto as T
     from onnx import helper
 
-    from qvl.toolchain.trt_build import check_no_fp16, parse_onnx
+    from qvl.toolchain.tensorrt.build import check_no_fp16, parse_onnx
 
     graph = helper.make_graph(
         [helper.make_node("Cast", ["x"], ["h"], to=T.FLOAT16), helper.make_node("Relu", ["h"], ["r"]),
@@ -390,7 +390,7 @@ def test_fp16_guard_rejects_a_network_that_computes_in_fp16(rtx, tmp_path):
 
 
 def test_sm61_build_with_a_pascal_less_library_is_refused(sm61_kit, rtx, tmp_path):
-    from qvl.toolchain.trt_build import build_engines
+    from qvl.toolchain.tensorrt.build import build_engines
 
     kit, _ = sm61_kit
     with pytest.raises(QvlError, match="last TensorRT is 8.6"):
@@ -408,14 +408,14 @@ def test_sm61_build_with_a_pascal_less_library_is_refused(sm61_kit, rtx, tmp_pat
     ("tensorrt-rtx", "1.7.1", "sm75+", None, None, None),
 ])
 def test_target_mismatch_rules(flavor, version, target, cc, fast_fp16, needle):
-    from qvl.toolchain.trt_build import target_mismatch
+    from qvl.toolchain.tensorrt.build import target_mismatch
 
     reason = target_mismatch(flavor, version, target, cc, fast_fp16)
     assert (reason is None) if needle is None else (needle in reason), reason
 
 
 def test_no_tensorrt_installed_is_a_user_error(monkeypatch, sm61_kit):
-    from qvl.toolchain.trt_build import build_engines
+    from qvl.toolchain.tensorrt.build import build_engines
 
     for mod in ("tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx"):
         monkeypatch.setitem(sys.modules, mod, None)  # import -> ImportError
@@ -425,7 +425,7 @@ def test_no_tensorrt_installed_is_a_user_error(monkeypatch, sm61_kit):
 
 
 def test_building_a_plain_artifact_is_a_user_error(tiny_artifact):
-    from qvl.toolchain.trt_build import build_engines
+    from qvl.toolchain.tensorrt.build import build_engines
 
     with pytest.raises(QvlError, match="not a TensorRT engine kit"):
         build_engines(tiny_artifact)

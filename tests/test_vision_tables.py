@@ -15,7 +15,7 @@ from transformers.vision_utils import (
 )
 
 from qvl.runtime import vision_tables as vt
-from qvl.toolchain.presets import published_2b_config
+from qvl.toolchain.checkpoints.presets import published_2b_config
 
 GRIDS = {
     "single": [[1, 12, 18]],

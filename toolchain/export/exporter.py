@@ -23,7 +23,7 @@ import numpy as np
 
 from qvl.artifacts import manifest as mf
 from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers
-from qvl.toolchain.checkpoint_io import CheckpointInfo, validate_checkpoint
+from qvl.toolchain.export.checkpoint_io import CheckpointInfo, validate_checkpoint
 from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
 
 OPSET = 20
@@ -74,7 +74,7 @@ def export_vision_graph(model):
     """The vision tower as an onnx-ir model with a dynamic patch count (any images, any sizes)."""
     import torch
 
-    from qvl.toolchain.export_adapters import VisionEncoderAdapter
+    from qvl.toolchain.export.adapters import VisionEncoderAdapter
 
     vis_cfg = model.config.vision_config
     adapter = VisionEncoderAdapter(model.model.visual).eval()
@@ -101,7 +101,7 @@ def export_decoder_graph(model):
     """The KV-cached text decoder: one graph for prefill, chunked prefill and decode."""
     import torch
 
-    from qvl.toolchain.export_adapters import DecoderAdapter
+    from qvl.toolchain.export.adapters import DecoderAdapter
 
     tc = model.config.text_config
     adapter = DecoderAdapter(model).eval()
@@ -325,7 +325,7 @@ def export_artifact(
 
 
 def _param_count(path: Path) -> int:
-    from qvl.toolchain.checkpoint_io import _safetensors_header
+    from qvl.toolchain.export.checkpoint_io import _safetensors_header
 
     header, _ = _safetensors_header(path)
     n = 0

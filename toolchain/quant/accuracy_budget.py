@@ -13,7 +13,7 @@ The returned `BudgetResult` (layer decisions, the final and all-quantized measur
 score, the roll-back order) is also written into the final artifact's manifest under `"precision"`.
 
 Measurement: both artifacts generate greedily from the same calibration prompts (default: the parity
-suite, `toolchain/parity.py`). At step k the two logit vectors are comparable only while the two token
+suite, `toolchain/eval/parity.py`). At step k the two logit vectors are comparable only while the two token
 prefixes agree, so KL(p_fp32 || p_quant) and |delta logit| are taken over the steps up to and including
 the first divergence; greedy agreement is the fraction of reference tokens reproduced before the first
 divergence (a strict prefix measure: one early flip costs all later steps).
@@ -40,7 +40,7 @@ from qvl.passes.base import TargetCapabilities
 from qvl.passes.precision import LM_HEAD_LAYER, PrecisionConfig, PrecisionPass
 from qvl.toolchain.fsutil import atomic_output_dir
 from qvl.toolchain.staging import scratch_dir
-from qvl.toolchain.targets import get_target
+from qvl.toolchain.compile.targets import get_target
 
 CPU_AVX2 = get_target("cpu-avx2")  # the laptop CPU: AVX2 int8 dot products, ORT contrib ops
 
@@ -53,7 +53,7 @@ def embedding_entry(decoder_model, weights_file: str = mf.WEIGHTS) -> dict:
     MatMulNBits buffers (`format: "matmulnbits"`, read by `runtime/quantized_embedding.py`)."""
     import onnx_ir as ir
 
-    from qvl.toolchain.export import EMBEDDING_NAME, embedding_location
+    from qvl.toolchain.export.exporter import EMBEDDING_NAME, embedding_location
 
     graph = decoder_model.graph
     if EMBEDDING_NAME in graph.initializers:
@@ -120,8 +120,8 @@ def write_derived_artifact(src: Path, manifest: dict, graphs: dict, out: Path, t
     """Write `out` (atomically): the artifact `src` (whose manifest is `manifest`) with `graphs` as one approximate
     pass left them -- a new weight store, the side files, ORT's optimized graphs for the new graphs (never the
     source's), `manifest[section] = record` and one more step (`section`, seconds since `t0`, pass reports)."""
-    from qvl.toolchain.export import save_graphs
-    from qvl.toolchain.ort_optimize import ort_optimized_section
+    from qvl.toolchain.export.exporter import save_graphs
+    from qvl.toolchain.compile.ort_optimize import ort_optimized_section
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         entries, store = save_graphs(graphs, tmp)
@@ -223,7 +223,7 @@ class Measurement:
 
 def calibration_cases(work_dir: Path) -> list[tuple[str, list[dict], int]]:
     """The parity suite's prompts (text-only, three image shapes, two images, chunked prefill)."""
-    from qvl.toolchain.parity import suite_cases, suite_images
+    from qvl.toolchain.eval.parity import suite_cases, suite_images
 
     return suite_cases(suite_images(Path(work_dir)))
 

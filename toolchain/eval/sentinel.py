@@ -24,7 +24,7 @@ Training is deterministic for a given seed, step count, thread count and torch b
 samples drawn from the train split in a fixed order, `torch.use_deterministic_algorithms(True)`,
 `torch.set_num_threads(threads)`. Reproduce the committed checkpoint with
 
-    nice -n 19 python -c "from qvl.toolchain.sentinel import train_sentinel; \
+    nice -n 19 python -c "from qvl.toolchain.eval.sentinel import train_sentinel; \
         print(train_sentinel('toolchain/data/sentinel', overwrite=True).summary())"
 
 The checkpoint is a normal Hugging Face folder (config.json, generation_config.json,
@@ -43,13 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qvl.toolchain import synthetic_vqa as sv
+from qvl.toolchain.eval import synthetic_vqa as sv
 from qvl.toolchain.fsutil import atomic_output_dir
-from qvl.toolchain.presets import GENERATION_CONFIG, _preprocessor, chat_template, published_2b_config
-from qvl.toolchain.tokenizer_builder import QWEN_ADDED_TOKENS, build_tokenizer, tokenizer_config
+from qvl.toolchain.checkpoints.presets import GENERATION_CONFIG, _preprocessor, chat_template, published_2b_config
+from qvl.toolchain.checkpoints.tokenizer_builder import QWEN_ADDED_TOKENS, build_tokenizer, tokenizer_config
 
 # The committed, trained checkpoint (reproduce with the command in the module docstring).
-SENTINEL_DIR = Path(__file__).resolve().parent / "data" / "sentinel"
+SENTINEL_DIR = Path(__file__).resolve().parents[1] / "data" / "sentinel"
 SENTINEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -154,7 +154,7 @@ def copy_sentinel(out_dir: str | Path, overwrite: bool = False) -> Path:
     if missing:
         raise QvlError(
             f"the committed sentinel checkpoint is incomplete at {SENTINEL_DIR} (missing {', '.join(missing)})",
-            hint="reinstall qvl-compile, or train one with qvl.toolchain.sentinel.train_sentinel",
+            hint="reinstall qvl-compile, or train one with qvl.toolchain.eval.sentinel.train_sentinel",
         )
     with atomic_output_dir(Path(out_dir), overwrite=overwrite, sources=(SENTINEL_DIR,), kind="checkpoint") as tmp:
         for f in SENTINEL_FILES:
@@ -501,8 +501,8 @@ def train_sentinel(
     from safetensors.torch import save_file
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from qvl.toolchain.evaluate import eager_answer_fn, evaluate
-    from qvl.toolchain.hf_compat import image_only_processor
+    from qvl.toolchain.eval.evaluate import eager_answer_fn, evaluate
+    from qvl.toolchain.export.hf_compat import image_only_processor
 
     out_dir = Path(out_dir)
     if device.startswith("cuda"):
@@ -600,7 +600,7 @@ def train_sentinel(
 
         final_loss = float(np.mean(losses[-20:])) if losses else float("nan")
         meta = {
-            "command": "qvl.toolchain.sentinel.train_sentinel",
+            "command": "qvl.toolchain.eval.sentinel.train_sentinel",
             "seed": seed,
             "steps": steps,
             "threads": threads,

@@ -7,7 +7,7 @@
   checks them against eager PyTorch; and
 * an engine kit: the manifest's `kit` section records, per graph, the optimization profiles (min / opt /
   max shape of every input, one profile for prefill and one for decode), the build settings (precision
-  flags, workspace, refit), the KV-cache I/O contract and a memory-fit report. `toolchain/trt_build.py`
+  flags, workspace, refit), the KV-cache I/O contract and a memory-fit report. `toolchain/tensorrt/build.py`
   builds engines from it on the machine with the GPU.
 
 Pipeline: `compile_artifact(source, target)` (standard ONNX only: the fusion passes skip TensorRT
@@ -16,10 +16,10 @@ to opset 17, the ceiling of TensorRT 8.6's parser, the last TensorRT for SM 6.1)
 domains) -> memory fit -> profiles -> manifest.
 
 INT8 kits (`make_int8_engine_kit`, `compile --target sm61 --weights int8`): the fp32 kit above, then
-activation calibration on it (`toolchain/calibration.py`, ONNX Runtime CPU, per-input-channel max|x| of
+activation calibration on it (`toolchain/quant/calibration.py`, ONNX Runtime CPU, per-input-channel max|x| of
 every linear site), then `QdqInt8Pass` (`passes/qdq_int8.py`: SmoothQuant smoothing, per-tensor int8
 activations, per-channel int8 weights, explicit QuantizeLinear/DequantizeLinear at opset 17, FP32
-compute elsewhere, never FP16), with the per-layer accuracy-budget search of `toolchain/accuracy_budget.py`
+compute elsewhere, never FP16), with the per-layer accuracy-budget search of `toolchain/quant/accuracy_budget.py`
 against the fp32 kit: layers over budget stay fp32. The manifest's `precision` section records the pass
 report, the calibration summary, the budget, every measurement and the decisions; the build settings turn
 INT8 on because the graphs contain Q/DQ, and the memory fit counts quantized weights as int8
@@ -49,7 +49,7 @@ from qvl.artifacts import manifest as mf
 from qvl.errors import QvlError
 from qvl.toolchain.fsutil import atomic_output_dir, check_output_target, output_lock
 from qvl.toolchain.staging import scratch_dir
-from qvl.toolchain.targets import GiB, get_target
+from qvl.toolchain.compile.targets import GiB, get_target
 
 MiB = 1 << 20
 KIT_FORMAT = "qvl-trt-kit"
@@ -458,7 +458,7 @@ def _save_kit_graphs(graphs: dict, caps, staging: Path, files: dict) -> dict:
     """Save each graph in place (initializers keep their weight-store references); manifest graph entries."""
     import onnx_ir as ir
 
-    from qvl.toolchain.export import io_signature
+    from qvl.toolchain.export.exporter import io_signature
 
     entries = {}
     for name, model in graphs.items():
@@ -540,7 +540,7 @@ def make_engine_kit(
 
     from qvl.passes.opset_lowering import OpsetLoweringPass
     from qvl.passes.qdq_int8 import linear_sites
-    from qvl.toolchain.pipeline import compile_artifact
+    from qvl.toolchain.compile.pipeline import compile_artifact
 
     step = step or (lambda m: None)
     caps = _kit_target(target, out, card)
@@ -644,8 +644,8 @@ def write_qdq_kit(fp32_kit: Path, out: Path, config, *, calibration: dict | None
     import onnx_ir as ir
 
     from qvl.passes.qdq_int8 import QdqInt8Pass
-    from qvl.toolchain.accuracy_budget import embedding_entry
-    from qvl.toolchain.export import save_graphs
+    from qvl.toolchain.quant.accuracy_budget import embedding_entry
+    from qvl.toolchain.export.exporter import save_graphs
 
     t0 = time.perf_counter()
     fp32_kit = Path(fp32_kit)
@@ -704,8 +704,8 @@ def make_int8_engine_kit(
     from dataclasses import replace
 
     from qvl.passes.qdq_int8 import QdqInt8Config
-    from qvl.toolchain.accuracy_budget import BudgetResult, calibration_cases, publish_candidate, rollback_search
-    from qvl.toolchain.calibration import calibrate_artifact
+    from qvl.toolchain.quant.accuracy_budget import BudgetResult, calibration_cases, publish_candidate, rollback_search
+    from qvl.toolchain.quant.calibration import calibrate_artifact
 
     say = step or (lambda m: None)
     caps = _kit_target(target, out, card)

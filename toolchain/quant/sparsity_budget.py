@@ -1,7 +1,7 @@
 """Accuracy-budgeted MLP channel sparsity, with the speed and size gain measured, not assumed.
 
 Given an fp32 artifact, a `SparsityConfig` and an `AccuracyBudget`, measured against the unpruned
-artifact itself with the precision budget's own machinery (`toolchain/accuracy_budget.py`: `trace`,
+artifact itself with the precision budget's own machinery (`toolchain/quant/accuracy_budget.py`: `trace`,
 `compare`, the parity suite as calibration prompts, greedy agreement / KL / |delta logit|):
 
 1. prune every eligible decoder layer's SwiGLU MLP (`passes/sparsity.py`) -> measure;
@@ -39,7 +39,7 @@ from qvl.artifacts import manifest as mf
 from qvl.toolchain.staging import scratch_dir
 from qvl.passes.base import TargetCapabilities
 from qvl.passes.sparsity import MlpChannelSparsityPass, SparsityConfig
-from qvl.toolchain.accuracy_budget import (
+from qvl.toolchain.quant.accuracy_budget import (
     CPU_AVX2,
     AccuracyBudget,
     Measurement,
@@ -115,7 +115,7 @@ def measure_gain(
 ) -> dict:
     """Decode tok/s and bytes per token of `pruned` vs `dense` (same prompt, same threads, alternating runs)."""
     from qvl.runtime.model import GenerationStats, Model
-    from qvl.toolchain.bench import decoder_weight_bytes
+    from qvl.toolchain.eval.bench import decoder_weight_bytes
 
     bpt_dense = decoder_weight_bytes(Path(dense))["bytes"]
     bpt_pruned = decoder_weight_bytes(Path(pruned))["bytes"]

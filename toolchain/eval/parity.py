@@ -119,8 +119,8 @@ def source_check(artifact: Path, checkpoint: Path, warn=None) -> tuple[bool | No
     import sys
 
     from qvl.artifacts.manifest import read_manifest
-    from qvl.toolchain.checkpoint_io import validate_checkpoint
-    from qvl.toolchain.export import checkpoint_fingerprint
+    from qvl.toolchain.export.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.export.exporter import checkpoint_fingerprint
 
     source = read_manifest(Path(artifact), verify_graphs=False)["source"]
     expected = source.get("sha256") or None
@@ -146,7 +146,7 @@ def run_parity(
     device: str = "cpu",
 ) -> ParityReport:
     from qvl.runtime.model import Model
-    from qvl.toolchain.reference import EagerReference
+    from qvl.toolchain.eval.reference import EagerReference
 
     t0 = time.perf_counter()
     matches, expected, actual = source_check(artifact, checkpoint)

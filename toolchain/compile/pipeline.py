@@ -20,7 +20,7 @@ from qvl.passes.rotary_fusion import RotaryFusionPass
 from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
 from qvl.toolchain.fsutil import atomic_output_dir, check_output_target, check_space, fault_point, output_lock
 from qvl.toolchain.staging import scratch_dir
-from qvl.toolchain.targets import get_target
+from qvl.toolchain.compile.targets import get_target
 
 
 def pipeline_for(target_name: str) -> list[GraphPass]:
@@ -53,7 +53,7 @@ def compile_artifact(
 ) -> CompileReport:
     import onnx_ir as ir
 
-    from qvl.toolchain.export import export_artifact, save_graphs
+    from qvl.toolchain.export.exporter import export_artifact, save_graphs
 
     step = step or (lambda m: None)
     target = get_target(target_name)
@@ -96,8 +96,8 @@ def compile_artifact(
         entries, store = save_graphs(graphs, staging)
         mf.copy_side_files(exported, staging)
         decoder_ops = {n.op_type for n in graphs["decoder"].graph}
-        from qvl.toolchain.accuracy_budget import embedding_entry
-        from qvl.toolchain.ort_optimize import ort_optimized_section
+        from qvl.toolchain.quant.accuracy_budget import embedding_entry
+        from qvl.toolchain.compile.ort_optimize import ort_optimized_section
 
         step("saving ONNX Runtime's optimized graphs")
         optimized = ort_optimized_section(staging, entries, target) if ort_optimize else {}
@@ -133,8 +133,8 @@ def source_weight_bytes(source: Path) -> int:
             return int(json.loads((source / mf.MANIFEST).read_text())["weights"]["bytes"])
         except (OSError, ValueError, KeyError, TypeError):
             return 0  # read_manifest reports a broken artifact properly later
-    from qvl.toolchain.checkpoint_io import validate_checkpoint
-    from qvl.toolchain.export import _param_count
+    from qvl.toolchain.export.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.export.exporter import _param_count
 
     return 4 * sum(_param_count(f) for f in validate_checkpoint(source).weight_files)
 
@@ -171,8 +171,8 @@ def compile_with_precision(
     eager) and rolled back per layer when over it. Returns {"sparsity": record, "precision": record}."""
     from qvl.passes.precision import PrecisionConfig
     from qvl.passes.sparsity import SparsityConfig
-    from qvl.toolchain.accuracy_budget import apply_with_budget, quantize_artifact
-    from qvl.toolchain.sparsity_budget import apply_sparsity_with_budget, sparsify_artifact
+    from qvl.toolchain.quant.accuracy_budget import apply_with_budget, quantize_artifact
+    from qvl.toolchain.quant.sparsity_budget import apply_sparsity_with_budget, sparsify_artifact
 
     target = get_target(target_name)
     bits = {"fp32": None, "int8": 8, "int4": 4}

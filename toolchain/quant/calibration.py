@@ -166,8 +166,8 @@ def calibrate_artifact(
     import onnx_ir as ir
 
     from qvl.runtime.model import Model
-    from qvl.toolchain.accuracy_budget import calibration_cases
-    from qvl.toolchain.export import io_signature
+    from qvl.toolchain.quant.accuracy_budget import calibration_cases
+    from qvl.toolchain.export.exporter import io_signature
 
     say = progress or (lambda m: None)
     t0 = time.perf_counter()

@@ -63,7 +63,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Ask every sample's question through `answer_fn` and score normalised exact match."""
-    from qvl.toolchain.synthetic_vqa import messages_for
+    from qvl.toolchain.eval.synthetic_vqa import messages_for
 
     samples = list(samples)
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def eager_answer_fn(checkpoint_dir: str | Path, max_new_tokens: int = 8, threads
     import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
-    from qvl.toolchain.hf_compat import image_only_processor
+    from qvl.toolchain.export.hf_compat import image_only_processor
 
     checkpoint_dir = Path(checkpoint_dir)
     if threads is not None:

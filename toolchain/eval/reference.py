@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvl.toolchain.checkpoint_io import validate_checkpoint
+from qvl.toolchain.export.checkpoint_io import validate_checkpoint
 
 
 @dataclass
@@ -35,7 +35,7 @@ class EagerReference:
         import torch
         from transformers import Qwen3VLForConditionalGeneration
 
-        from qvl.toolchain.hf_compat import image_only_processor
+        from qvl.toolchain.export.hf_compat import image_only_processor
 
         self.info = validate_checkpoint(Path(checkpoint))
         if threads:

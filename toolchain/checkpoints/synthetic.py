@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
-from qvl.toolchain.presets import GENERATION_CONFIG, PRESETS, Preset, chat_template
-from qvl.toolchain.tokenizer_builder import build_tokenizer, tokenizer_config
+from qvl.toolchain.checkpoints.presets import GENERATION_CONFIG, PRESETS, Preset, chat_template
+from qvl.toolchain.checkpoints.tokenizer_builder import build_tokenizer, tokenizer_config
 
 _CHUNK_ELEMS = 1 << 25
 _DECISIVE_OUT_GAIN = 4.0  # generate big tensors in 32M-element pieces to bound the fp32 temporary

@@ -6,7 +6,7 @@ Two cases, both forced to decode exactly `new_tokens` tokens (stop ids ignored o
 * **image**: one `image_size`² image (its visual-token count comes from the artifact's preprocessor)
   plus a question of exactly `question_tokens` tokens.
 
-Each engine runs in its own subprocess (`python -m qvl.toolchain.bench worker SPEC OUT`), so its peak
+Each engine runs in its own subprocess (`python -m qvl.toolchain.eval.bench worker SPEC OUT`), so its peak
 RSS (`VmHWM`, read by the child itself) is its own, and the runtime child never imports torch. Both use
 the same thread count: ORT `intra_op_num_threads` and `torch.set_num_threads`, plus `OMP_NUM_THREADS`
 in the child's environment.
@@ -436,7 +436,7 @@ def _eager_worker(spec: dict) -> dict:
 
     from qvl.runtime.image_preprocess import load_image
     from qvl.runtime.prompt import collect_images, normalize_messages
-    from qvl.toolchain.hf_compat import image_only_processor
+    from qvl.toolchain.export.hf_compat import image_only_processor
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["eager_dtype"]]
     _emit(f"eager: loading the checkpoint ({spec['eager_dtype']})")
@@ -580,7 +580,7 @@ def _run_child(spec: dict, work_dir: Path, on_step: Callable[[str], None], threa
     env = _child_env(1 if name == "membw" else threads)  # membw threads itself; keep BLAS out of it
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "qvl.toolchain.bench", "worker", str(spec_path), str(out_path)],
+            [sys.executable, "-m", "qvl.toolchain.eval.bench", "worker", str(spec_path), str(out_path)],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env,
         )
         assert proc.stdout is not None
@@ -631,7 +631,7 @@ def run_bench(
 
     from qvl.artifacts.manifest import read_manifest
     from qvl.runtime.engine import physical_cores
-    from qvl.toolchain.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.export.checkpoint_io import validate_checkpoint
 
     if eager_dtype not in ("fp32", "bf16"):
         raise QvlError(f"unknown eager dtype {eager_dtype!r}", hint="use fp32 or bf16")
@@ -851,5 +851,5 @@ def bench_command(
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "worker":
         sys.exit(_worker_main(sys.argv[2:]))
-    sys.stderr.write("usage: python -m qvl.toolchain.bench worker SPEC.json OUT.json (internal)\n")
+    sys.stderr.write("usage: python -m qvl.toolchain.eval.bench worker SPEC.json OUT.json (internal)\n")
     sys.exit(2)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Mapping
 
 from qvl.errors import QvlError
-from qvl.toolchain.checkpoint_schema import validate_config
-from qvl.toolchain.safetensors_header import TensorEntry, read_header
+from qvl.toolchain.export.checkpoint_schema import validate_config
+from qvl.toolchain.export.safetensors_header import TensorEntry, read_header
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
 # Tokens Qwen3-VL's chat template writes around turns and images; the runtime looks them up by name.
@@ -151,7 +151,7 @@ def _check_tokenizer(path: Path, config: dict) -> None:
 
 
 def _check_state_dict(config: dict, tensors: Mapping[str, TensorEntry], where: str) -> None:
-    from qvl.toolchain.checkpoint_tensors import check_tensors, expected_tensors
+    from qvl.toolchain.export.checkpoint_tensors import check_tensors, expected_tensors
 
     expected = expected_tensors(config, where)
     if not expected.tied:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from qvl.errors import QvlError
-from qvl.toolchain.safetensors_header import TensorEntry
+from qvl.toolchain.export.safetensors_header import TensorEntry
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # transformers casts between these on load; nothing else is a weight
 _SHOWN = 3  # names listed per problem kind; the rest are counted
