@@ -70,7 +70,7 @@ def make_checkpoint_cmd(
     from qvl.toolchain.checkpoints.presets import PRESETS
 
     if preset == "sentinel":
-        from qvl.toolchain.eval.sentinel import train_sentinel
+        from qvl.toolchain.eval.sentinel_training import train_sentinel
 
         with _progress() as prog:
             task = prog.add_task("training the sentinel", total=1.0)
@@ -177,7 +177,7 @@ def compile_cmd(
                            hint="TensorRT kits are FP32, or INT8 through explicit Q/DQ: use --weights fp32 or int8")
         if sparsity is not None:
             raise QvlError("--sparsity is not available for TensorRT engine kits", hint="compile for --target cpu")
-        from qvl.toolchain.tensorrt.kit import kit_command
+        from qvl.toolchain.tensorrt.command import kit_command
 
         budget = None
         if weights == "int8" and not no_budget:
@@ -197,16 +197,18 @@ def compile_cmd(
             compile_with_precision(source, target, out, weights=weights, block_size=block_size,
                                              budget=budget, overwrite=overwrite, threads=threads,
                                              step=lambda m: status.update(m), sparsity=sparsity)
-        written = json.loads((out / "manifest.json").read_text())
+        from qvl.artifacts.manifest import read_manifest
+
+        written = read_manifest(out, verify_graphs=False)
         for kind in ("sparsity", "precision"):
-            rec = written.get(kind, {}).get("budget_search")
+            rec = (getattr(written, kind) or {}).get("budget_search")
             if rec:
                 meas = rec["measured"]
                 back = rec.get("rolled_back") or []
                 err.print(f"{kind}: accuracy budget {'met' if rec['within_budget'] else 'NOT met'}: mean KL "
                           f"{meas['mean_kl']:.4g}, greedy agreement {meas['greedy_agreement']:.3f}, max |Δlogit| "
                           f"{meas['max_abs_logit_diff']:.3g}; layers rolled back: {', '.join(back) or 'none'}")
-        gain = written.get("sparsity", {}).get("gain")
+        gain = (written.sparsity or {}).get("gain")
         if gain:
             err.print(f"sparsity: {gain['statement']}")
         err.print(f"wrote {out} ({weights} weights{'' if sparsity is None else f', MLP sparsity {sparsity:g}'})")

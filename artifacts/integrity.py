@@ -211,6 +211,6 @@ def verify_artifact(artifact: Path) -> dict:
     summary: dict = {}
     manifest = read_manifest(artifact, weights="full", summary=summary)
     summary["seconds"] = time.perf_counter() - t0
-    summary["digest"] = manifest["weights"]["digest"]
-    summary["chunks"] = len(manifest["weights"]["chunks"])
+    summary["digest"] = manifest.weights.digest
+    summary["chunks"] = len(manifest.weights.chunks)
     return summary

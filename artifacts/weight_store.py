@@ -92,3 +92,9 @@ def externalize_initializers(model, writer: WeightStoreWriter, location: str) ->
 def map_tensor(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """Read-only memory map of one stored tensor (no copy into Python memory)."""
     return np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
+
+
+def map_embedding(manifest) -> np.ndarray:
+    """The dense `[vocab, hidden]` embedding table of an artifact (`schema.Manifest`), memory-mapped from its store."""
+    emb = manifest.embedding
+    return map_tensor(manifest.path(emb.file or manifest.weights.file), emb.offset, tuple(emb.shape), emb.dtype)

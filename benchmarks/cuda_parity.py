@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from qvl.artifacts.manifest import read_manifest
+
 
 def main() -> int:
     import onnxruntime as ort
@@ -43,7 +45,7 @@ def main() -> int:
         targets.append(("sm61-kit", kit))
     if "--kit-int8" in sys.argv:
         from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
-        from qvl.toolchain.tensorrt.kit import make_int8_engine_kit
+        from qvl.toolchain.tensorrt.int8_kit import make_int8_engine_kit
 
         kit8 = work / "tiny-sm61-int8-kit"
         make_int8_engine_kit(art, "sm61", kit8, budget=AccuracyBudget(), overwrite=True, threads=1)
@@ -64,7 +66,7 @@ def main() -> int:
         if name == "sm61-int8-kit":  # judged by its accuracy budget, not the fp32 tolerance
             agree = sum(_prefix(c.eager_tokens, c.artifact_tokens) for c in report.cases)
             total = sum(len(c.eager_tokens) for c in report.cases)
-            search = json.loads((path / "manifest.json").read_text())["precision"]["budget_search"]
+            search = read_manifest(path, verify_graphs=False).precision["budget_search"]
             line.update(greedy_prefix_agreement=agree / total, budget=search["budget"],
                         budget_measured_cpu=search["measured"], rolled_back=search["rolled_back"],
                         passed=agree / total >= search["budget"]["min_greedy_agreement"])

@@ -16,7 +16,7 @@ import statistics
 
 def main() -> None:
     from qvl.runtime.engine import physical_cores
-    from qvl.toolchain.eval.bench import llc_bytes, measure_bandwidth
+    from qvl.toolchain.eval.hardware import llc_bytes, measure_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="reader threads (default: physical cores)")

@@ -8,7 +8,7 @@ m = load(art, threads=2)
 # rebuild the decoder session with profiling on
 so = session_options(2); so.enable_profiling = True; so.profile_file_prefix = "/tmp/ortprof"
 eng = m.engine
-eng.decoder = ort.InferenceSession(str(eng.artifact / eng.manifest["graphs"]["decoder"]["file"]), so, providers=["CPUExecutionProvider"])
+eng.decoder = ort.InferenceSession(str(eng.manifest.graph_path("decoder")), so, providers=["CPUExecutionProvider"])
 p = m.prepare([{"role": "user", "content": [{"type": "text", "text": "Describe a sunny day at the beach in two sentences."}]}])
 t = time.time(); ids = [tk for tk, _ in m.generate_ids(p, 12, ignore_stop=True)]; print("12 tokens", time.time() - t)
 f = eng.decoder.end_profiling()

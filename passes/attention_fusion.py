@@ -25,22 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchResult
+from onnxscript.optimizer import remove_unused_nodes
+from onnxscript.rewriter import MatchResult, pattern
 
-from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
+from qvl.passes.base import GraphPass, PassReport, Skip, scalar_const
 
 
 @dataclass(frozen=True)
 class AttentionFusionConfig:
     graphs: tuple[str, ...] = ("decoder",)
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    if value is None or value.const_value is None:
-        return None
-    arr = value.const_value.numpy()
-    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
 
 
 class _KVCachedGQA(pattern.RewriteRuleClassBase):
@@ -65,7 +58,7 @@ class _KVCachedGQA(pattern.RewriteRuleClassBase):
         for name, ax in (("key", ax_k), ("value", ax_v)):
             if ax.const_value is None or ax.const_value.numpy().reshape(-1).tolist() != [2]:
                 return result.fail(f"{name} head repeat is not Unsqueeze(axis=2) (not transformers' repeat_kv)", ax)
-        if _scalar(scale) is None:
+        if scalar_const(scale) is None:
             return result.fail("attention scale is not a constant scalar", scale)
         if past_k not in context.graph_or_function.inputs or past_v not in context.graph_or_function.inputs:
             return result.fail("past key/value are not graph inputs (not a KV-cached decoder step)", past_k)
@@ -88,7 +81,7 @@ class _KVCachedGQA(pattern.RewriteRuleClassBase):
         out, present_k, present_v = op.GroupQueryAttention(
             to_bsh(q, q_heads), to_bsh(k, kv_heads), to_bsh(v, kv_heads), past_k, past_v,
             self._seqlens_k, self._total_len,
-            num_heads=q_heads, kv_num_heads=kv_heads, scale=_scalar(scale),
+            num_heads=q_heads, kv_num_heads=kv_heads, scale=scalar_const(scale),
             _domain="com.microsoft", _outputs=3,
         )
         return out, present_k, present_v
@@ -121,18 +114,13 @@ class AttentionFusionPass(GraphPass):
     """Fuse every decoder layer's KV-cached attention into GroupQueryAttention (ORT targets)."""
 
     name = "attention_fusion"
+    config_type = AttentionFusionConfig
+    scope = "decoder attention fusion"
+    contrib_ops_note = "; TensorRT fuses standard attention itself"
+    count_keys = ("group_query_attention",)
 
-    def __init__(self, config: AttentionFusionConfig = AttentionFusionConfig()):
-        super().__init__(config)
-
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
-        report.counts["group_query_attention"] = 0
-        if graph_name not in self.config.graphs:
-            report.skipped.append(Skip(graph_name, "graph not configured for decoder attention fusion"))
-            return
-        if not target.ort_contrib_ops:
-            report.skipped.append(Skip(graph_name, f"target {target.name} has no ORT contrib ops; TensorRT fuses standard attention itself"))
-            return
+    def run(self, model, report: PassReport) -> None:
+        graph_name = self.graph
         graph = model.graph
         existing = sum(1 for n in graph if n.op_type == "GroupQueryAttention")
         softmaxes = [n for n in graph if n.op_type == "Softmax"]
@@ -150,8 +138,6 @@ class AttentionFusionPass(GraphPass):
         for node in graph:
             if node.op_type == "Softmax":
                 report.skipped.append(Skip(node.name, "attention subgraph did not match the KV-cached GQA pattern"))
-        from onnxscript.optimizer import remove_unused_nodes
-
         remove_unused_nodes(model)
         graph.sort()  # the new seqlens nodes must precede the GQA nodes that read them
         if count:

@@ -1,8 +1,9 @@
 """Common shape of every graph-rewrite pass.
 
-A pass is one file in `passes/` with one class `XxxPass`, configured by a frozen dataclass, working on an
-onnx-ir model in place and returning a `PassResult` whose `PassReport` (counts, skipped sites with reasons,
-seconds) goes into the artifact manifest. Passes never import a backend; a pass may read a
+A pass is one file in `passes/` with one class `XxxPass`: an `onnx_ir.passes.InPlacePass` configured by a
+frozen dataclass and bound at construction to a target and an artifact graph, returning a `PassResult`
+(onnx-ir's, plus a `PassReport`: counts, skipped sites with reasons, seconds) that goes into the artifact
+manifest. Per-target pass lists: `toolchain/compile/pipelines.py`. Passes never import a backend; a pass may read a
 `TargetCapabilities` description (what the target computes fast and which fused ops it has).
 """
 
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 
 @dataclass(frozen=True)
@@ -46,36 +48,86 @@ class PassReport:
 
 
 @dataclass
-class PassResult:
-    model: Any  # onnx_ir.Model (modified in place)
-    report: PassReport
+class PassResult(ir.passes.PassResult):
+    """onnx-ir's `PassResult(model, modified)` plus the pass's structured report."""
 
-    @property
-    def modified(self) -> bool:
-        return any(v for v in self.report.counts.values())
+    report: PassReport | None = None
 
 
-class GraphPass:
-    """Base for passes: subclasses set `name`, take a frozen config, implement `run`.
+class GraphPass(ir.passes.InPlacePass):
+    """Base for qvl passes: an onnx-ir in-place pass bound to one target and one artifact graph.
 
-    `__call__(model, target, graph_name)` times the run and returns a PassResult; `graph_name` is the
-    artifact's graph key ("vision" or "decoder") so a pass can skip graphs it does not apply to.
+    `XxxPass(config, target=CAPS, graph="decoder")(model)` -> `PassResult(model, modified, report)`; the same
+    instance runs under `ir.passes.PassManager` / `Sequential`, which keep only `modified`: the last run's
+    report stays readable as `pass_.report`. Subclasses set `name`, `config_type` (the frozen config class),
+    implement `run(model, report)` and declare their gating instead of repeating it:
+
+    * `scope`: when the config has `graphs` and the bound graph is not in it, skip with
+      "graph not configured for {scope}";
+    * `contrib_ops_note`: the pass emits ORT contrib ops; on a target without them skip with
+      "target {name} has no ORT contrib ops{contrib_ops_note}";
+    * anything target-specific beyond that: extend `applies_to` (call `super()` first).
+
+    `count_keys` are the report's counts, zeroed before gating so a skipped pass reports the same keys as one
+    that ran (extend `start(model, report)` for details). `modified` is true when any count is non-zero.
     """
 
     name = "pass"
+    config_type: type | None = None
+    scope: str | None = None
+    contrib_ops_note: str | None = None
+    count_keys: tuple[str, ...] = ()
 
-    def __init__(self, config=None):
-        self.config = config
+    def __init__(self, config=None, *, target: TargetCapabilities, graph: str):
+        self.config = config if config is not None or self.config_type is None else self.config_type()
+        self.target = target
+        self.graph = graph
+        self.report: PassReport | None = None
 
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target={self.target.name!r}, graph={self.graph!r})"
+
+    def applies_to(self, target: TargetCapabilities, graph: str) -> str | None:
+        """Why this pass does nothing on (target, graph), or None when it applies."""
+        graphs = getattr(self.config, "graphs", None)
+        if self.scope is not None and graphs is not None and graph not in graphs:
+            return f"graph not configured for {self.scope}"
+        if self.contrib_ops_note is not None and not target.ort_contrib_ops:
+            return f"target {target.name} has no ORT contrib ops{self.contrib_ops_note}"
+        return None
+
+    def start(self, model, report: PassReport) -> None:
+        """Zero counts (and, in subclasses, details) of the report, before gating."""
+        report.counts.update(dict.fromkeys(self.count_keys, 0))
+
+    def run(self, model, report: PassReport) -> None:
         raise NotImplementedError
 
-    def __call__(self, model, target: TargetCapabilities, graph_name: str) -> PassResult:
+    def call(self, model) -> PassResult:
         report = PassReport(name=self.name)
         t0 = time.perf_counter()
-        self.run(model, target, graph_name, report)
+        self.start(model, report)
+        reason = self.applies_to(self.target, self.graph)
+        if reason is not None:
+            report.skipped.append(Skip(self.graph, reason))
+        else:
+            self.run(model, report)
         report.seconds = round(time.perf_counter() - t0, 4)
-        return PassResult(model, report)
+        self.report = report
+        return PassResult(model, any(v for v in report.counts.values()), report)
+
+
+def check_shape(bindings: dict, value, dims) -> bool:
+    """`value`'s shape is `dims` (symbolic names bound on first sight, equal after): onnxscript's private
+    `rewriter._fusion_utils.check_shape_bool`, kept here so no pass imports onnxscript private modules."""
+    if value is None or value.shape is None or value.shape.rank() != len(dims):
+        return False
+    for actual, expected in zip(value.shape, dims):
+        if expected not in bindings:
+            bindings[expected] = actual
+        elif actual != bindings[expected]:
+            return False
+    return True
 
 
 def initializer_ints(value) -> list[int] | None:
@@ -83,3 +135,11 @@ def initializer_ints(value) -> list[int] | None:
     if value is None or value.const_value is None:
         return None
     return [int(x) for x in np.asarray(value.const_value.numpy()).reshape(-1)]
+
+
+def scalar_const(value) -> float | None:
+    """The float of a one-element constant value; None otherwise."""
+    if value is None or value.const_value is None:
+        return None
+    arr = value.const_value.numpy()
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else None

@@ -45,15 +45,18 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-from onnxscript.rewriter import _fusion_utils, pattern
-from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
+from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, pattern
+# onnxscript's ORT fusion rules are used as a library, not through a stable API: `_SkipLayerNorm` /
+# `_SkipRmsNorm` subclass its Skip*NormFusion rules, override `check` with their exact signature and read
+# their private `_has_bias`. That ties this file to onnxscript 0.7.x (pin: onnxscript>=0.7.2,<0.8); the
+# matcher types (MatchResult, MatchingTracer, MatchStatus) come from the public `onnxscript.rewriter`.
 from onnxscript.rewriter.ort_fusions.bias_gelu import bias_gelu_rules
 from onnxscript.rewriter.ort_fusions.erfgelu import rules as erf_gelu_rules
 from onnxscript.rewriter.ort_fusions.gelu import gelu_rules
 from onnxscript.rewriter.ort_fusions.rms_normalization import rms_normalization_rules
 from onnxscript.rewriter.ort_fusions.skip_normalization import SkipLayerNormFusion, SkipRmsNormFusion
 
-from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
+from qvl.passes.base import GraphPass, PassReport, Skip, check_shape
 
 KINDS = ("rms_normalization", "skip_rms_normalization", "skip_layer_normalization", "gelu", "bias_gelu")
 FUSED_OPS = (  # (domain, op_type) of every op the pass emits
@@ -84,7 +87,7 @@ def _packed_2d_check(rule, input, skip, gamma, beta, bias) -> MatchResult:
     if rule._has_bias:
         operands.append(("bias", bias, ["D"]))
     for name, value, dims in operands:
-        if not _fusion_utils.check_shape_bool(bindings, value, dims):
+        if not check_shape(bindings, value, dims):
             shapes = ", ".join(f"{n} {None if v is None else v.shape}" for n, v, _ in operands)
             return result.fail(f"{name} does not fit {dims} (needs equal [tokens, hidden] operands; {shapes})", value)
     return result
@@ -187,23 +190,13 @@ class NormFusionPass(GraphPass):
     """RMSNorm / residual+norm / GELU fusions into ORT's fused normalization and activation ops."""
 
     name = "norm_fusion"
+    config_type = NormFusionConfig
+    scope = "norm fusion"
+    contrib_ops_note = (" (SimplifiedLayerNormalization, Skip*Normalization, FastGelu/BiasGelu are ORT extensions); "
+                        "graph left as standard ONNX")
+    count_keys = KINDS
 
-    def __init__(self, config: NormFusionConfig = NormFusionConfig()):
-        super().__init__(config)
-
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
-        for kind in KINDS:
-            report.counts[kind] = 0
-        if graph_name not in self.config.graphs:
-            report.skipped.append(Skip(graph_name, "graph not configured for norm fusion"))
-            return
-        if not target.ort_contrib_ops:
-            report.skipped.append(Skip(
-                graph_name,
-                f"target {target.name} has no ORT contrib ops (SimplifiedLayerNormalization, Skip*Normalization, "
-                "FastGelu/BiasGelu are ORT extensions); graph left as standard ONNX",
-            ))
-            return
+    def run(self, model, report: PassReport) -> None:
         rule_sets = _rule_sets(self.config)
         for kind, rules in rule_sets:
             report.counts[kind] = rules.apply_to_model(model)

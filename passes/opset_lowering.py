@@ -37,8 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter import MatchResult, pattern
 
 from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
 
@@ -191,18 +190,18 @@ class OpsetLoweringPass(GraphPass):
     """Expand ops newer than the target opset (Gelu-20), then version-convert the graph down to it."""
 
     name = "opset_lowering"
+    config_type = OpsetLoweringConfig
+    count_keys = ("gelu_erf", "gelu_tanh", "opset_converted", "stray_attributes")
 
-    def __init__(self, config: OpsetLoweringConfig = OpsetLoweringConfig()):
-        super().__init__(config)
+    def applies_to(self, target: TargetCapabilities, graph: str) -> str | None:
+        if (self.config.target_opset or target.max_opset) is None:
+            return f"target {target.name} has no ONNX opset ceiling: nothing to lower"
+        return super().applies_to(target, graph)
 
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
-        for key in ("gelu_erf", "gelu_tanh", "opset_converted", "stray_attributes"):
-            report.counts[key] = 0
-        target_opset = self.config.target_opset or target.max_opset
+    def run(self, model, report: PassReport) -> None:
+        graph_name = self.graph
+        target_opset = self.config.target_opset or self.target.max_opset
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-        if target_opset is None:
-            report.skipped.append(Skip(graph_name, f"target {target.name} has no ONNX opset ceiling: nothing to lower"))
-            return
         if opset is None or opset <= target_opset:
             report.skipped.append(Skip(graph_name, f"graph is opset {opset}, already <= {target_opset}: nothing to do"))
             return

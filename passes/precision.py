@@ -31,7 +31,6 @@ an unsupported Gemm form.
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import asdict, dataclass
 
@@ -40,11 +39,9 @@ import onnx_ir as ir
 
 from qvl.artifacts.nbits_codes import pack_codes, unpack_codes
 from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
+from qvl.passes.linear_sites import LM_HEAD_LAYER, add_initializer, as_linear, layer_key, matches_keep, module_path, skip_site
 
 MS_DOMAIN = "com.microsoft"
-EMBEDDING_NAME = "embed_tokens.weight"  # the export's tied [vocab, hidden] matrix (toolchain/export/exporter.py)
-LM_HEAD_LAYER = "decoder.lm_head"
-_ROOT_PREFIXES = ("model.language_model.", "model.visual.", "language_model.", "visual.", "model.", "lm.")
 
 
 @dataclass(frozen=True)
@@ -146,150 +143,50 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
 # -- the pass -----------------------------------------------------------------------------------------------
 
 
-def name_scopes(node: ir.Node) -> list[str]:
-    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if not raw:
-        return []
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return []
-    return [s for s in scopes if isinstance(s, str) and s]
-
-
-def _module_path(node: ir.Node, weight_name: str | None) -> str | None:
-    """The node's torch module path (`lm.layers.0.self_attn.q_proj`), from metadata or the weight name."""
-    dotted = [s for s in name_scopes(node) if "." in s]
-    if dotted:
-        return max(dotted, key=len)
-    if weight_name and "." in weight_name:
-        return weight_name.rsplit(".", 1)[0] if weight_name.endswith((".weight", ".bias")) else weight_name
-    return None
-
-
-def layer_key(node: ir.Node, graph_name: str, weight_name: str | None) -> str:
-    """`decoder.layers.3` / `vision.blocks.5` / `vision.merger` / `decoder.lm_head` / `<graph>.<node>`."""
-    if weight_name == EMBEDDING_NAME or node.metadata_props.get("qvl.layer") == LM_HEAD_LAYER:
-        return LM_HEAD_LAYER
-    if node.metadata_props.get("qvl.layer"):
-        return node.metadata_props["qvl.layer"]
-    path = _module_path(node, weight_name)
-    if path is None:
-        return f"{graph_name}.{node.name}"
-    for prefix in _ROOT_PREFIXES:
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-            break
-    parts = path.split(".")
-    if len(parts) >= 2 and parts[1].isdigit():
-        return f"{graph_name}.{parts[0]}.{parts[1]}"
-    return f"{graph_name}.{parts[0]}"
-
-
-@dataclass
-class _Linear:
-    node: ir.Node
-    activation: ir.Value
-    weight: ir.Value
-    bias: ir.Value | None
-    w_nk: bool  # weight stored [N, K] (Gemm transB=1) rather than [K, N]
-    k: int
-    n: int
-
-
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
-def _as_linear(node: ir.Node) -> _Linear | str | None:
-    """A convertible linear layer, a reason string (linear but not convertible), or None (not a linear layer)."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
-        return None
-    a, w = node.inputs[0], node.inputs[1]
-    if w is None or w.const_value is None or not w.is_initializer():
-        return None  # activation x activation (attention scores): not a weight layer
-    if w.dtype != ir.DataType.FLOAT:
-        return f"weight dtype {w.dtype} is not float32"
-    shape = tuple(w.const_value.shape)
-    if len(shape) != 2:
-        return f"weight rank {len(shape)} is not 2"
-    if a.dtype is not None and a.dtype != ir.DataType.FLOAT:
-        return f"activation dtype {a.dtype} is not float32 (this pass keeps activations fp32)"
-    if node.op_type == "MatMul":
-        if a.shape is not None and a.shape.rank() < 2:
-            return "rank-1 activation"
-        return _Linear(node, a, w, None, False, shape[0], shape[1])
-    if _attr(node, "transA", 0) != 0:
-        return "Gemm transA=1"
-    if _attr(node, "alpha", 1.0) != 1.0:
-        return "Gemm alpha != 1"
-    trans_b = _attr(node, "transB", 0) == 1
-    k, n = (shape[1], shape[0]) if trans_b else shape
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None:
-        if _attr(node, "beta", 1.0) != 1.0:
-            return "Gemm beta != 1"
-        if bias.const_value is None or tuple(bias.const_value.shape) != (n,):
-            return "Gemm bias is not a constant [N] vector"
-    return _Linear(node, a, w, bias, trans_b, k, n)
-
-
-def _matches(keep: frozenset, node: ir.Node, graph_name: str, layer: str, weight_name: str, path: str | None) -> str | None:
-    for name in (node.name, f"{graph_name}/{node.name}", layer, weight_name, *(name_scopes(node))):
-        if name and name in keep:
-            return name
-    if path:
-        for k in keep:
-            if path.startswith(k + "."):
-                return k
-    return None
-
-
 class PrecisionPass(GraphPass):
     """Replace constant-weight MatMul/Gemm linear layers by MatMulNBits int8/int4 block-quantized weights."""
 
     name = "precision"
+    config_type = PrecisionConfig
+    scope = "precision assignment"
+    contrib_ops_note = " (MatMulNBits); TensorRT quantization needs Q/DQ calibration instead"
+    count_keys = ("matmulnbits", "from_matmul", "from_gemm", "lm_head")
 
-    def __init__(self, config: PrecisionConfig = PrecisionConfig()):
-        super().__init__(config)
+    def applies_to(self, target: TargetCapabilities, graph: str) -> str | None:
+        reason = super().applies_to(target, graph)
+        if reason is None and self.config.weight_bits not in target.int_weight_bits:
+            reason = (f"target {target.name} has no fast int{self.config.weight_bits} weight kernels "
+                      f"(int_weight_bits={list(target.int_weight_bits)})")
+        return reason
 
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
-        cfg: PrecisionConfig = self.config
-        report.counts.update({"matmulnbits": 0, "from_matmul": 0, "from_gemm": 0, "lm_head": 0})
-        details = report.details
-        details.update(
-            config=cfg.to_dict(), activation_dtype="float32", layers={}, nodes={}, already_quantized=0,
+    def start(self, model, report: PassReport) -> None:
+        super().start(model, report)
+        report.details.update(
+            config=self.config.to_dict(), activation_dtype="float32", layers={}, nodes={}, already_quantized=0,
             kept_fp32=0, bytes_before=0, bytes_after=0, embedding=None,
         )
-        if graph_name not in cfg.graphs:
-            report.skipped.append(Skip(graph_name, "graph not configured for precision assignment"))
-            return
-        if not target.ort_contrib_ops:
-            report.skipped.append(Skip(graph_name, f"target {target.name} has no ORT contrib ops (MatMulNBits); "
-                                                   "TensorRT quantization needs Q/DQ calibration instead"))
-            return
-        if cfg.weight_bits not in target.int_weight_bits:
-            report.skipped.append(Skip(graph_name, f"target {target.name} has no fast int{cfg.weight_bits} weight kernels "
-                                                   f"(int_weight_bits={list(target.int_weight_bits)})"))
-            return
+
+    def run(self, model, report: PassReport) -> None:
+        cfg: PrecisionConfig = self.config
+        graph_name = self.graph
+        details = report.details
         graph = model.graph
         details["already_quantized"] = sum(1 for n in graph if n.domain == MS_DOMAIN and n.op_type == "MatMulNBits")
         done: dict[int, tuple[QuantizedWeight, ir.Value, ir.Value, ir.Value | None]] = {}  # per weight Value id
         layers: dict[str, dict] = details["layers"]
 
         for node in list(graph):
-            lin = _as_linear(node)
+            lin = as_linear(node)
             if lin is None:
                 continue
             weight_name = node.inputs[1].name
             layer = layer_key(node, graph_name, weight_name)
             entry = layers.setdefault(layer, {"decision": "quantized", "nodes": [], "bytes_before": 0, "bytes_after": 0})
             if isinstance(lin, str):
-                self._skip(report, entry, node, layer, lin)
+                skip_site(report, entry, node, layer, lin)
                 continue
             fp32_bytes = lin.weight.const_value.nbytes + (lin.bias.const_value.nbytes if lin.bias is not None else 0)
-            hit = _matches(cfg.keep_fp32, node, graph_name, layer, weight_name, _module_path(node, weight_name))
+            hit = matches_keep(cfg.keep_fp32, node, graph_name, layer, weight_name, module_path(node, weight_name))
             reason = None
             if hit is not None:
                 reason = f"keep_fp32 ({hit})"
@@ -300,7 +197,7 @@ class PrecisionPass(GraphPass):
             elif lin.k % cfg.block_size:
                 reason = f"K={lin.k} not divisible by block_size={cfg.block_size}"
             if reason is not None:
-                self._skip(report, entry, node, layer, reason)
+                skip_site(report, entry, node, layer, reason)
                 entry["bytes_before"] += fp32_bytes
                 entry["bytes_after"] += fp32_bytes
                 details["bytes_before"] += fp32_bytes
@@ -376,30 +273,15 @@ class PrecisionPass(GraphPass):
             graph.opset_imports.setdefault(MS_DOMAIN, 1)
 
     @staticmethod
-    def _skip(report: PassReport, entry: dict, node: ir.Node, layer: str, reason: str) -> None:
-        report.skipped.append(Skip(node.name, f"{layer}: {reason}"))
-        entry.setdefault("reasons", []).append(f"{node.name}: {reason}")
-
-    @staticmethod
     def _base_name(node: ir.Node, weight_name: str, layer: str) -> str:
         if layer == LM_HEAD_LAYER or not re.fullmatch(r"val_\d+", weight_name or ""):
             return weight_name
-        path = _module_path(node, None)  # exporter-numbered constant: name it after its module
+        path = module_path(node, None)  # exporter-numbered constant: name it after its module
         return f"{path}.weight" if path else weight_name
 
     @staticmethod
     def _register(graph: ir.Graph, base: str, q: QuantizedWeight):
-        def add(suffix: str, array: np.ndarray) -> ir.Value:
-            name, i = f"{base}{suffix}", 1
-            while name in graph.initializers:
-                name, i = f"{base}{suffix}.{i}", i + 1
-            dtype = ir.DataType.UINT8 if array.dtype == np.uint8 else ir.DataType.FLOAT
-            v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
-                         const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-            graph.register_initializer(v)
-            return v
-
-        b = add(".q", q.packed)
-        s = add(".scales", q.scales)
-        zp = add(".zp", q.zero_points) if q.zero_points is not None else None
+        b = add_initializer(graph, f"{base}.q", q.packed)
+        s = add_initializer(graph, f"{base}.scales", q.scales)
+        zp = add_initializer(graph, f"{base}.zp", q.zero_points) if q.zero_points is not None else None
         return b, s, zp

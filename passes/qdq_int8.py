@@ -1,7 +1,7 @@
 """Explicit INT8 quantize/dequantize for TensorRT: calibrated activations, per-channel weights, SmoothQuant.
 
 Every linear site -- `MatMul(x, W)` or `Gemm(x, W[, bias])` with a constant float32 `W` (the sites and
-their layer attribution come from `passes/precision.py`: `_as_linear`, `layer_key`, `_matches`) -- becomes
+their layer attribution come from `passes/linear_sites.py`: `as_linear`, `layer_key`, `matches_keep`) -- becomes
 
     x -> [Mul(1/s)] -> QuantizeLinear(a_scale, int8 0) -> DequantizeLinear ---------------> MatMul / Gemm
                         W' = diag(s) W -> QuantizeLinear(w_scale[N], int8 0, axis) -> DequantizeLinear --^
@@ -35,7 +35,7 @@ card) while the lookup keeps reading the same fp32 rows. With `weight_format="in
 
 Skips, each with a reason: graphs not configured, opset < 13, no int8 on the target, the lm_head in the
 pre-quantized int8 form or with `include_lm_head=False` (the default; the sm61 kit sets it), `keep_fp32`, no calibration statistics for the activation (or of the
-wrong length), linear layers `_as_linear` cannot convert. Idempotent: a converted site's weight input is
+wrong length), linear layers `as_linear` cannot convert. Idempotent: a converted site's weight input is
 a DequantizeLinear output, not an initializer, so a second run finds nothing (`already_quantized`).
 """
 
@@ -48,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
-from qvl.passes.precision import LM_HEAD_LAYER, _as_linear, _Linear, _matches, _module_path, layer_key
+from qvl.passes.linear_sites import LM_HEAD_LAYER, Linear, add_initializer, linear_sites, matches_keep, module_path, skip_site
 
 QDQ_MIN_OPSET = 13  # QuantizeLinear / DequantizeLinear with `axis` (per-channel)
 QMAX = 127  # symmetric int8: [-127, 127], zero point 0
@@ -68,7 +68,7 @@ class QdqInt8Config:
     weight_format: str = "float_qdq"  # "float_qdq" (TensorRT 8.x) | "int8" (pre-quantized, TensorRT >= 10)
     fold_smoothing: bool = True  # fold 1/s into a preceding norm's constants where only the group reads it
     # the tied lm_head: per-vocab-row int8 over the unchanged fp32 table (float_qdq form only, never smoothed);
-    # off by default here, the sm61 kit turns it on (toolchain/tensorrt/kit.py)
+    # off by default here, the sm61 kit turns it on (toolchain/tensorrt/int8_kit.py)
     include_lm_head: bool = False
 
     def __post_init__(self):
@@ -88,16 +88,6 @@ class QdqInt8Config:
 
 def stats_key(graph_name: str, value: ir.Value) -> str:
     return f"{graph_name}/{value.name}"
-
-
-def linear_sites(model: ir.Model, graph_name: str) -> list[tuple[ir.Node, _Linear | str, str]]:
-    """(node, _Linear or reason, layer key) for every linear layer of the graph (precision.py's discovery)."""
-    out = []
-    for node in model.graph:
-        lin = _as_linear(node)
-        if lin is not None:
-            out.append((node, lin, layer_key(node, graph_name, node.inputs[1].name)))
-    return out
 
 
 def smoothing_factors(act_max: np.ndarray, w_row_max: np.ndarray, alpha: float | None) -> np.ndarray:
@@ -134,48 +124,51 @@ class QdqInt8Pass(GraphPass):
     """Insert explicit INT8 Q/DQ (SmoothQuant-smoothed, calibrated) around constant-weight linear layers."""
 
     name = "qdq_int8"
+    config_type = QdqInt8Config
+    scope = "INT8 Q/DQ"
 
-    def __init__(self, config: QdqInt8Config = QdqInt8Config()):
-        super().__init__(config)
+    def applies_to(self, target: TargetCapabilities, graph: str) -> str | None:
+        reason = super().applies_to(target, graph)
+        if reason is None and 8 not in target.int_weight_bits:
+            reason = f"target {target.name} has no fast int8 kernels"
+        return reason
 
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
-        cfg: QdqInt8Config = self.config
-        report.counts.update({"quantized": 0, "from_matmul": 0, "from_gemm": 0, "activation_qdq": 0,
-                              "smoothing_folded": 0, "smoothing_mul": 0})
-        details = report.details
-        details.update(config=cfg.to_dict(), activation_dtype="float32", layers={}, nodes={}, already_quantized=0,
-                       kept_fp32=0, bytes_before=0, bytes_after=0)
-        graph = model.graph
-        details["already_quantized"] = sum(
-            1 for n in graph if n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] is not None
+    count_keys = ("quantized", "from_matmul", "from_gemm", "activation_qdq", "smoothing_folded", "smoothing_mul")
+
+    def start(self, model, report: PassReport) -> None:
+        super().start(model, report)
+        report.details.update(config=self.config.to_dict(), activation_dtype="float32", layers={}, nodes={},
+                              already_quantized=0, kept_fp32=0, bytes_before=0, bytes_after=0)
+        report.details["already_quantized"] = sum(
+            1 for n in model.graph if n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] is not None
             and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear")
-        if graph_name not in cfg.graphs:
-            report.skipped.append(Skip(graph_name, "graph not configured for INT8 Q/DQ"))
-            return
-        if 8 not in target.int_weight_bits:
-            report.skipped.append(Skip(graph_name, f"target {target.name} has no fast int8 kernels"))
-            return
+
+    def run(self, model, report: PassReport) -> None:
+        cfg: QdqInt8Config = self.config
+        graph_name = self.graph
+        details = report.details
+        graph = model.graph
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
         if opset is None or opset < QDQ_MIN_OPSET:
             report.skipped.append(Skip(graph_name, f"opset {opset} < {QDQ_MIN_OPSET}: no per-axis QuantizeLinear"))
             return
-        if target.max_opset is not None and opset > target.max_opset:
-            report.skipped.append(Skip(graph_name, f"graph is opset {opset} > the target's {target.max_opset}: lower it first"))
+        if self.target.max_opset is not None and opset > self.target.max_opset:
+            report.skipped.append(Skip(graph_name, f"graph is opset {opset} > the target's {self.target.max_opset}: lower it first"))
             return
         layers: dict[str, dict] = details["layers"]
 
         # 1. eligible sites, grouped by the activation they read
-        groups: dict[int, list[tuple[ir.Node, _Linear, str]]] = {}
+        groups: dict[int, list[tuple[ir.Node, Linear, str]]] = {}
         order: list[int] = []
         for node, lin, layer in linear_sites(model, graph_name):
             entry = layers.setdefault(layer, {"decision": "int8", "nodes": [], "bytes_before": 0, "bytes_after": 0})
             weight_name = node.inputs[1].name
             if isinstance(lin, str):
-                self._skip(report, entry, node, layer, lin)
+                skip_site(report, entry, node, layer, lin)
                 continue
             fp32_bytes = lin.weight.const_value.nbytes + (lin.bias.const_value.nbytes if lin.bias is not None else 0)
             reason = None
-            hit = _matches(cfg.keep_fp32, node, graph_name, layer, weight_name, _module_path(node, weight_name))
+            hit = matches_keep(cfg.keep_fp32, node, graph_name, layer, weight_name, module_path(node, weight_name))
             stats = cfg.activation_stats.get(stats_key(graph_name, lin.activation))
             if layer == LM_HEAD_LAYER and not cfg.include_lm_head:
                 reason = ("tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
@@ -193,7 +186,7 @@ class QdqInt8Pass(GraphPass):
             elif not np.all(np.isfinite(stats)):
                 reason = "non-finite calibration statistics"
             if reason is not None:
-                self._skip(report, entry, node, layer, reason)
+                skip_site(report, entry, node, layer, reason)
                 for k in ("bytes_before", "bytes_after"):
                     entry[k] += fp32_bytes
                     details[k] += fp32_bytes
@@ -221,8 +214,8 @@ class QdqInt8Pass(GraphPass):
                 smoothed, how = self._smooth(graph, first, x, s, {id(n) for n, _, _ in sites}, cfg.fold_smoothing, report)
             a_scale = activation_scale(act_max, s)
             base = x.name or first.name
-            sc = self._const(graph, f"{base}.act_scale", np.array(a_scale, np.float32))
-            zp = self._const(graph, f"{base}.act_zp", np.array(0, np.int8))
+            sc = add_initializer(graph, f"{base}.act_scale", np.array(a_scale, np.float32))
+            zp = add_initializer(graph, f"{base}.act_zp", np.array(0, np.int8))
             q = ir.Node("", "QuantizeLinear", [smoothed, sc, zp], name=f"{first.name}/act_q")
             dq = ir.Node("", "DequantizeLinear", [q.outputs[0], sc, zp], name=f"{first.name}/act_dq")
             q.outputs[0].name, dq.outputs[0].name = f"{base}.q", f"{base}.dq"
@@ -241,7 +234,7 @@ class QdqInt8Pass(GraphPass):
     # -- helpers -------------------------------------------------------------------------------------
 
     @staticmethod
-    def _w_kn(lin: _Linear) -> np.ndarray:
+    def _w_kn(lin: Linear) -> np.ndarray:
         w = lin.weight.const_value.numpy().astype(np.float32)
         return w.T if lin.w_nk else w
 
@@ -263,7 +256,7 @@ class QdqInt8Pass(GraphPass):
                 if len(ci) == 1 and len(other) == 1 and other[0].const_value is None:
                     i = ci[0]
                     c = prod.inputs[i]
-                    prod.replace_input_with(i, self._const(graph, f"{c.name}.smooth", c.const_value.numpy() / s))
+                    prod.replace_input_with(i, add_initializer(graph, f"{c.name}.smooth", c.const_value.numpy() / s))
                     self._drop_if_unused(graph, c)
                     report.counts["smoothing_folded"] += 1
                     return x, f"folded into {prod.op_type} {prod.name}"
@@ -272,14 +265,14 @@ class QdqInt8Pass(GraphPass):
                 scale = prod.inputs[1] if len(prod.inputs) > 1 else None
                 bias = prod.inputs[2] if len(prod.inputs) > 2 else None
                 if (axis is None or axis.value == -1) and vec(scale) and (bias is None or vec(bias)):
-                    prod.replace_input_with(1, self._const(graph, f"{scale.name}.smooth", scale.const_value.numpy() / s))
+                    prod.replace_input_with(1, add_initializer(graph, f"{scale.name}.smooth", scale.const_value.numpy() / s))
                     if bias is not None:
-                        prod.replace_input_with(2, self._const(graph, f"{bias.name}.smooth", bias.const_value.numpy() / s))
+                        prod.replace_input_with(2, add_initializer(graph, f"{bias.name}.smooth", bias.const_value.numpy() / s))
                         self._drop_if_unused(graph, bias)
                     self._drop_if_unused(graph, scale)
                     report.counts["smoothing_folded"] += 1
                     return x, f"folded into {prod.op_type} {prod.name}"
-        inv = self._const(graph, f"{x.name or first.name}.smooth_inv", (np.float32(1.0) / s).astype(np.float32))
+        inv = add_initializer(graph, f"{x.name or first.name}.smooth_inv", (np.float32(1.0) / s).astype(np.float32))
         mul = ir.Node("", "Mul", [x, inv], name=f"{first.name}/smooth")
         mul.outputs[0].name = f"{x.name or first.name}.smoothed"
         mul.outputs[0].dtype, mul.outputs[0].shape = ir.DataType.FLOAT, x.shape
@@ -287,25 +280,25 @@ class QdqInt8Pass(GraphPass):
         report.counts["smoothing_mul"] += 1
         return mul.outputs[0], "Mul"
 
-    def _quantize_site(self, graph, node, lin: _Linear, layer: str, w_kn: np.ndarray, x_dq: ir.Value,
+    def _quantize_site(self, graph, node, lin: Linear, layer: str, w_kn: np.ndarray, x_dq: ir.Value,
                        cfg: QdqInt8Config, details: dict, report: PassReport, graph_name: str, info: dict) -> None:
         w_kn = w_kn.astype(np.float32)
         scales = weight_scales(w_kn)
         axis = 0 if lin.w_nk else 1  # the N (output channel) axis in the stored layout
         wname = lin.weight.name
         stored_shape = (lin.n, lin.k) if lin.w_nk else (lin.k, lin.n)
-        sc = self._const(graph, f"{wname}.w_scale", scales)
-        zp = self._const(graph, f"{wname}.w_zp", np.zeros(lin.n, np.int8))
+        sc = add_initializer(graph, f"{wname}.w_scale", scales)
+        zp = add_initializer(graph, f"{wname}.w_zp", np.zeros(lin.n, np.int8))
         new_nodes = []
         wf = None
         if cfg.weight_format == "int8":
             codes = quantize_weight(w_kn, scales)
-            wq = self._const(graph, f"{wname}.int8", codes.T.copy() if lin.w_nk else codes)
+            wq = add_initializer(graph, f"{wname}.int8", codes.T.copy() if lin.w_nk else codes)
         else:
             if layer == LM_HEAD_LAYER:
                 wf = lin.weight  # unsmoothed (s = 1): quantize the shared fp32 table itself, not a copy
             else:
-                wf = self._const(graph, f"{wname}.smoothed", w_kn.T.copy() if lin.w_nk else w_kn)
+                wf = add_initializer(graph, f"{wname}.smoothed", w_kn.T.copy() if lin.w_nk else w_kn)
             qw = ir.Node("", "QuantizeLinear", [wf, sc, zp], attributes=[ir.AttrInt64("axis", axis)], name=f"{node.name}/w_q")
             qw.outputs[0].name, qw.outputs[0].dtype = f"{wname}.q", ir.DataType.INT8
             qw.outputs[0].shape = ir.Shape(stored_shape)
@@ -339,20 +332,3 @@ class QdqInt8Pass(GraphPass):
     def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         if not value.uses() and value.name in graph.initializers and not value.is_graph_output():
             graph.initializers.pop(value.name)
-
-    @staticmethod
-    def _skip(report: PassReport, entry: dict, node: ir.Node, layer: str, reason: str) -> None:
-        report.skipped.append(Skip(node.name, f"{layer}: {reason}"))
-        entry.setdefault("reasons", []).append(f"{node.name}: {reason}")
-
-    @staticmethod
-    def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-        name, i = base, 1
-        while name in graph.initializers:
-            name, i = f"{base}.{i}", i + 1
-        array = np.ascontiguousarray(array)
-        dtype = {np.dtype(np.float32): ir.DataType.FLOAT, np.dtype(np.int8): ir.DataType.INT8}[array.dtype]
-        v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
-                     const_value=ir.tensor(array, name=name))
-        graph.register_initializer(v)
-        return v

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
-from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter import MatchResult, pattern
 
-from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities, initializer_ints
+from qvl.passes.base import GraphPass, PassReport, initializer_ints
 from qvl.passes.norm_fusion import explain_failures
 
 MS_DOMAIN = "com.microsoft"
@@ -192,20 +191,12 @@ class RotaryFusionPass(GraphPass):
     """Per-token (MRoPE) rotate-half rotary -> com.microsoft.RotaryEmbedding over a per-token cache."""
 
     name = "rotary_fusion"
+    config_type = RotaryFusionConfig
+    scope = "rotary fusion"
+    contrib_ops_note = " (RotaryEmbedding is an ORT extension); rotary left as standard ONNX"
+    count_keys = ("rotary_embedding", "head_split_round_trip")
 
-    def __init__(self, config: RotaryFusionConfig = RotaryFusionConfig()):
-        super().__init__(config)
-
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
-        report.counts["rotary_embedding"] = 0
-        report.counts["head_split_round_trip"] = 0
-        if graph_name not in self.config.graphs:
-            report.skipped.append(Skip(graph_name, "graph not configured for rotary fusion"))
-            return
-        if not target.ort_contrib_ops:
-            report.skipped.append(Skip(graph_name, f"target {target.name} has no ORT contrib ops "
-                                                   "(RotaryEmbedding is an ORT extension); rotary left as standard ONNX"))
-            return
+    def run(self, model, report: PassReport) -> None:
         rules = _rules()
         report.counts["rotary_embedding"] = rules.apply_to_model(model)
         report.skipped.extend(explain_failures(model, [("rotary_embedding", rules)]))

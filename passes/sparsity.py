@@ -25,7 +25,7 @@ that a later precision pass (`passes/precision.py`, MatMulNBits block 32) still 
 projection, whose K becomes F_keep. Kept channels stay in their original order.
 
 Scope and skips (each with its reason in the report): only graphs in `config.graphs` (the decoder);
-layers (`precision.layer_key`: `decoder.layers.3`) not in `config.layers` or listed in `config.keep`;
+layers (`linear_sites.layer_key`: `decoder.layers.3`) not in `config.layers` or listed in `config.keep`;
 an MLP-scoped layer without the SwiGLU pattern (pattern mismatch: other activation, bias Adds,
 intermediates used elsewhere, shared weights); MatMulNBits weights (already quantized: sparsity runs
 *before* precision; this pass needs fp32 `[K, F]` initializers).
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
-from qvl.passes.precision import layer_key, name_scopes
+from qvl.passes.base import GraphPass, PassReport, Skip
+from qvl.passes.linear_sites import layer_key, name_scopes
 
 METADATA_KEY = "qvl.sparsity"
 
@@ -185,18 +185,19 @@ class MlpChannelSparsityPass(GraphPass):
     """Slice away the lowest-scoring intermediate channels of every SwiGLU MLP (gate/up columns, down rows)."""
 
     name = "sparsity"
+    config_type = SparsityConfig
+    scope = "MLP channel sparsity"
 
-    def __init__(self, config: SparsityConfig = SparsityConfig()):
-        super().__init__(config)
+    count_keys = ("layers_pruned", "channels_removed", "bytes_saved")
 
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
+    def start(self, model, report: PassReport) -> None:
+        super().start(model, report)
+        report.details.update(config=self.config.to_dict(), layers={}, bytes_before=0, bytes_after=0, already_pruned=0)
+
+    def run(self, model, report: PassReport) -> None:
         cfg: SparsityConfig = self.config
-        report.counts.update({"layers_pruned": 0, "channels_removed": 0, "bytes_saved": 0})
+        graph_name = self.graph
         details = report.details
-        details.update(config=cfg.to_dict(), layers={}, bytes_before=0, bytes_after=0, already_pruned=0)
-        if graph_name not in cfg.graphs:
-            report.skipped.append(Skip(graph_name, "graph not configured for MLP channel sparsity"))
-            return
         graph = model.graph
         layers: dict[str, dict] = details["layers"]
         matched: dict[str, list[_SwiGLU]] = {}

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-from onnxscript.rewriter import _fusion_utils, pattern
-from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
+from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, pattern
 
-from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities, initializer_ints
+from qvl.passes.base import GraphPass, PassReport, Skip, scalar_const, check_shape, initializer_ints
 
 _STRUCTURE = (
     "Transpose(q|k|v) -> MatMul -> Mul(scale) [-> Add(bias)] -> Softmax -> MatMul(v) -> Transpose -> Reshape"
@@ -49,13 +48,6 @@ _STRUCTURE = (
 @dataclass(frozen=True)
 class VisionAttentionFusionConfig:
     graphs: tuple[str, ...] = ("vision",)
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    if value is None or value.const_value is None:
-        return None
-    arr = value.const_value.numpy()
-    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
 
 
 def site_name(v: ir.Value | None, fallback: str) -> str:
@@ -97,7 +89,7 @@ class _PackedVisionAttention(pattern.RewriteRuleClassBase):
         result = MatchResult()
         bindings: dict = {}
         for name, val in (("query", q), ("key", k), ("value", v)):
-            if not _fusion_utils.check_shape_bool(bindings, val, ["N", "H", "Dh"]):
+            if not check_shape(bindings, val, ["N", "H", "Dh"]):
                 shape = val.shape if val is not None else None
                 return result.fail(f"{name} shape {shape} is not [patches, heads, head_dim] like the query's", val)
         heads, head_dim = bindings["H"], bindings["Dh"]
@@ -105,7 +97,7 @@ class _PackedVisionAttention(pattern.RewriteRuleClassBase):
             return result.fail(f"heads/head_dim are not static ({heads}, {head_dim})", q)
         if q.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             return result.fail(f"dtype {q.dtype} is not float32/float16", q)
-        if _scalar(scale) is None:
+        if scalar_const(scale) is None:
             return result.fail("attention scale is not a constant scalar", scale)
         softmax = probs.producer()
         opset = context.model.opset_imports.get("", 20)
@@ -132,7 +124,7 @@ class _PackedVisionAttention(pattern.RewriteRuleClassBase):
         # MultiHeadAttention's attention_bias is (1 or batch, 1 or heads, S, total_S): the two trailing
         # axes must be the full [N, N] (no broadcasting over query or key positions).
         expected = {2: ["N", "N"], 3: ["H_or_1", "N", "N"], 4: ["1", "H_or_1", "N", "N"]}.get(bias.shape.rank())
-        shape_ok = expected is not None and _fusion_utils.check_shape_bool(dict(bindings), bias, expected)
+        shape_ok = expected is not None and check_shape(dict(bindings), bias, expected)
         if shape_ok and bias.shape.rank() >= 3:
             lead = list(bias.shape)[: bias.shape.rank() - 2]
             shape_ok = lead[-1] in (1, bindings["H"]) and (len(lead) == 1 or lead[0] == 1)
@@ -168,7 +160,7 @@ class _PackedVisionAttention(pattern.RewriteRuleClassBase):
         mask = self._bias4(op, attn_bias) if self._has_bias else None
         attn = op.MultiHeadAttention(
             *packed, None, None, mask,
-            num_heads=heads, scale=_scalar(scale), _domain="com.microsoft",
+            num_heads=heads, scale=scalar_const(scale), _domain="com.microsoft",
         )
         attn.dtype, attn.shape = q.dtype, ir.Shape([1, n, hidden])
         self._state["sites"].append(site_name(v, fallback=attn.name or "attention"))
@@ -218,21 +210,12 @@ class VisionAttentionFusionPass(GraphPass):
     """Fuse every vision block's packed masked attention into ORT MultiHeadAttention (ORT targets)."""
 
     name = "vision_attention_fusion"
+    config_type = VisionAttentionFusionConfig
+    scope = "vision attention fusion"
+    contrib_ops_note = " (MultiHeadAttention); graph left as standard ONNX"
+    count_keys = ("multi_head_attention",)
 
-    def __init__(self, config: VisionAttentionFusionConfig = VisionAttentionFusionConfig()):
-        super().__init__(config)
-
-    def run(self, model, target: TargetCapabilities, graph_name: str, report: PassReport) -> None:
-        report.counts["multi_head_attention"] = 0
-        if graph_name not in self.config.graphs:
-            report.skipped.append(Skip(graph_name, "graph not configured for vision attention fusion"))
-            return
-        if not target.ort_contrib_ops:
-            report.skipped.append(Skip(
-                graph_name,
-                f"target {target.name} has no ORT contrib ops (MultiHeadAttention); graph left as standard ONNX",
-            ))
-            return
+    def run(self, model, report: PassReport) -> None:
         state: dict = {"bias4": {}, "sites": []}
         rules = _rule_set(state)
         count = rules.apply_to_model(model)

@@ -135,9 +135,6 @@ class StreamDecoder:
         self._prefix, self._read = self._read, len(self.token_ids)
         return self._out(piece)
 
-    def push_many(self, token_ids: Iterable[int]) -> str:
-        return "".join(self.push(t) for t in token_ids)
-
     def finish(self) -> str:
         """Flush the held tail at end of generation; the total output then equals the full decode."""
         out = ""

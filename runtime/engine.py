@@ -1,6 +1,6 @@
 """ONNX Runtime execution of an artifact's graphs: vision encoder, embedding lookup, KV-cached decoder.
 
-Two decoder KV layouts exist, recorded per artifact in `manifest["decoder"]["kv_mode"]`:
+Two decoder KV layouts exist, recorded per artifact in the manifest's `decoder.kv_mode` (`Manifest.kv_mode`):
 
 * `concat` (the plain export): the graph takes `past_*` and returns `present_* = concat(past, new)`.
   Used for export parity; each step allocates the grown cache.
@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qvl.artifacts.manifest import read_manifest
-from qvl.artifacts.weight_store import map_tensor
+from qvl.artifacts.weight_store import map_embedding
 from qvl.errors import QvlError
 from qvl.runtime.vision_tables import vision_tables
 
@@ -65,16 +65,16 @@ class Engine:
         # machine's verified record for the store matches); `integrity["weights"]` is 'cached' or 'verified'.
         self.integrity: dict = {}
         self.manifest = read_manifest(self.artifact, summary=self.integrity)
-        m = self.manifest["model"]
+        m = self.manifest.model
         self.model_info = m
-        self.num_layers = m["num_layers"]
-        self.num_kv_heads = m["num_kv_heads"]
-        self.head_dim = m["head_dim"]
-        self.hidden_size = m["hidden_size"]
-        self.num_deepstack = m["num_deepstack"]
-        self.context_length = m["context_length"]
-        self.kv_mode = self.manifest.get("decoder", {}).get("kv_mode", "concat")
-        self.vision_config = self.manifest["source"]["config"]["vision_config"]
+        self.num_layers = m.num_layers
+        self.num_kv_heads = m.num_kv_heads
+        self.head_dim = m.head_dim
+        self.hidden_size = m.hidden_size
+        self.num_deepstack = m.num_deepstack
+        self.context_length = m.context_length
+        self.kv_mode = self.manifest.kv_mode
+        self.vision_config = self.manifest.source.vision_config
         providers = self._providers(device)
         files, so, self.optimized_graphs = self._graph_files(device, threads)
         try:
@@ -83,14 +83,14 @@ class Engine:
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                 ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
             raise QvlError(f"cannot load artifact graphs from {self.artifact}: {str(exc).splitlines()[0]}") from None
-        emb = self.manifest["embedding"]
+        emb = self.manifest.embedding
         # [precision pass] a quantized tied lm_head leaves no fp32 matrix: embed from its MatMulNBits rows.
-        if emb.get("format") == "matmulnbits":
+        if emb.quantized:
             from qvl.runtime.quantized_embedding import QuantizedEmbedding
 
             self.embedding = QuantizedEmbedding.from_manifest(self.artifact, emb)
         else:
-            self.embedding = map_tensor(self.artifact / emb["file"], emb["offset"], tuple(emb["shape"]), emb["dtype"])
+            self.embedding = map_embedding(self.manifest)
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
@@ -98,18 +98,17 @@ class Engine:
         """The graphs to load: ORT's saved optimized graphs when this ORT wrote them for this provider
         (then optimization is off at load: it already ran), else the plain graphs, optimized at load."""
         so = session_options(threads)
-        if self.manifest.get("kit", {}).get("build", {}).get("int8"):
+        if self.manifest.int8_kit:
             # An INT8 engine kit's explicit Q/DQ graphs are TensorRT's to run (int8 GEMMs accumulating in
             # int32). ORT's CPU would fuse them into its U8S8 integer kernels, which can saturate on AVX2 and
             # then differ from the quantized model by far more than quantization does; computing Q/DQ as
             # written (fp32 fake quantization) is what TensorRT's result should match.
             so.add_session_config_entry("session.disable_quant_qdq", "1")
-        plain = {name: g["file"] for name, g in self.manifest["graphs"].items()}
-        opt = self.manifest.get("ort_optimized")
-        if (device == "cpu" and opt and opt.get("onnxruntime") == ort.__version__
-                and set(opt.get("graphs", {})) == set(plain)):
+        plain = self.manifest.graph_files()
+        opt = self.manifest.ort_optimized
+        if device == "cpu" and opt is not None and opt.usable(ort.__version__, plain):
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return {name: g["file"] for name, g in opt["graphs"].items()}, so, True
+            return {name: g.file for name, g in opt.graphs.items()}, so, True
         return plain, so, False
 
     @staticmethod

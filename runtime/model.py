@@ -86,7 +86,7 @@ class Model:
             deepstack = np.zeros((len(ds), 1, len(ids), embeds.shape[-1]), dtype=np.float32)
             for k, feat in enumerate(ds):
                 deepstack[k, 0, mask] = feat
-        merge = self.engine.model_info["vision"]["spatial_merge_size"]
+        merge = self.engine.model_info.spatial_merge_size
         position_ids, rope_delta = rope_index(ids, prompt.mm_token_type_ids, prompt.image_grid_thw, merge)
         return embeds, position_ids, deepstack, rope_delta
 

@@ -6,7 +6,7 @@ float32 `[vocab * blocks]`, optional packed `zero_points`). The runtime then emb
 just the requested rows, with the op's own formula `(code - zero_point) * scale` in float32, so a token's
 embedding is bit-identical to the column the decoder's lm_head multiplies with (ORT, accuracy_level 0).
 
-The manifest entry (`manifest["embedding"]`) that selects this path:
+The manifest entry (`embedding`, typed `schema.Embedding`) that selects this path:
 
     {"format": "matmulnbits", "file": "weights.bin", "shape": [vocab, hidden], "dtype": "float32",
      "bits": 4 | 8, "block_size": 32 | 64 | 128, "initializer": "embed_tokens.weight.q",
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from qvl.artifacts.nbits_codes import unpack_codes
+from qvl.artifacts.schema import WEIGHTS, Embedding, TensorRef
 from qvl.errors import QvlError
 
 FORMAT = "matmulnbits"
@@ -57,16 +58,17 @@ class QuantizedEmbedding:
         self.dtype = np.dtype(np.float32)
 
     @classmethod
-    def from_manifest(cls, artifact: Path, entry: dict) -> "QuantizedEmbedding":
-        if entry.get("format") != FORMAT:
-            raise QvlError(f"embedding format {entry.get('format')!r} is not {FORMAT!r}")
+    def from_manifest(cls, artifact: Path, entry: Embedding) -> "QuantizedEmbedding":
+        """From the manifest's typed `embedding` entry (`format: "matmulnbits"`)."""
+        if entry.format != FORMAT:
+            raise QvlError(f"embedding format {entry.format!r} is not {FORMAT!r}")
         try:
-            vocab, hidden = (int(d) for d in entry["shape"])
-            parts = {k: _map(Path(artifact), entry, entry[k]) if entry.get(k) else None
+            vocab, hidden = (int(d) for d in entry.shape)
+            parts = {k: _map(Path(artifact), entry, getattr(entry, k)) if getattr(entry, k) is not None else None
                      for k in ("packed", "scales", "zero_points")}
-            return cls(parts["packed"], parts["scales"], parts["zero_points"], int(entry["bits"]),
-                       int(entry["block_size"]), hidden)
-        except (KeyError, TypeError, ValueError) as exc:
+            return cls(parts["packed"], parts["scales"], parts["zero_points"], int(entry.bits),
+                       int(entry.block_size), hidden)
+        except (TypeError, ValueError) as exc:
             raise QvlError(f"corrupt quantized embedding entry in the manifest: {exc}") from None
 
     def __len__(self) -> int:
@@ -91,13 +93,13 @@ class QuantizedEmbedding:
         return rows.reshape(ids.shape + (self.shape[1],))
 
 
-def _map(artifact: Path, entry: dict, part: dict) -> np.ndarray:
-    path = artifact / part.get("file", entry["file"])
+def _map(artifact: Path, entry: Embedding, part: TensorRef) -> np.ndarray:
+    path = artifact / (part.file or entry.file or WEIGHTS)
     if not path.is_file():
         raise QvlError(f"artifact weight store missing: {path.name}")
-    shape = tuple(int(d) for d in part["shape"])
-    dtype = np.dtype(part["dtype"])
-    need = int(part["offset"]) + int(np.prod(shape)) * dtype.itemsize
+    shape = tuple(int(d) for d in part.shape)
+    dtype = np.dtype(part.dtype)
+    need = int(part.offset) + int(np.prod(shape)) * dtype.itemsize
     if path.stat().st_size < need:
         raise QvlError(f"artifact weight store {path.name} is truncated (quantized embedding needs {need} bytes)")
-    return np.memmap(path, dtype=dtype, mode="r", offset=int(part["offset"]), shape=shape)
+    return np.memmap(path, dtype=dtype, mode="r", offset=int(part.offset), shape=shape)

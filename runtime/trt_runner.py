@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from qvl.artifacts.manifest import read_manifest
-from qvl.artifacts.weight_store import map_tensor
+from qvl.artifacts.schema import load_kit
+from qvl.artifacts.weight_store import map_embedding
 from qvl.errors import QvlError
 
 ENGINES_DIR = "engines"
@@ -68,10 +69,12 @@ class DecoderLimits:
     decode_past: int
 
     @classmethod
-    def from_kit(cls, kit: dict) -> "DecoderLimits":
-        profiles = {p["name"]: p["dims"] for p in kit["graphs"]["decoder"]["profiles"]}
+    def from_kit(cls, kit) -> "DecoderLimits":
+        """From the manifest's `Kit` (or a raw kit section, validated first)."""
+        kit = load_kit(kit)
+        profiles = {p["name"]: p["dims"] for p in kit.graphs["decoder"].profiles}
         pre, dec = profiles["prefill"], profiles["decode"]
-        return cls(context=int(kit["context_length"]), prefill_seq=int(pre["seq"][2]), prefill_past=int(pre["past"][2]),
+        return cls(context=int(kit.context_length), prefill_seq=int(pre["seq"][2]), prefill_past=int(pre["past"][2]),
                    decode_past=int(dec["past"][2]))
 
 
@@ -247,8 +250,8 @@ class TrtEngine:
         self.artifact = Path(kit_dir)
         self.integrity: dict = {}
         self.manifest = read_manifest(self.artifact, summary=self.integrity)
-        self.kit = self.manifest.get("kit")
-        if not self.kit:
+        self.kit = self.manifest.kit
+        if self.kit is None:
             raise QvlError(f"{kit_dir} is not a TensorRT engine kit")
         engines = Path(engines_dir) if engines_dir else self.artifact / ENGINES_DIR
         build_path = engines / BUILD_REPORT
@@ -256,40 +259,39 @@ class TrtEngine:
             raise QvlError(f"no engines in {engines}", hint=f"build them with `qvl-compile build-engine {kit_dir}`")
         build = _read_build_report(build_path, engines)
         if build.get("target_mismatch"):
-            raise QvlError(f"the engines in {engines} cannot run on {self.kit['target']}: {build['target_mismatch']}",
+            raise QvlError(f"the engines in {engines} cannot run on {self.kit.target}: {build['target_mismatch']}",
                            hint="rebuild them on the target machine with `qvl-compile build-engine`")
-        m = self.manifest["model"]
+        m = self.manifest.model
         self.model_info = m
-        self.num_layers, self.num_kv_heads, self.head_dim = m["num_layers"], m["num_kv_heads"], m["head_dim"]
-        self.hidden_size, self.num_deepstack = m["hidden_size"], m["num_deepstack"]
+        self.num_layers, self.num_kv_heads, self.head_dim = m.num_layers, m.num_kv_heads, m.head_dim
+        self.hidden_size, self.num_deepstack = m.hidden_size, m.num_deepstack
         self.limits = DecoderLimits.from_kit(self.kit)
         self.context_length = self.limits.context
         self.kv_mode = "trt-pingpong"
-        self.vision_config = self.manifest["source"]["config"]["vision_config"]
-        emb = self.manifest["embedding"]
-        self.embedding = map_tensor(self.artifact / emb["file"], emb["offset"], tuple(emb["shape"]), emb["dtype"])
+        self.vision_config = self.manifest.source.vision_config
+        self.embedding = map_embedding(self.manifest)
 
         trt = _import_tensorrt()
         self._trt = trt
         self.cuda = _Cuda()
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        graphs = self.kit["graphs"]
-        self.decoder = _EngineIO(trt, runtime, engines / build["engines"]["decoder"]["file"], graphs["decoder"]["profiles"], self.cuda)
-        self._profile_index = {p["name"]: i for i, p in enumerate(graphs["decoder"]["profiles"])}
-        on_cpu = " ".join(self.kit["memory_fit"]["selected"].get("on_cpu") or [])
+        graphs = self.kit.graphs
+        self.decoder = _EngineIO(trt, runtime, engines / build["engines"]["decoder"]["file"], list(graphs["decoder"].profiles), self.cuda)
+        self._profile_index = {p["name"]: i for i, p in enumerate(graphs["decoder"].profiles)}
+        on_cpu = " ".join(self.kit.memory_fit.on_cpu)
         vision_cpu = vision == "cpu" or (vision == "auto" and ("vision" in on_cpu or "vision" not in build["engines"]))
         if vision_cpu:  # the kit's vision graph is a valid ONNX Runtime graph too
             from qvl.runtime.engine import session_options
             import onnxruntime as ort
 
-            self._vision_ort = ort.InferenceSession(str(self.artifact / graphs["vision"]["file"]), session_options(threads),
+            self._vision_ort = ort.InferenceSession(str(self.artifact / graphs["vision"].file), session_options(threads),
                                                     providers=["CPUExecutionProvider"])
             self.vision = None
         else:
             self._vision_ort = None
-            self.vision = _EngineIO(trt, runtime, engines / build["engines"]["vision"]["file"], graphs["vision"]["profiles"], self.cuda)
-        vocab = m["vocab_size"]
+            self.vision = _EngineIO(trt, runtime, engines / build["engines"]["vision"]["file"], list(graphs["vision"].profiles), self.cuda)
+        vocab = m.vocab_size
         self._logits = np.empty((1, 1, vocab), dtype=np.float32)
         self._logits_dev = self.cuda.malloc(self._logits.nbytes)
 
@@ -339,6 +341,7 @@ class TrtEngine:
         bufs = [(self.cuda.malloc(nbytes), self.cuda.malloc(nbytes)) for _ in range(2 * self.num_layers)]
         return TrtKVCache(0, cap, bufs, 0)
 
+    # Not called yet: the runner protocol of issue #14 (`free`) is where the TensorRT backend releases a cache.
     def free_cache(self, cache: TrtKVCache) -> None:
         for a, b in cache.buffers:
             self.cuda.free(a)

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto as T
 from onnx import helper
 
@@ -113,7 +112,7 @@ def test_fuses_to_group_query_attention_with_equal_outputs():
     before = ir.serde.deserialize_model(attention_graph())
     reference = {shape: _run(before, _feeds(*shape)) for shape in ((0, 5), (6, 1), (4, 3))}
     model = ir.serde.deserialize_model(attention_graph())
-    result = AttentionFusionPass()(model, CPU, "decoder")
+    result = AttentionFusionPass(target=CPU, graph="decoder")(model)
     assert result.report.counts == {"group_query_attention": 1}
     assert result.report.skipped == []
     ops = [n.op_type for n in model.graph]
@@ -133,9 +132,9 @@ def test_fuses_to_group_query_attention_with_equal_outputs():
 
 def test_is_idempotent():
     model = ir.serde.deserialize_model(attention_graph())
-    AttentionFusionPass()(model, CPU, "decoder")
+    AttentionFusionPass(target=CPU, graph="decoder")(model)
     ops = [n.op_type for n in model.graph]
-    again = AttentionFusionPass()(model, CPU, "decoder")
+    again = AttentionFusionPass(target=CPU, graph="decoder")(model)
     assert again.report.counts["group_query_attention"] == 0
     assert [n.op_type for n in model.graph] == ops
 
@@ -143,7 +142,7 @@ def test_is_idempotent():
 def test_tensorrt_target_is_skipped_with_reason():
     model = ir.serde.deserialize_model(attention_graph())
     ops = [n.op_type for n in model.graph]
-    result = AttentionFusionPass()(model, TRT, "decoder")
+    result = AttentionFusionPass(target=TRT, graph="decoder")(model)
     assert result.report.counts == {"group_query_attention": 0}
     assert "no ORT contrib ops" in result.report.skipped[0].reason
     assert [n.op_type for n in model.graph] == ops
@@ -152,7 +151,7 @@ def test_tensorrt_target_is_skipped_with_reason():
 def test_non_repeat_kv_layout_is_skipped_with_reason():
     # Unsqueeze on axis 1 is not transformers' repeat_kv: the head grouping would differ.
     model = ir.serde.deserialize_model(attention_graph(unsqueeze_axis=1))
-    result = AttentionFusionPass()(model, CPU, "decoder")
+    result = AttentionFusionPass(target=CPU, graph="decoder")(model)
     assert result.report.counts["group_query_attention"] == 0
     assert [s.reason for s in result.report.skipped] == ["attention subgraph did not match the KV-cached GQA pattern"]
     assert "Softmax" in [n.op_type for n in model.graph]
@@ -160,6 +159,6 @@ def test_non_repeat_kv_layout_is_skipped_with_reason():
 
 def test_vision_graph_is_not_touched():
     model = ir.serde.deserialize_model(attention_graph())
-    result = AttentionFusionPass()(model, CPU, "vision")
+    result = AttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts["group_query_attention"] == 0
     assert "not configured" in result.report.skipped[0].reason

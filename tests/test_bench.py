@@ -92,7 +92,7 @@ def test_bench_report_shape_and_consistency(bench_result, tiny_artifact):
     # whole weight store, and (fp32 both sides) within 1% of eager's decoder parameter bytes
     from qvl.artifacts.manifest import read_manifest
 
-    manifest = read_manifest(tiny_artifact, verify_graphs=False)
+    manifest = read_manifest(tiny_artifact, verify_graphs=False).to_json()
     emb = manifest["embedding"]
     lm_head = int(np.prod(emb["shape"])) * np.dtype(emb["dtype"]).itemsize
     assert lm_head < bpt <= manifest["weights"]["bytes"]
@@ -111,7 +111,7 @@ def test_bench_report_shape_and_consistency(bench_result, tiny_artifact):
 
 
 def test_bench_plot_and_table(bench_result, tmp_path):
-    from qvl.toolchain.eval.bench import format_bench, plot_bench
+    from qvl.toolchain.eval.bench_report import format_bench, plot_bench
 
     result, _ = bench_result
     out = plot_bench(result, tmp_path / "bench.png")
@@ -123,7 +123,7 @@ def test_bench_plot_and_table(bench_result, tmp_path):
 def test_default_inputs_are_exact(tiny_artifact, tmp_path):
     """The real-size inputs: 128 prompt tokens after the template; 196 visual tokens + a 32-token question."""
     from qvl.runtime.prompt import PromptBuilder
-    from qvl.toolchain.eval.bench import build_inputs
+    from qvl.toolchain.eval.bench_inputs import build_inputs
 
     inputs = build_inputs(tiny_artifact, tmp_path)
     builder = PromptBuilder.from_dir(tiny_artifact)

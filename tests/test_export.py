@@ -75,7 +75,7 @@ def test_embedding_stored_once(tiny_artifact, tiny_checkpoint):
 def test_manifest_describes_graphs(tiny_artifact):
     from qvl.artifacts.manifest import read_manifest
 
-    m = read_manifest(tiny_artifact)
+    m = read_manifest(tiny_artifact).to_json()
     assert m["format_version"] == 1 and m["source"]["config"]["model_type"] == "qwen3_vl"
     dec = m["graphs"]["decoder"]
     ins = [i["name"] for i in dec["inputs"]]

@@ -121,7 +121,7 @@ def _ops(model: ir.Model) -> list[str]:
 def test_decoder_rms_norms_fuse_with_equal_outputs():
     proto = decoder_norm_graph()
     model = ir.serde.deserialize_model(proto)
-    result = NormFusionPass()(model, CPU, "decoder")
+    result = NormFusionPass(target=CPU, graph="decoder")(model)
     assert result.report.counts == {**ZERO_COUNTS, "rms_normalization": 2, "skip_rms_normalization": 1}
     assert result.report.skipped == []
     assert [(n.domain, n.op_type) for n in model.graph] == [
@@ -140,7 +140,7 @@ def test_decoder_rms_norms_fuse_with_equal_outputs():
 def test_vision_skip_layer_norm_and_gelus_fuse_with_equal_outputs():
     proto = vision_norm_gelu_graph()
     model = ir.serde.deserialize_model(proto)
-    result = NormFusionPass()(model, CPU, "vision")
+    result = NormFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {**ZERO_COUNTS, "skip_layer_normalization": 1, "gelu": 1, "bias_gelu": 2}
     assert result.report.skipped == []
     assert [(n.domain, n.op_type) for n in model.graph] == [
@@ -161,7 +161,7 @@ def test_vision_skip_layer_norm_and_gelus_fuse_with_equal_outputs():
 def test_non_constant_epsilon_is_skipped_with_reason():
     model = ir.serde.deserialize_model(decoder_norm_graph(eps_is_input=True))
     ops = _ops(model)
-    result = NormFusionPass()(model, CPU, "decoder")
+    result = NormFusionPass(target=CPU, graph="decoder")(model)
     assert result.report.counts == ZERO_COUNTS
     assert _ops(model) == ops
     assert [(s.where, s.reason) for s in result.report.skipped] == [
@@ -173,7 +173,7 @@ def test_non_constant_epsilon_is_skipped_with_reason():
 def test_broadcast_residual_is_skipped_with_reason():
     # skip is [1, hidden] broadcast over the patches: SkipLayerNormalization needs equal operands.
     model = ir.serde.deserialize_model(vision_norm_gelu_graph(skip_rows=1))
-    result = NormFusionPass()(model, CPU, "vision")
+    result = NormFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts["skip_layer_normalization"] == 0
     assert _ops(model)[:2] == ["Add", "LayerNormalization"]
     (skip,) = result.report.skipped
@@ -183,9 +183,9 @@ def test_broadcast_residual_is_skipped_with_reason():
 def test_is_idempotent():
     for proto, graph in ((decoder_norm_graph(), "decoder"), (vision_norm_gelu_graph(), "vision")):
         model = ir.serde.deserialize_model(proto)
-        NormFusionPass()(model, CPU, graph)
+        NormFusionPass(target=CPU, graph=graph)(model)
         ops = [(n.domain, n.op_type, [v.name for v in n.inputs if v is not None]) for n in model.graph]
-        again = NormFusionPass()(model, CPU, graph)
+        again = NormFusionPass(target=CPU, graph=graph)(model)
         assert again.report.counts == ZERO_COUNTS and again.report.skipped == []
         assert not again.modified
         assert [(n.domain, n.op_type, [v.name for v in n.inputs if v is not None]) for n in model.graph] == ops
@@ -194,7 +194,7 @@ def test_is_idempotent():
 def test_tensorrt_target_is_skipped_with_reason():
     model = ir.serde.deserialize_model(decoder_norm_graph())
     ops = _ops(model)
-    result = NormFusionPass()(model, TRT, "decoder")
+    result = NormFusionPass(target=TRT, graph="decoder")(model)
     assert result.report.counts == ZERO_COUNTS
     assert "no ORT contrib ops" in result.report.skipped[0].reason
     assert _ops(model) == ops and "com.microsoft" not in model.opset_imports
@@ -216,7 +216,7 @@ def _fused_copy(artifact, graph: str, tmp_path):
     resolve from another directory, so the copy gets its own data file.
     """
     model = ir.load(artifact / f"{graph}.onnx")
-    result = NormFusionPass()(model, CPU, graph)
+    result = NormFusionPass(target=CPU, graph=graph)(model)
     out = tmp_path / f"{graph}.onnx"
     ir.save(model, out, external_data=f"{graph}.data")
     return model, result.report, out

@@ -56,7 +56,7 @@ def test_expands_gelu_and_converts_to_opset_17_with_equal_outputs():
     x = _x()
     before = _run(ir.serde.deserialize_model(gelu_graph()), x)
     model = ir.serde.deserialize_model(gelu_graph())
-    result = OpsetLoweringPass()(model, SM61, "vision")
+    result = OpsetLoweringPass(target=SM61, graph="vision")(model)
     assert result.report.counts == {"gelu_erf": 1, "gelu_tanh": 1, "opset_converted": 1, "stray_attributes": 1}
     assert result.report.skipped == []
     assert result.report.details == {"from_opset": 20, "to_opset": 17}
@@ -81,7 +81,7 @@ def test_expansion_matches_the_approximate_attribute_exactly():
     # Each expansion equals its own Gelu form, not the other one (they differ by up to ~1e-3).
     x = _x()
     model = ir.serde.deserialize_model(gelu_graph())
-    OpsetLoweringPass()(model, SM61, "vision")
+    OpsetLoweringPass(target=SM61, graph="vision")(model)
     _, g_erf, g_tanh = _run(model, x)
     import math
 
@@ -94,9 +94,9 @@ def test_expansion_matches_the_approximate_attribute_exactly():
 
 def test_is_idempotent():
     model = ir.serde.deserialize_model(gelu_graph())
-    OpsetLoweringPass()(model, SM61, "vision")
+    OpsetLoweringPass(target=SM61, graph="vision")(model)
     ops = [n.op_type for n in model.graph]
-    again = OpsetLoweringPass()(model, SM61, "vision")
+    again = OpsetLoweringPass(target=SM61, graph="vision")(model)
     assert not again.modified
     assert again.report.skipped[0].reason == "graph is opset 17, already <= 17: nothing to do"
     assert [n.op_type for n in model.graph] == ops
@@ -105,7 +105,7 @@ def test_is_idempotent():
 def test_target_without_opset_ceiling_is_skipped_with_reason():
     model = ir.serde.deserialize_model(gelu_graph())
     ops = [n.op_type for n in model.graph]
-    result = OpsetLoweringPass()(model, SM75, "vision")
+    result = OpsetLoweringPass(target=SM75, graph="vision")(model)
     assert not result.modified
     assert "has no ONNX opset ceiling" in result.report.skipped[0].reason
     assert [n.op_type for n in model.graph] == ops and model.opset_imports[""] == 20
@@ -113,7 +113,7 @@ def test_target_without_opset_ceiling_is_skipped_with_reason():
 
 def test_target_opset_20_has_nothing_to_do():
     model = ir.serde.deserialize_model(gelu_graph())
-    result = OpsetLoweringPass(OpsetLoweringConfig(target_opset=20))(model, SM61, "vision")
+    result = OpsetLoweringPass(OpsetLoweringConfig(target_opset=20), target=SM61, graph="vision")(model)
     assert not result.modified
     assert result.report.skipped[0].reason == "graph is opset 20, already <= 20: nothing to do"
     assert "Gelu" in [n.op_type for n in model.graph]
@@ -122,7 +122,7 @@ def test_target_opset_20_has_nothing_to_do():
 def test_op_without_earlier_version_or_expansion_is_skipped_with_reason():
     # Mish exists only from opset 18 and has no expansion here: the graph must stay valid at opset 20.
     model = ir.serde.deserialize_model(gelu_graph([helper.make_node("Mish", ["x"], ["m"], name="mish")]))
-    result = OpsetLoweringPass()(model, SM61, "vision")
+    result = OpsetLoweringPass(target=SM61, graph="vision")(model)
     assert result.report.counts["opset_converted"] == 0
     assert [s.reason for s in result.report.skipped] == [
         "op(s) Mish have no version <= 17 and no expansion; graph stays opset 20"]
@@ -144,7 +144,7 @@ def test_big_initializers_are_not_serialized_and_survive_conversion():
     before = _run(ir.serde.deserialize_model(proto), x)
     model = ir.serde.deserialize_model(proto)
     tensor = model.graph.initializers["w"].const_value
-    OpsetLoweringPass()(model, SM61, "vision")
+    OpsetLoweringPass(target=SM61, graph="vision")(model)
     assert model.graph.initializers["w"].const_value is tensor
     assert [v.name for v in model.graph.inputs] == ["x"]
     np.testing.assert_allclose(_run(model, x)[0], before[0], atol=1e-5, rtol=1e-6)

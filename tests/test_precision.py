@@ -92,7 +92,7 @@ def _dequantized(model: ir.Model, node_name: str) -> np.ndarray:
 
 def test_converts_linear_layers_and_the_tied_lm_head():
     model = fixture_model()
-    result = PrecisionPass(PrecisionConfig(weight_bits=4, block_size=32))(model, CPU, "decoder")
+    result = PrecisionPass(PrecisionConfig(weight_bits=4, block_size=32), target=CPU, graph="decoder")(model)
     r = result.report
     assert [n.op_type for n in model.graph] == LINEAR_OPS
     assert [n.domain for n in model.graph if n.op_type == "MatMulNBits"] == ["com.microsoft"] * 4
@@ -134,7 +134,7 @@ def test_ort_matches_numpy_dequantized_reference(bits, symmetric, rel_tol):
     """ORT (accuracy_level 0: fp32 compute) == float64 forward pass on the spec-dequantized weights."""
     fp32 = fixture_model(seed=1)
     model = fixture_model(seed=1)
-    PrecisionPass(PrecisionConfig(weight_bits=bits, block_size=32, accuracy_level=0, symmetric=symmetric))(model, CPU, "decoder")
+    PrecisionPass(PrecisionConfig(weight_bits=bits, block_size=32, accuracy_level=0, symmetric=symmetric), target=CPU, graph="decoder")(model)
     if not symmetric:
         assert "embed_tokens.weight.zp" in model.graph.initializers
     x = np.random.default_rng(2).standard_normal((2, 5, H)).astype(np.float32)
@@ -162,7 +162,7 @@ def test_accuracy_level_4_error_within_int8_activation_bound(bits, block_size):
     mm = ir.Node("", "MatMul", [a, wv], name="mm")
     mm.outputs[0].name = "Y"
     model = ir.Model(ir.Graph([a], [mm.outputs[0]], nodes=[mm], initializers=inits, opset_imports={"": 20}), ir_version=10)
-    PrecisionPass(PrecisionConfig(weight_bits=bits, block_size=block_size, accuracy_level=4))(model, CPU, "vision")
+    PrecisionPass(PrecisionConfig(weight_bits=bits, block_size=block_size, accuracy_level=4), target=CPU, graph="vision")(model)
     x = rng.standard_normal((7, k)).astype(np.float32)
     got = _session(model).run(None, {"A": x})[0]
     wd = dequantize(q)
@@ -175,7 +175,7 @@ def test_accuracy_level_4_error_within_int8_activation_bound(bits, block_size):
 
 def test_k_not_divisible_by_block_size_is_skipped_with_reason():
     model = fixture_model(k=48)  # every layer but the MLP down projection (K=128) has K=48
-    r = PrecisionPass(PrecisionConfig(weight_bits=8, block_size=32))(model, CPU, "decoder").report
+    r = PrecisionPass(PrecisionConfig(weight_bits=8, block_size=32), target=CPU, graph="decoder")(model).report
     assert [n.op_type for n in model.graph] == ["MatMul", "Relu", "MatMulNBits", "Add", "Reshape", "Gemm", "Gemm"]
     reasons = {s.where: s.reason for s in r.skipped}
     assert reasons == {
@@ -189,19 +189,19 @@ def test_k_not_divisible_by_block_size_is_skipped_with_reason():
 
 def test_tensorrt_target_is_skipped_and_graph_untouched():
     model = fixture_model()
-    r = PrecisionPass(PrecisionConfig(weight_bits=8))(model, SM61_TRT, "decoder").report
+    r = PrecisionPass(PrecisionConfig(weight_bits=8), target=SM61_TRT, graph="decoder")(model).report
     assert [n.op_type for n in model.graph] == ["MatMul", "Relu", "MatMul", "Add", "Reshape", "Gemm", "Gemm"]
     assert len(r.skipped) == 1 and r.skipped[0].where == "decoder"
     assert "target sm61 has no ORT contrib ops" in r.skipped[0].reason
-    assert r.counts["matmulnbits"] == 0 and not PrecisionPass(PrecisionConfig())(model, SM61_TRT, "decoder").modified
+    assert r.counts["matmulnbits"] == 0 and not PrecisionPass(PrecisionConfig(), target=SM61_TRT, graph="decoder")(model).modified
 
 
 def test_width_without_fast_kernels_is_skipped_and_sm61_never_gets_fp16():
     model = fixture_model()
-    r = PrecisionPass(PrecisionConfig(weight_bits=4))(model, SM61_ORT, "decoder").report
+    r = PrecisionPass(PrecisionConfig(weight_bits=4), target=SM61_ORT, graph="decoder")(model).report
     assert r.counts["matmulnbits"] == 0
     assert "no fast int4 weight kernels" in r.skipped[0].reason
-    r = PrecisionPass(PrecisionConfig(weight_bits=8))(model, SM61_ORT, "decoder").report
+    r = PrecisionPass(PrecisionConfig(weight_bits=8), target=SM61_ORT, graph="decoder")(model).report
     assert r.counts["matmulnbits"] == 4
     proto = ir.to_proto(model)
     float16 = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
@@ -212,7 +212,7 @@ def test_width_without_fast_kernels_is_skipped_and_sm61_never_gets_fp16():
 def test_keep_fp32_layers_and_lm_head_switch():
     model = fixture_model()
     cfg = PrecisionConfig(weight_bits=8, keep_fp32=frozenset({"decoder.layers.0"}), include_lm_head=False)
-    r = PrecisionPass(cfg)(model, CPU, "decoder").report
+    r = PrecisionPass(cfg, target=CPU, graph="decoder")(model).report
     assert [n.op_type for n in model.graph] == ["MatMul", "Relu", "MatMul", "Add", "Reshape", "MatMulNBits", "Gemm"]
     reasons = {s.where: s.reason for s in r.skipped}
     assert reasons["node_linear"] == "decoder.layers.0: keep_fp32 (decoder.layers.0)"
@@ -221,16 +221,16 @@ def test_keep_fp32_layers_and_lm_head_switch():
     assert r.details["kept_fp32"] == 3
     # A node name or module scope works too.
     model = fixture_model()
-    r = PrecisionPass(PrecisionConfig(keep_fp32=frozenset({"decoder/node_gemm", "lm.layers.0.mlp.up_proj", "vision/node_linear_1"})))(model, CPU, "decoder").report
+    r = PrecisionPass(PrecisionConfig(keep_fp32=frozenset({"decoder/node_gemm", "lm.layers.0.mlp.up_proj", "vision/node_linear_1"})), target=CPU, graph="decoder")(model).report
     assert {s.where for s in r.skipped} == {"node_gemm", "node_linear"}
 
 
 def test_idempotent():
     model = fixture_model()
-    first = PrecisionPass(PrecisionConfig(weight_bits=4))(model, CPU, "decoder")
+    first = PrecisionPass(PrecisionConfig(weight_bits=4), target=CPU, graph="decoder")(model)
     ops = [(n.op_type, n.name) for n in model.graph]
     inits = sorted(model.graph.initializers)
-    second = PrecisionPass(PrecisionConfig(weight_bits=4))(model, CPU, "decoder")
+    second = PrecisionPass(PrecisionConfig(weight_bits=4), target=CPU, graph="decoder")(model)
     assert first.modified and not second.modified
     assert second.report.counts["matmulnbits"] == 0 and second.report.details["already_quantized"] == 4
     assert [(n.op_type, n.name) for n in model.graph] == ops and sorted(model.graph.initializers) == inits
@@ -260,7 +260,7 @@ def test_embedding_lookup_bit_identical_to_matmulnbits(bits, block_size, symmetr
     head.outputs[0].name = "logits"
     model = ir.Model(ir.Graph([a], [head.outputs[0]], nodes=[head], initializers=inits, opset_imports={"": 20}), ir_version=10)
     cfg = PrecisionConfig(weight_bits=bits, block_size=block_size, symmetric=symmetric, accuracy_level=0)
-    d = PrecisionPass(cfg)(model, CPU, "decoder").report.details["embedding"]
+    d = PrecisionPass(cfg, target=CPU, graph="decoder")(model).report.details["embedding"]
     g = model.graph.initializers
     table = QuantizedEmbedding(g[d["B"]].const_value.numpy(), g[d["scales"]].const_value.numpy(),
                                g[d["zero_points"]].const_value.numpy() if d["zero_points"] else None, bits, block_size, hidden)

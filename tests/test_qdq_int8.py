@@ -143,7 +143,7 @@ def test_exact_op_list_counts_and_layers(weight_format):
     # one entry per activation read by a linear layer (q/k/v share one; the lm_head's input is measured too)
     assert sorted(stats) == ["decoder/fc2_out", "decoder/ln", "decoder/normed", "decoder/relu", "decoder/relu2"]
     assert all(v.shape == (F if k.endswith("relu2") else H,) and v.dtype == np.float32 for k, v in stats.items())
-    r = QdqInt8Pass(QdqInt8Config(stats, weight_format=weight_format))(model, SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(stats, weight_format=weight_format), target=SM61, graph="decoder")(model).report
     ops = [n.op_type for n in model.graph]
     expected = EXPECTED_OPS if weight_format == "float_qdq" else _without_weight_q(EXPECTED_OPS)
     assert ops == expected, ops
@@ -237,7 +237,7 @@ def test_ort_matches_numpy_fake_quant_reference_and_stays_close_to_fp32(weight_f
     fp32 = fixture_model(seed=2)
     stats = _stats(fp32)
     model = fixture_model(seed=2)
-    QdqInt8Pass(QdqInt8Config(stats, weight_format=weight_format))(model, SM61, "decoder")
+    QdqInt8Pass(QdqInt8Config(stats, weight_format=weight_format), target=SM61, graph="decoder")(model)
     x = _feeds(3, 1)[0]["x"] * 0.9  # inside the calibrated range
     got = _run(model, x, optimize=False)[0]
     ref = _numpy_forward(fp32, stats, x)
@@ -266,7 +266,7 @@ def test_dequantized_tensors_equal_numpy_reference_exactly():
     fp32 = fixture_model(seed=4)
     stats = _stats(fp32)
     model = fixture_model(seed=4)
-    QdqInt8Pass(QdqInt8Config(stats))(model, SM61, "decoder")
+    QdqInt8Pass(QdqInt8Config(stats), target=SM61, graph="decoder")(model)
     names = {n.name: n for n in model.graph}
     # o_proj's input r = relu(q + k + v) (itself from the quantized q/k/v), and its two DQ outputs
     for v in (names["node_relu"].outputs[0], names["node_o/act_dq"].outputs[0], names["node_o/w_dq"].outputs[0]):
@@ -307,7 +307,7 @@ def test_keep_fp32_missing_stats_and_non_constant_weights_are_skipped_with_reaso
     stats = dict(_stats(model))
     del stats["decoder/" + _act_name(model, "node_fc1")]
     stats["decoder/" + _act_name(model, "node_fc2")] = np.ones(3, np.float32)  # wrong length
-    r = QdqInt8Pass(QdqInt8Config(stats, keep_fp32=frozenset({"decoder.layers.0"})))(model, SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(stats, keep_fp32=frozenset({"decoder.layers.0"})), target=SM61, graph="decoder")(model).report
     reasons = {s.where: s.reason for s in r.skipped}
     assert reasons["node_q"] == "decoder.layers.0: keep_fp32 (decoder.layers.0)"
     assert reasons["node_o"] == "decoder.layers.0: keep_fp32 (decoder.layers.0)"
@@ -323,7 +323,7 @@ def test_partial_group_keeps_the_norm_and_inserts_a_mul():
     """If only some readers of a norm output are quantized, 1/s cannot go into the norm: an explicit Mul."""
     model = fixture_model()
     stats = _stats(model)
-    r = QdqInt8Pass(QdqInt8Config(stats, keep_fp32=frozenset({"node_k"})))(model, SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(stats, keep_fp32=frozenset({"node_k"})), target=SM61, graph="decoder")(model).report
     assert r.counts["quantized"] == 5 and r.counts["smoothing_folded"] == 1 and r.counts["smoothing_mul"] == 3
     norm = next(n for n in model.graph if n.name == "node_norm")
     assert norm.inputs[0].name == "norm.weight"
@@ -334,10 +334,10 @@ def test_partial_group_keeps_the_norm_and_inserts_a_mul():
 def test_idempotent():
     model = fixture_model()
     stats = _stats(model)
-    first = QdqInt8Pass(QdqInt8Config(stats))(model, SM61, "decoder")
+    first = QdqInt8Pass(QdqInt8Config(stats), target=SM61, graph="decoder")(model)
     ops = [(n.op_type, n.name) for n in model.graph]
     inits = sorted(model.graph.initializers)
-    second = QdqInt8Pass(QdqInt8Config(stats))(model, SM61, "decoder")
+    second = QdqInt8Pass(QdqInt8Config(stats), target=SM61, graph="decoder")(model)
     assert first.modified and not second.modified
     assert second.report.details["already_quantized"] == 6
     assert [(n.op_type, n.name) for n in model.graph] == ops and sorted(model.graph.initializers) == inits
@@ -346,11 +346,11 @@ def test_idempotent():
 def test_graph_and_target_gates():
     model = fixture_model()
     stats = _stats(model)
-    r = QdqInt8Pass(QdqInt8Config(stats, graphs=("vision",)))(model, SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(stats, graphs=("vision",)), target=SM61, graph="decoder")(model).report
     assert r.skipped[0].reason == "graph not configured for INT8 Q/DQ" and not r.counts["quantized"]
-    r = QdqInt8Pass(QdqInt8Config(stats))(fixture_model(opset=20), SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(stats), target=SM61, graph="decoder")(fixture_model(opset=20)).report
     assert "opset 20 > the target's 17" in r.skipped[0].reason
-    r = QdqInt8Pass(QdqInt8Config(stats))(fixture_model(opset=11), SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(stats), target=SM61, graph="decoder")(fixture_model(opset=11)).report
     assert "opset 11 < 13" in r.skipped[0].reason
     with pytest.raises(ValueError):
         QdqInt8Config(alpha=1.5)
@@ -375,7 +375,7 @@ def test_both_weight_forms_parse_and_build_with_tensorrt_rtx(weight_format, rtx,
     from qvl.toolchain.tensorrt.build import fp16_violations, int8_matmuls, parse_onnx
 
     model = fixture_model()
-    QdqInt8Pass(QdqInt8Config(_stats(model), weight_format=weight_format))(model, SM61, "decoder")
+    QdqInt8Pass(QdqInt8Config(_stats(model), weight_format=weight_format), target=SM61, graph="decoder")(model)
     path = tmp_path / "m.onnx"
     onnx.save(ir.to_proto(model), path)
     parsed = parse_onnx(rtx, path)
@@ -398,7 +398,7 @@ def test_lm_head_int8_reads_the_unchanged_embedding_table():
     fp32 = fixture_model(seed=6)
     stats = _stats(fp32)
     model = fixture_model(seed=6)
-    r = QdqInt8Pass(QdqInt8Config(stats, include_lm_head=True))(model, SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(stats, include_lm_head=True), target=SM61, graph="decoder")(model).report
     ops = [n.op_type for n in model.graph]
     # activation Q/DQ (never smoothed: no Mul) + the table's own weight Q/DQ in front of the Gemm
     assert ops == EXPECTED_OPS[:-1] + ["QuantizeLinear", "DequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Gemm"], ops
@@ -425,13 +425,13 @@ def test_lm_head_int8_reads_the_unchanged_embedding_table():
     ref = hq.astype(np.float64) @ eq.T.astype(np.float64)
     assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max()
     # idempotent
-    again = QdqInt8Pass(QdqInt8Config(stats, include_lm_head=True))(model, SM61, "decoder").report
+    again = QdqInt8Pass(QdqInt8Config(stats, include_lm_head=True), target=SM61, graph="decoder")(model).report
     assert again.counts["quantized"] == 0 and [n.op_type for n in model.graph] == ops
 
 
 def test_lm_head_stays_fp32_in_the_pre_quantized_int8_form():
     model = fixture_model()
-    r = QdqInt8Pass(QdqInt8Config(_stats(model), include_lm_head=True, weight_format="int8"))(model, SM61, "decoder").report
+    r = QdqInt8Pass(QdqInt8Config(_stats(model), include_lm_head=True, weight_format="int8"), target=SM61, graph="decoder")(model).report
     assert [(s.where, s.reason.split(": ", 1)[1]) for s in r.skipped] == [(
         "node_lm_head", "tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
                         "(host lookup); pre-quantized int8 weights would drop it, so it stays fp32")]

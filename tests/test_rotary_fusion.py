@@ -78,7 +78,7 @@ def _feeds(batch=2, seq=5, seed=0):
 
 def _apply(proto: onnx.ModelProto, target=CPU, graph="decoder"):
     model = ir.serde.deserialize_model(proto)
-    result = RotaryFusionPass()(model, target, graph)
+    result = RotaryFusionPass(target=target, graph=graph)(model)
     return ir.serde.serialize_model(model), result
 
 

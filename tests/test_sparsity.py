@@ -104,7 +104,7 @@ def _init(model: ir.Model, name: str) -> np.ndarray:
 
 def test_prunes_every_layer_op_list_unchanged_initializers_smaller():
     model = swiglu_model(_weights(0))
-    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16))(model, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16), target=CPU, graph="decoder")(model).report
     assert [n.op_type for n in model.graph] == TWO_LAYER_OPS
     for p in ("l0", "l1"):
         assert _init(model, f"{p}.gate").shape == (K, 48)
@@ -129,7 +129,7 @@ def test_prunes_every_layer_op_list_unchanged_initializers_smaller():
     assert {v.dtype for v in model.graph.initializers.values()} == {ir.DataType.FLOAT}
     # The same on a TensorRT target: standard ONNX slicing, nothing target-specific.
     trt = swiglu_model(_weights(0))
-    assert MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16))(trt, SM61_TRT, "decoder").report.counts == r.counts
+    assert MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16), target=SM61_TRT, graph="decoder")(trt).report.counts == r.counts
 
 
 def test_removed_channels_are_exactly_the_zeroed_ones_ort_output_unchanged():
@@ -145,7 +145,7 @@ def test_removed_channels_are_exactly_the_zeroed_ones_ort_output_unchanged():
         dead.append(idx)
     dense = swiglu_model(weights)
     pruned = swiglu_model(weights)
-    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=1))(pruned, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=1), target=CPU, graph="decoder")(pruned).report
     assert r.counts["channels_removed"] == 32
     for i, (w, idx) in enumerate(zip(weights, dead)):
         keep = np.setdiff1d(np.arange(F), idx)
@@ -164,7 +164,7 @@ def test_pruned_graph_computes_the_mlp_without_the_removed_channels():
     """Non-zero channels removed: ORT on the sliced graph == float64 dense MLP with those channels masked out."""
     weights = _weights(3)
     model = swiglu_model(weights)
-    MlpChannelSparsityPass(SparsityConfig(ratio=0.5, align=8))(model, CPU, "decoder")
+    MlpChannelSparsityPass(SparsityConfig(ratio=0.5, align=8), target=CPU, graph="decoder")(model)
     masked = []
     for w in weights:
         keep = kept_indices(channel_scores(w["gate"], w["up"], w["down"]), 32)
@@ -198,7 +198,7 @@ def test_score_ranks_by_product_of_norms_and_align_rounds_up():
 def test_non_swiglu_mlp_is_skipped_with_reason():
     model = swiglu_model(_weights(0, layers=1), activation="relu")
     before = ir.to_proto(model).SerializeToString()
-    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25))(model, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25), target=CPU, graph="decoder")(model).report
     assert r.counts == {"layers_pruned": 0, "channels_removed": 0, "bytes_saved": 0}
     assert [(s.where, s.reason) for s in r.skipped] == [
         ("decoder.layers.0", "pattern mismatch: l0_down: down projection input comes from Relu, not Mul(silu(gate), up)")]
@@ -210,7 +210,7 @@ def test_intermediate_used_outside_the_mlp_is_skipped():
     model = swiglu_model(_weights(0, layers=1))
     g = next(n for n in model.graph if n.name == "l0_gate").outputs[0]
     model.graph.outputs.append(g)  # e.g. a debug output: slicing would change it
-    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25))(model, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25), target=CPU, graph="decoder")(model).report
     assert r.counts["layers_pruned"] == 0
     assert r.skipped[0].reason == "pattern mismatch: l0_down: intermediate l0_g is used outside the MLP (slicing would change it)"
     assert _init(model, "l0.gate").shape == (K, F)
@@ -220,48 +220,48 @@ def test_quantized_mlp_is_skipped_sparsity_runs_before_precision():
     from qvl.passes.precision import PrecisionConfig, PrecisionPass
 
     model = swiglu_model(_weights(0))
-    PrecisionPass(PrecisionConfig(weight_bits=8, block_size=16))(model, CPU, "decoder")
+    PrecisionPass(PrecisionConfig(weight_bits=8, block_size=16), target=CPU, graph="decoder")(model)
     ops = [n.op_type for n in model.graph]
     assert ops.count("MatMulNBits") == 6
-    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25))(model, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25), target=CPU, graph="decoder")(model).report
     assert r.counts["layers_pruned"] == 0 and [n.op_type for n in model.graph] == ops
     assert {s.where for s in r.skipped} == {"decoder.layers.0", "decoder.layers.1"}
     assert all(s.reason == "MatMulNBits weights (l{}_gate): already quantized; sparsity needs fp32 weights and runs "
                "before precision".format(s.where[-1]) for s in r.skipped)
     # The other order works: prune, then quantize (align keeps the down projection's K a block multiple).
     model = swiglu_model(_weights(0))
-    MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16))(model, CPU, "decoder")
-    q = PrecisionPass(PrecisionConfig(weight_bits=8, block_size=16))(model, CPU, "decoder").report
+    MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16), target=CPU, graph="decoder")(model)
+    q = PrecisionPass(PrecisionConfig(weight_bits=8, block_size=16), target=CPU, graph="decoder")(model).report
     assert q.counts["matmulnbits"] == 6 and q.skipped == []
 
 
 def test_layers_keep_and_graph_selection():
     model = swiglu_model(_weights(0))
-    r = MlpChannelSparsityPass(SparsityConfig(layers=frozenset({"decoder.layers.1"}), align=16))(model, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(layers=frozenset({"decoder.layers.1"}), align=16), target=CPU, graph="decoder")(model).report
     assert _init(model, "l0.gate").shape == (K, F) and _init(model, "l1.gate").shape == (K, 48)
     assert [(s.where, s.reason) for s in r.skipped] == [("decoder.layers.0", "not in config.layers")]
     model = swiglu_model(_weights(0))
-    r = MlpChannelSparsityPass(SparsityConfig(keep=frozenset({"decoder.layers.0"}), align=16))(model, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(keep=frozenset({"decoder.layers.0"}), align=16), target=CPU, graph="decoder")(model).report
     assert _init(model, "l0.gate").shape == (K, F) and _init(model, "l1.gate").shape == (K, 48)
     assert [(s.where, s.reason) for s in r.skipped] == [("decoder.layers.0", "kept dense (config.keep)")]
     assert r.details["layers"]["decoder.layers.0"]["decision"] == "dense"
     model = swiglu_model(_weights(0))
-    r = MlpChannelSparsityPass(SparsityConfig())(model, CPU, "vision").report
+    r = MlpChannelSparsityPass(SparsityConfig(), target=CPU, graph="vision")(model).report
     assert r.counts["layers_pruned"] == 0 and r.skipped[0].reason == "graph not configured for MLP channel sparsity"
 
 
 def test_ratio_zero_is_a_no_op_and_second_application_skips_already_pruned():
     model = swiglu_model(_weights(0))
     before = ir.to_proto(model).SerializeToString()
-    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.0))(model, CPU, "decoder")
+    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.0), target=CPU, graph="decoder")(model)
     assert not r.modified and ir.to_proto(model).SerializeToString() == before
     assert r.report.details["layers"]["decoder.layers.0"]["reason"] == "ratio 0.0 keeps all 64 channels (align 32)"
 
-    first = MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16))(model, CPU, "decoder")
+    first = MlpChannelSparsityPass(SparsityConfig(ratio=0.25, align=16), target=CPU, graph="decoder")(model)
     assert first.modified
     once = ir.to_proto(model).SerializeToString()
     # Documented semantics: a pruned layer is never pruned again (ratio is of the original width).
-    second = MlpChannelSparsityPass(SparsityConfig(ratio=0.5, align=16))(model, CPU, "decoder")
+    second = MlpChannelSparsityPass(SparsityConfig(ratio=0.5, align=16), target=CPU, graph="decoder")(model)
     assert not second.modified and ir.to_proto(model).SerializeToString() == once
     assert second.report.details["already_pruned"] == 2
     assert {s.reason for s in second.report.skipped} == {
@@ -357,7 +357,7 @@ def test_2b_shaped_mlp_stack_decode_step_is_faster(record_property):
                 "down": rng.standard_normal((6144, 2048), dtype=np.float32) * 0.02} for _ in range(4)]
     model = swiglu_model(weights)
     sessions = {"dense": _session(model)}
-    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25))(model, CPU, "decoder").report
+    r = MlpChannelSparsityPass(SparsityConfig(ratio=0.25), target=CPU, graph="decoder")(model).report
     assert r.counts["channels_removed"] == 4 * 1536
     sessions["pruned"] = _session(model)
     del weights, model

@@ -173,7 +173,32 @@ def test_unknown_format_version_is_refused(art, cache):
     assert_one_line_error(cli(cache, "verify", str(art)), "format version 2")
 
 
-@pytest.mark.parametrize("section", ["weights", "side_files", "model", "embedding"])
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["model"].update(num_layers="4"), "model.num_layers is missing or not an integer"),
+    (lambda m: m["decoder"].update(kv_mode=5), "decoder.kv_mode 5 is not supported"),
+    (lambda m: m["graphs"]["vision"].update(inputs="pixel_values"), "graph 'vision' has no inputs list"),
+    (lambda m: m.update(steps={"name": "export"}), "steps is not a list of objects"),
+    (lambda m: m.update(kit={"graphs": {"decoder": {"file": "decoder.onnx"}}, "build": {"int8": "yes"}}),
+     "kit.build.int8 is not a boolean"),
+])
+def test_wrong_typed_field_is_refused(art, cache, edit, needle):
+    edit_manifest(art, edit)
+    assert_one_line_error(run(cache, art), "corrupt manifest", needle)
+
+
+@pytest.mark.parametrize("where", ["weights", "side_file"])
+def test_other_paths_outside_are_refused(art, cache, where):
+    def edit(m):
+        if where == "weights":
+            m["weights"]["file"] = m["embedding"]["file"] = "../weights.bin"
+        else:
+            m["side_files"]["../config.json"] = m["side_files"].pop("config.json")
+
+    edit_manifest(art, edit)
+    assert_one_line_error(cli(cache, "verify", str(art)), "corrupt manifest" if where == "side_file" else "leaves the artifact directory")
+
+
+@pytest.mark.parametrize("section", ["weights", "side_files", "model", "embedding", "graphs", "source"])
 def test_missing_section_is_refused(art, cache, section):
     edit_manifest(art, lambda m: m.pop(section))
     assert_one_line_error(cli(cache, "verify", str(art)), "corrupt manifest", repr(section))
@@ -194,8 +219,8 @@ def test_warm_start_uses_the_record(art, cache, monkeypatch):
     assert second.integrity["weights"] == "cached"
     assert integrity.STATS["weight_store_hashes"] == hashes + 1  # the warm start did not re-hash
     m = read_manifest(art, verify_graphs=False)
-    assert integrity.verify_weights(art / "weights.bin", m["weights"]) == "cached"
-    assert integrity.verify_weights(art / "weights.bin", m["weights"], use_record=False) == "verified"
+    assert integrity.verify_weights(art / "weights.bin", m.weights.record) == "cached"
+    assert integrity.verify_weights(art / "weights.bin", m.weights.record, use_record=False) == "verified"
 
 
 def test_unwritable_cache_still_verifies(art, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ CARDS = ("mx250-2gb", "gtx1050-2gb", "gtx1050ti-4gb", "gtx1060-3gb", "gtx1060-6g
 
 @pytest.fixture(scope="module")
 def sm61_kit(tiny_artifact, tmp_path_factory):
-    from qvl.toolchain.tensorrt.kit import kit_command
+    from qvl.toolchain.tensorrt.command import kit_command
 
     lines: list[str] = []
     out = tmp_path_factory.mktemp("kit") / "tiny-sm61-kit"
@@ -160,7 +160,7 @@ def test_non_tensorrt_target_is_a_user_error(tiny_artifact, tmp_path):
 def int8_kit(tiny_artifact, tmp_path_factory):
     """`compile --target sm61 --weights int8` with the default budget (mean KL 0.01, greedy agreement 0.9)."""
     from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
-    from qvl.toolchain.tensorrt.kit import kit_command
+    from qvl.toolchain.tensorrt.command import kit_command
 
     lines: list[str] = []
     out = tmp_path_factory.mktemp("kit8") / "tiny-sm61-int8-kit"
@@ -287,7 +287,7 @@ def test_int8_kit_cli_no_budget_and_user_errors(tiny_artifact, tmp_path):
 def test_parameter_counts_from_config_match_the_checkpoint(tiny_checkpoint):
     from safetensors import safe_open
 
-    from qvl.toolchain.tensorrt.kit import ModelDims, parameter_counts
+    from qvl.toolchain.tensorrt.memory_fit import ModelDims, parameter_counts
 
     counts = {"vision": 0, "decoder_layers": 0, "embedding": 0}
     for f in tiny_checkpoint.glob("*.safetensors"):
@@ -300,7 +300,7 @@ def test_parameter_counts_from_config_match_the_checkpoint(tiny_checkpoint):
 
 
 def test_kit_footprint_matches_config_footprint(sm61_kit):
-    from qvl.toolchain.tensorrt.kit import footprint_from_config
+    from qvl.toolchain.tensorrt.memory_fit import footprint_from_config
 
     kit, _ = sm61_kit
     m = _manifest(kit)
@@ -312,7 +312,8 @@ def test_kit_footprint_matches_config_footprint(sm61_kit):
 
 def test_memory_fit_report_for_the_2b_config_covers_five_sm61_cards():
     from qvl.toolchain.checkpoints.presets import published_2b_config
-    from qvl.toolchain.tensorrt.kit import GiB, footprint_from_config, format_memory_fit, memory_fit_report
+    from qvl.toolchain.compile.targets import GiB
+    from qvl.toolchain.tensorrt.memory_fit import footprint_from_config, format_memory_fit, memory_fit_report
 
     cfg = published_2b_config()
     fp32 = memory_fit_report(cfg, preprocessor_max_patches=16384)

@@ -164,7 +164,7 @@ BLOCK_PREFIX = [  # qkv projection, split, rotary on q and k: all unchanged
 def test_fuses_every_block_to_multi_head_attention_with_equal_outputs():
     proto = vision_attention_graph(blocks=2)
     model = ir.serde.deserialize_model(proto)
-    result = VisionAttentionFusionPass()(model, CPU, "vision")
+    result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {"multi_head_attention": 2}
     assert result.report.details["per_block"] == {"blocks.0.attn": 1, "blocks.1.attn": 1}
     assert result.report.skipped == []
@@ -189,7 +189,7 @@ def test_row_mask_is_skipped_with_reason():
     # A [1, N] key mask broadcast over queries is not MHA's (1|B, 1|H, S, total_S) attention_bias.
     model = ir.serde.deserialize_model(vision_attention_graph(blocks=1, bias="row"))
     ops = _ops(model)
-    result = VisionAttentionFusionPass()(model, CPU, "vision")
+    result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {"multi_head_attention": 0}
     assert _ops(model) == ops
     (skip,) = result.report.skipped
@@ -199,7 +199,7 @@ def test_row_mask_is_skipped_with_reason():
 
 def test_runtime_scale_is_skipped_with_reason():
     model = ir.serde.deserialize_model(vision_attention_graph(blocks=1, scale_is_input=True))
-    result = VisionAttentionFusionPass()(model, CPU, "vision")
+    result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {"multi_head_attention": 0}
     skipped = [(s.where, s.reason) for s in result.report.skipped]
     assert skipped == [("blocks.0.attn", "attention scale is not a constant scalar")]
@@ -208,9 +208,9 @@ def test_runtime_scale_is_skipped_with_reason():
 
 def test_is_idempotent():
     model = ir.serde.deserialize_model(vision_attention_graph(blocks=2))
-    VisionAttentionFusionPass()(model, CPU, "vision")
+    VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     ops = _ops(model)
-    again = VisionAttentionFusionPass()(model, CPU, "vision")
+    again = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert again.report.counts == {"multi_head_attention": 0}
     assert again.report.skipped == [] and not again.modified
     assert _ops(model) == ops
@@ -219,10 +219,10 @@ def test_is_idempotent():
 def test_tensorrt_target_and_decoder_graph_are_skipped():
     model = ir.serde.deserialize_model(vision_attention_graph(blocks=1))
     ops = _ops(model)
-    trt = VisionAttentionFusionPass()(model, TRT, "vision")
+    trt = VisionAttentionFusionPass(target=TRT, graph="vision")(model)
     assert trt.report.counts == {"multi_head_attention": 0}
     assert "no ORT contrib ops" in trt.report.skipped[0].reason
-    dec = VisionAttentionFusionPass()(model, CPU, "decoder")
+    dec = VisionAttentionFusionPass(target=CPU, graph="decoder")(model)
     assert "not configured" in dec.report.skipped[0].reason
     assert _ops(model) == ops and "com.microsoft" not in model.opset_imports
 
@@ -252,14 +252,14 @@ def test_tiny_vision_every_block_fuses_with_equal_outputs(tiny_artifact, tmp_pat
     vision = json.loads((tiny_artifact / "config.json").read_text())["vision_config"]
     depth = vision["depth"]
     model = ir.load(tiny_artifact / "vision.onnx")  # weights stay memory-mapped; the artifact is not modified
-    result = VisionAttentionFusionPass()(model, CPU, "vision")
+    result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {"multi_head_attention": depth}
     assert result.report.details["per_block"] == {f"visual.blocks.{i}.attn": 1 for i in range(depth)}
     assert result.report.skipped == []
     ops = [n.op_type for n in model.graph]
     assert ops.count("MultiHeadAttention") == depth and "Softmax" not in ops and "MatMul" not in ops
     # norm fusion composes with it (SkipLayerNormalization around every block)
-    norms = NormFusionPass()(model, CPU, "vision").report
+    norms = NormFusionPass(target=CPU, graph="vision")(model).report
     assert norms.counts["skip_layer_normalization"] == 2 * depth + 1
     # `ir.save` without external_data would keep the artifact's relative `weights.bin` paths: give the copy its own.
     ir.save(model, tmp_path / "vision.onnx", external_data="vision.data")

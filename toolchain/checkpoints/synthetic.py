@@ -14,12 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
-from qvl.toolchain.checkpoints.presets import GENERATION_CONFIG, PRESETS, Preset, chat_template
-from qvl.toolchain.checkpoints.tokenizer_builder import build_tokenizer, tokenizer_config
+from tokenizers import Tokenizer
 
-_CHUNK_ELEMS = 1 << 25
-_DECISIVE_OUT_GAIN = 4.0  # generate big tensors in 32M-element pieces to bound the fp32 temporary
+from qvl.toolchain.checkpoints.presets import GENERATION_CONFIG, PRESETS, Preset, chat_template
+from qvl.toolchain.checkpoints.tokenizer_builder import FIRST_SPECIAL_ID, build_tokenizer, tokenizer_config
+from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
+
+# What a checkpoint writer puts beside the weights (write_checkpoint_metadata); the sentinel's file list too.
+CHECKPOINT_METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.json",
+)
+
+_CHUNK_ELEMS = 1 << 25  # generate big tensors in 32M-element pieces to bound the fp32 temporary
+_DECISIVE_OUT_GAIN = 4.0
+# torch / transformers / safetensors.torch are imported inside the functions that need them: they come with the
+# [export] extra, and this module's metadata writer (tokenizers + json only) serves torch-free callers too.
 
 
 @dataclass
@@ -107,15 +121,26 @@ def _plan_shards(specs, itemsize: int, shard_bytes: int | None) -> list[list[tup
     return shards
 
 
-def write_tokenizer_files(out: Path, model_max_length: int) -> int:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.json; return the learned vocab size."""
-    tok = build_tokenizer()
-    tok.save(str(out / "tokenizer.json"))
+def write_checkpoint_metadata(
+    out: Path, config: dict, generation_config: dict, preprocessor: dict, tokenizer: Tokenizer,
+    first_special_id: int = FIRST_SPECIAL_ID,
+) -> None:
+    """Everything of a Hugging Face checkpoint but the weights: the `CHECKPOINT_METADATA_FILES`."""
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    tokenizer.save(str(out / "tokenizer.json"))
     template = chat_template()
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(template, model_max_length), indent=2))
+    max_len = config["text_config"]["max_position_embeddings"]
+    tok_cfg = tokenizer_config(template, max_len, first_special_id=first_special_id)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
-    vocab = tok.get_vocab()
-    return sum(1 for t in vocab if not t.startswith("<|unused_") and vocab[t] < 151643)
+
+
+def learned_vocab_size(tokenizer: Tokenizer, first_special_id: int = FIRST_SPECIAL_ID) -> int:
+    """Ids the BPE learned (placeholders and specials excluded)."""
+    vocab = tokenizer.get_vocab()
+    return sum(1 for t in vocab if not t.startswith("<|unused_") and vocab[t] < first_special_id)
 
 
 def make_checkpoint(
@@ -138,12 +163,9 @@ def make_checkpoint(
     # kind="checkpoint" marks it as qvl-written, so a later --overwrite may replace it (and nothing else)
     with atomic_output_dir(Path(out), overwrite=overwrite, kind="checkpoint") as tmp:
         check_free_space(tmp, num_params * itemsize + (64 << 20))
-        cfg = dict(preset.config)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-        (tmp / "preprocessor_config.json").write_text(json.dumps(preset.preprocessor, indent=2))
-        max_len = cfg["text_config"]["max_position_embeddings"]
-        learned_vocab = write_tokenizer_files(tmp, max_len)
+        tok = build_tokenizer()
+        write_checkpoint_metadata(tmp, dict(preset.config), GENERATION_CONFIG, preset.preprocessor, tok)
+        learned_vocab = learned_vocab_size(tok)
 
         weight_map: dict[str, str] = {}
         total_bytes = 0

@@ -51,6 +51,11 @@ QWEN_ADDED_TOKENS: list[tuple[str, bool]] = [
 FIRST_SPECIAL_ID = 151643
 
 
+def special_token_ids(first_special_id: int = FIRST_SPECIAL_ID) -> dict[str, int]:
+    """Id of every added token when the specials start at `first_special_id` (the layout build_tokenizer makes)."""
+    return {content: first_special_id + k for k, (content, _) in enumerate(QWEN_ADDED_TOKENS)}
+
+
 def _corpus_lines() -> list[str]:
     text = resources.files("qvl.toolchain").joinpath("data/tokenizer_corpus.txt").read_text("utf-8")
     return [line for line in text.splitlines() if line.strip()]

@@ -26,6 +26,7 @@ from pathlib import Path
 import onnx
 
 from qvl.artifacts import manifest as mf
+from qvl.artifacts.schema import WEIGHTS, OptimizedGraph, OrtOptimized
 from qvl.toolchain.staging import scratch_dir
 
 LEVEL = "extended"
@@ -62,7 +63,7 @@ def _rebind(optimized: Path, plain: Path, artifact: Path) -> tuple[onnx.ModelPro
     original = {t.name: _external(t) for t in onnx.load(str(plain), load_external_data=False).graph.initializer}
     shared = inlined = 0
     with (optimized.parent / (optimized.name + ".data")).open("rb") as side_f, \
-            (artifact / mf.WEIGHTS).open("rb") as store_f:
+            (artifact / WEIGHTS).open("rb") as store_f:
         side = mmap.mmap(side_f.fileno(), 0, access=mmap.ACCESS_READ) if side_f.seek(0, 2) else None
         store = mmap.mmap(store_f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -72,10 +73,10 @@ def _rebind(optimized: Path, plain: Path, artifact: Path) -> tuple[onnx.ModelPro
                     continue
                 data = side[ext["offset"]: ext["offset"] + ext["length"]]
                 ref = original.get(t.name)
-                if ref and ref["location"] == mf.WEIGHTS and ref["length"] == ext["length"] \
+                if ref and ref["location"] == WEIGHTS and ref["length"] == ext["length"] \
                         and store[ref["offset"]: ref["offset"] + ref["length"]] == data:
                     del t.external_data[:]
-                    for k, v in (("location", mf.WEIGHTS), ("offset", str(ref["offset"])), ("length", str(ref["length"]))):
+                    for k, v in (("location", WEIGHTS), ("offset", str(ref["offset"])), ("length", str(ref["length"]))):
                         t.external_data.add(key=k, value=v)
                     shared += 1
                 elif len(data) <= INLINE_LIMIT:
@@ -99,21 +100,20 @@ def add_ort_optimized(artifact: Path, graphs: dict, threads: int = 1) -> dict:
 
     t0 = time.perf_counter()
     artifact = Path(artifact)
-    section: dict = {"onnxruntime": ort.__version__, "level": LEVEL, "provider": "CPUExecutionProvider",
-                     "graphs": {}, "not_optimized": {}}
+    optimized, not_optimized = {}, {}
     with scratch_dir("qvl-ortopt-") as work:
         for name, entry in graphs.items():
             plain = artifact / entry["file"]
             model, info = _rebind(_optimize_one(plain, Path(work), threads), plain, artifact)
             if model is None:
-                section["not_optimized"][name] = info["reason"]
+                not_optimized[name] = info["reason"]
                 continue
             path = artifact / (Path(entry["file"]).stem + SUFFIX)
             onnx.save(model, str(path))
-            section["graphs"][name] = {"file": path.name, "sha256": mf.sha256_file(path),
-                                       "nodes": len(model.graph.node), **info}
-    section["seconds"] = round(time.perf_counter() - t0, 2)
-    return section
+            optimized[name] = OptimizedGraph(file=path.name, sha256=mf.sha256_file(path), nodes=len(model.graph.node),
+                                             extra=info)
+    return OrtOptimized(onnxruntime=ort.__version__, level=LEVEL, provider="CPUExecutionProvider", graphs=optimized,
+                        not_optimized=not_optimized, seconds=round(time.perf_counter() - t0, 2)).to_json()
 
 
 def ort_optimized_section(artifact: Path, graphs: dict, target) -> dict:
@@ -122,3 +122,8 @@ def ort_optimized_section(artifact: Path, graphs: dict, target) -> dict:
     if not target.ort_contrib_ops:
         return {}
     return {"ort_optimized": add_ort_optimized(artifact, graphs)}
+
+
+def ort_optimizer(target):
+    """`write_derived_artifact`'s `optimize` hook for `target`: `ort_optimized_section` on the new graphs."""
+    return lambda artifact, graphs: ort_optimized_section(artifact, graphs, target)

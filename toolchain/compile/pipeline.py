@@ -1,37 +1,28 @@
 """`qvl-compile compile`: export (if needed) -> the target's pass pipeline -> a new artifact.
 
-The pipelines are plain lists, here and only here. Every pass report lands in the artifact manifest.
+The per-target pass lists live in `toolchain/compile/pipelines.py`; this runs their `fusion` stage (the
+approximate stages by option, see `compile_with_precision`). Every pass report lands in the artifact manifest.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from qvl.artifacts import manifest as mf
+from qvl.artifacts.writer import embedding_entry, load_graphs, save_graphs, write_artifact
 from qvl.errors import QvlError
-from qvl.passes.attention_fusion import AttentionFusionPass
-from qvl.passes.base import GraphPass
-from qvl.passes.norm_fusion import NormFusionPass
-from qvl.passes.rotary_fusion import RotaryFusionPass
-from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
+from qvl.passes.precision import PrecisionConfig
+from qvl.passes.sparsity import SparsityConfig
+from qvl.toolchain.compile.pipelines import pass_names, pipeline_for, run_pipeline
+from qvl.toolchain.quant.accuracy_budget import apply_with_budget, quantize_artifact
+from qvl.toolchain.quant.sparsity_budget import apply_sparsity_with_budget, sparsify_artifact
 from qvl.toolchain.fsutil import atomic_output_dir, check_output_target, check_space, fault_point, output_lock
 from qvl.toolchain.staging import scratch_dir
 from qvl.toolchain.compile.targets import get_target
-
-
-def pipeline_for(target_name: str) -> list[GraphPass]:
-    """The pass list of a target, in order. Passes read the target table and skip what it lacks
-    (e.g. ORT contrib-op fusions on TensorRT targets, with the reason in their report)."""
-    return [
-        AttentionFusionPass(),
-        RotaryFusionPass(),
-        VisionAttentionFusionPass(),
-        NormFusionPass(),
-    ]
+from qvl.toolchain.compile.ort_optimize import ort_optimized_section
 
 
 @dataclass
@@ -53,7 +44,7 @@ def compile_artifact(
 ) -> CompileReport:
     import onnx_ir as ir
 
-    from qvl.toolchain.export.exporter import export_artifact, save_graphs
+    from qvl.toolchain.export.exporter import export_artifact
 
     step = step or (lambda m: None)
     target = get_target(target_name)
@@ -62,8 +53,8 @@ def compile_artifact(
     is_artifact = (source / mf.MANIFEST).is_file()
     if not is_artifact and not (source / "config.json").is_file():
         raise QvlError(f"{source} is neither a checkpoint (config.json) nor an artifact (manifest.json)")
-    passes = pipeline_for(target_name)
-    known = {p.name for p in passes}
+    names = pass_names(target, stages=("fusion",))
+    known = set(names)
     if dump_after and dump_after not in known:
         raise QvlError(f"--dump-after {dump_after!r} is not a pass of target {target.name}", hint=f"passes: {', '.join(sorted(known))}")
     # The output (lock, staging) comes first so that a second writer or a wrong --out fails before the export;
@@ -79,48 +70,49 @@ def compile_artifact(
             exported = Path(tmp_root) / "export"
             export_artifact(source, exported)
         manifest = mf.read_manifest(exported)
-        graphs = {name: ir.load(str(exported / g["file"])) for name, g in manifest["graphs"].items()}
-        reports: list[dict] = []
+        graphs = load_graphs(manifest)
         fault_point("passes:start")
-        for p in passes:
+        # One PassManager run per graph and part (the part up to --dump-after, then the rest); reports in pass order.
+        cut = names.index(dump_after) + 1 if dump_after else len(names)
+        per_graph: dict[str, list] = {name: [] for name in graphs}
+        for part in ((0, cut), (cut, len(names))):
             for name, model in graphs.items():
-                step(f"{p.name} on {name}")
-                result = p(model, target, name)
-                reports.append({"graph": name, **result.report.to_dict()})
-            if dump_after == p.name:
+                passes = pipeline_for(target, name, stages=("fusion",))[part[0]:part[1]]
+                if passes:
+                    step(f"{', '.join(p.name for p in passes)} on {name}")
+                per_graph[name] += run_pipeline(passes, model)[1]
+            if dump_after and part[0] == 0:
                 dump = staging / "dump"
                 dump.mkdir()
                 for name, model in graphs.items():
-                    ir.save(model, str(dump / f"{name}.after-{p.name}.onnx"), external_data=f"{name}.after-{p.name}.data")
+                    ir.save(model, str(dump / f"{name}.after-{dump_after}.onnx"), external_data=f"{name}.after-{dump_after}.data")
+        reports: list[dict] = [{"graph": name, **per_graph[name][i].to_dict()} for i in range(len(names)) for name in graphs]
         step("writing artifact")
         entries, store = save_graphs(graphs, staging)
-        mf.copy_side_files(exported, staging)
         decoder_ops = {n.op_type for n in graphs["decoder"].graph}
-        from qvl.toolchain.quant.accuracy_budget import embedding_entry
-        from qvl.toolchain.compile.ort_optimize import ort_optimized_section
 
         step("saving ONNX Runtime's optimized graphs")
         optimized = ort_optimized_section(staging, entries, target) if ort_optimize else {}
 
-        mf.write_manifest(
+        write_artifact(
             staging,
             {
                 "target": target.name,
-                "source": manifest["source"],
-                "model": manifest["model"],
+                "source": manifest.source.to_json(),
+                "model": manifest.model.to_json(),
                 "graphs": entries,
-                "weights": {"file": mf.WEIGHTS, "bytes": (staging / mf.WEIGHTS).stat().st_size},
                 "embedding": embedding_entry(graphs["decoder"]),
                 "decoder": {"kv_mode": "shared" if "GroupQueryAttention" in decoder_ops else "concat"},
                 **optimized,
                 "tool_versions": mf.tool_versions(),
-                "steps": manifest.get("steps", []) + [
+                "steps": list(manifest.steps or ()) + [
                     {"name": "compile", "target": target.name, "passes": reports,
                      "seconds": round(time.perf_counter() - t0, 2),
                      "weight_bytes_written": store.bytes_written,
                      "weight_bytes_deduplicated": store.bytes_deduplicated}
                 ],
             },
+            side_files_from=exported,
         )
     return CompileReport(Path(out), target.name, time.perf_counter() - t0, reports)
 
@@ -130,13 +122,12 @@ def source_weight_bytes(source: Path) -> int:
     source = Path(source)
     if (source / mf.MANIFEST).is_file():
         try:
-            return int(json.loads((source / mf.MANIFEST).read_text())["weights"]["bytes"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0  # read_manifest reports a broken artifact properly later
+            return mf.read_manifest(source, verify_graphs=False).weights.bytes
+        except QvlError:
+            return 0  # the full read reports a broken artifact properly later
     from qvl.toolchain.export.checkpoint_io import validate_checkpoint
-    from qvl.toolchain.export.exporter import _param_count
 
-    return 4 * sum(_param_count(f) for f in validate_checkpoint(source).weight_files)
+    return 4 * validate_checkpoint(source).num_parameters
 
 
 def default_block_size(bits: int, config: dict) -> int:
@@ -169,11 +160,6 @@ def compile_with_precision(
     """compile -> optional MLP channel sparsity -> optional weight-only int8/int4. Both approximate steps are
     opt-in and, with a `budget`, measured against the fp32 compiled artifact (itself parity-checked against
     eager) and rolled back per layer when over it. Returns {"sparsity": record, "precision": record}."""
-    from qvl.passes.precision import PrecisionConfig
-    from qvl.passes.sparsity import SparsityConfig
-    from qvl.toolchain.quant.accuracy_budget import apply_with_budget, quantize_artifact
-    from qvl.toolchain.quant.sparsity_budget import apply_sparsity_with_budget, sparsify_artifact
-
     target = get_target(target_name)
     bits = {"fp32": None, "int8": 8, "int4": 4}
     if weights not in bits:
@@ -210,7 +196,7 @@ def compile_with_precision(
             current = dest
         if nbits is not None:
             if block_size is None:
-                block_size = default_block_size(nbits, mf.read_manifest(current)["source"]["config"])
+                block_size = default_block_size(nbits, mf.read_manifest(current).source.config)
             config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=4)
             if budget is None:
                 (step or (lambda m: None))(f"quantizing weights to int{nbits}")

@@ -3,7 +3,7 @@
 | target      | hardware                          | fast math                 | fused ops              |
 |-------------|-----------------------------------|---------------------------|------------------------|
 | cpu-avx2    | i5-10210U (4 cores, AVX2, DDR4)    | fp32; int8 dot (AVX2)     | ORT CPU contrib ops    |
-| cpu-avx512  | AVX-512 VNNI/BF16 CPUs             | fp32; int8 (VNNI); bf16   | ORT CPU contrib ops    |
+| cpu-avx512  | AVX-512 VNNI CPUs                  | fp32; int8 (VNNI)         | ORT CPU contrib ops    |
 | sm61        | Pascal GP10x (MX250, GTX 10x0)     | fp32; int8 DP4A. FP16 at 1/64 rate: never chosen | TensorRT 8.6 (opset <= 17), no contrib ops |
 | sm75+       | Turing and newer (tensor cores)    | fp32, fp16, int8          | TensorRT 10 / ORT CUDA |
 """
@@ -17,7 +17,8 @@ GiB = 1 << 30
 
 TARGETS: dict[str, TargetCapabilities] = {
     "cpu-avx2": TargetCapabilities("cpu-avx2", ("float32",), (8, 4), ort_contrib_ops=True, memory_bytes=8 * GiB),
-    "cpu-avx512": TargetCapabilities("cpu-avx512", ("float32", "bfloat16"), (8, 4), ort_contrib_ops=True),
+    # bf16 is not listed: no pass assigns bf16 activations yet (issue #16 measures AVX-512 hosts and decides).
+    "cpu-avx512": TargetCapabilities("cpu-avx512", ("float32",), (8, 4), ort_contrib_ops=True),
     "sm61": TargetCapabilities("sm61", ("float32",), (8,), ort_contrib_ops=False, max_opset=17, memory_bytes=2 * GiB),
     "sm75+": TargetCapabilities("sm75+", ("float32", "float16"), (8, 4), ort_contrib_ops=False),
 }

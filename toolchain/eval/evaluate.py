@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from qvl.toolchain.eval.synthetic_vqa import messages_for
+from qvl.toolchain.export.hf_compat import image_only_processor
+
 AnswerFn = Callable[[list, list], str]
 
 
@@ -63,8 +66,6 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Ask every sample's question through `answer_fn` and score normalised exact match."""
-    from qvl.toolchain.eval.synthetic_vqa import messages_for
-
     samples = list(samples)
     t0 = time.perf_counter()
     records: list[EvalRecord] = []
@@ -115,10 +116,9 @@ def eager_answer_fn(checkpoint_dir: str | Path, max_new_tokens: int = 8, threads
     Prompt text and pixels come from transformers' own processor (`image_only_processor`), so this is the
     reference a compiled artifact is compared with.
     """
+    # [export] extra, only here: `qvl-compile eval ART` scores an artifact through the torch-free runtime.
     import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
-
-    from qvl.toolchain.export.hf_compat import image_only_processor
 
     checkpoint_dir = Path(checkpoint_dir)
     if threads is not None:

@@ -8,11 +8,19 @@ image embeddings and DeepStack features. `passed` holds only when every threshol
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from qvl.artifacts.manifest import read_manifest
+from qvl.runtime.model import Model
+from qvl.toolchain.eval.reference import EagerReference
+from qvl.toolchain.export.checkpoint_io import validate_checkpoint
+from qvl.toolchain.export.exporter import checkpoint_fingerprint
 
 LOGIT_TOL = 1e-4
 VISION_TOL = 1e-4
@@ -55,22 +63,26 @@ class ParityReport:
         return d
 
 
+def gradient_picture(w: int, h: int, phase: int = 0) -> Image.Image:
+    """A deterministic w x h test picture: colour gradients (blue channel shifted by `phase`), a red disc
+    and a blue square. The parity suite's images and the bench's image."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 37 + phase) % 256], -1)
+    img = Image.fromarray(rgb.astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    d.ellipse([w * 0.1, h * 0.1, w * 0.45, h * 0.5], fill=(220, 30, 30))
+    d.rectangle([w * 0.55, h * 0.5, w * 0.9, h * 0.9], fill=(30, 30, 220))
+    return img
+
+
 def suite_images(folder: Path) -> dict[str, Path]:
     """Deterministic test images: smooth gradients with shapes, at three sizes/aspect ratios."""
-    from PIL import Image, ImageDraw
-
     folder.mkdir(parents=True, exist_ok=True)
     specs = {"square": (224, 224), "wide": (480, 120), "tall": (150, 330)}
     out = {}
     for i, (name, (w, h)) in enumerate(specs.items()):
-        yy, xx = np.mgrid[0:h, 0:w]
-        rgb = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 37 + i * 60) % 256], -1)
-        img = Image.fromarray(rgb.astype(np.uint8))
-        d = ImageDraw.Draw(img)
-        d.ellipse([w * 0.1, h * 0.1, w * 0.45, h * 0.5], fill=(220, 30, 30))
-        d.rectangle([w * 0.55, h * 0.5, w * 0.9, h * 0.9], fill=(30, 30, 220))
         path = folder / f"{name}.png"
-        img.save(path)
+        gradient_picture(w, h, phase=i * 60).save(path)
         out[name] = path
     return out
 
@@ -100,7 +112,7 @@ def suite_cases(images: dict[str, Path]) -> list[tuple[str, list[dict], int]]:
 
 def vision_diff(eager, model, prompt) -> float:
     """Max |diff| of image embeddings and every DeepStack feature, eager vs the artifact's vision graph."""
-    import torch
+    import torch  # [export] extra; this module also serves torch-free callers (suite_images, suite_cases)
 
     emb, ds = model.engine.encode_images(prompt.pixel_values, prompt.image_grid_thw)
     with torch.inference_mode():
@@ -116,19 +128,13 @@ def source_check(artifact: Path, checkpoint: Path, warn=None) -> tuple[bool | No
     """(matches, artifact's source sha256, checkpoint's sha256): the checkpoint's fingerprint against the
     manifest's `source.sha256`. A mismatch prints one `warning:` line (to stderr unless `warn` is given):
     parity against another checkpoint still runs, but its numbers say nothing about this artifact's export."""
-    import sys
-
-    from qvl.artifacts.manifest import read_manifest
-    from qvl.toolchain.export.checkpoint_io import validate_checkpoint
-    from qvl.toolchain.export.exporter import checkpoint_fingerprint
-
-    source = read_manifest(Path(artifact), verify_graphs=False)["source"]
-    expected = source.get("sha256") or None
+    source = read_manifest(Path(artifact), verify_graphs=False).source
+    expected = source.sha256 or None
     actual = checkpoint_fingerprint(validate_checkpoint(Path(checkpoint)))
     matches = None if expected is None else expected == actual
     if matches is False:
         msg = (f"warning: checkpoint {checkpoint} is not the one this artifact was compiled from (artifact source "
-               f"sha256 {expected[:16]}... from {source.get('checkpoint', '?')}, this checkpoint {actual[:16]}...); "
+               f"sha256 {expected[:16]}... from {source.checkpoint or '?'}, this checkpoint {actual[:16]}...); "
                "parity compares two different models")
         (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
     return matches, expected, actual
@@ -145,9 +151,6 @@ def run_parity(
     progress=None,
     device: str = "cpu",
 ) -> ParityReport:
-    from qvl.runtime.model import Model
-    from qvl.toolchain.eval.reference import EagerReference
-
     t0 = time.perf_counter()
     matches, expected, actual = source_check(artifact, checkpoint)
     eager = EagerReference(checkpoint, threads=threads)

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qvl.runtime.image_preprocess import load_image
+from qvl.runtime.prompt import collect_images, normalize_messages
 from qvl.toolchain.export.checkpoint_io import validate_checkpoint
+from qvl.toolchain.export.hf_compat import image_only_processor
 
 
 @dataclass
@@ -24,18 +27,15 @@ class ReferenceResult:
 
 def _load_images(messages: list[dict]) -> list:
     # The runtime's own message walk, so both sides see the same images in the same order.
-    from qvl.runtime.image_preprocess import load_image
-    from qvl.runtime.prompt import collect_images, normalize_messages
-
     return [load_image(src) for src in collect_images(normalize_messages(messages))]
 
 
 class EagerReference:
     def __init__(self, checkpoint: Path, dtype: str = "float32", threads: int | None = None):
+        # torch / transformers ([export] extra) only here: parity imports this module, and its suite
+        # (suite_images, suite_cases) serves torch-free callers.
         import torch
         from transformers import Qwen3VLForConditionalGeneration
-
-        from qvl.toolchain.export.hf_compat import image_only_processor
 
         self.info = validate_checkpoint(Path(checkpoint))
         if threads:

@@ -49,12 +49,6 @@ class CheckpointInfo:
         return sum(t.numel for t in self.tensors.values())
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header JSON, exact file size) of a validated safetensors file; kept for existing callers."""
-    header = read_header(path)
-    return header.raw(), header.file_size
-
-
 def _read_config(path: Path) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():

@@ -22,13 +22,11 @@ from typing import Callable
 import numpy as np
 
 from qvl.artifacts import manifest as mf
-from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers
+from qvl.artifacts.writer import EMBEDDING_NAME, IR_VERSION, embedding_location, save_graphs, write_artifact
 from qvl.toolchain.export.checkpoint_io import CheckpointInfo, validate_checkpoint
 from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
 
 OPSET = 20
-IR_VERSION = 10  # ONNX 1.16 / opset 21 era: every ONNX Runtime >= 1.17 loads it
-EMBEDDING_NAME = "embed_tokens.weight"
 
 VISION_INPUTS = ("pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_cos", "rotary_sin", "segment_ids")
 
@@ -170,48 +168,6 @@ def tie_lm_head_to_embedding(graph_model, embedding: np.ndarray) -> None:
         g.initializers.pop(weight_t.name)
 
 
-def io_signature(graph_model) -> dict:
-    def sig(values):
-        return [
-            {
-                "name": v.name,
-                "dtype": v.dtype.name.lower() if v.dtype is not None else None,
-                "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
-            }
-            for v in values
-        ]
-
-    return {"inputs": sig(graph_model.graph.inputs), "outputs": sig(graph_model.graph.outputs)}
-
-
-def save_graphs(graphs: dict, out_dir: Path) -> tuple[dict, WeightStoreWriter]:
-    """Write each onnx-ir model with its initializers in the one shared weight store."""
-    import onnx_ir as ir
-
-    entries = {}
-    with WeightStoreWriter(out_dir / mf.WEIGHTS) as store:
-        for name, model in graphs.items():
-            externalize_initializers(model, store, mf.WEIGHTS)
-            model.ir_version = IR_VERSION
-            path = out_dir / f"{name}.onnx"
-            ir.save(model, path)
-            entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), **io_signature(model)}
-            fault_point("weights:write")  # the weight store is part-written here
-    return entries, store
-
-
-def embedding_location(decoder_model) -> dict:
-    value = decoder_model.graph.initializers[EMBEDDING_NAME]
-    t = value.const_value
-    return {
-        "file": mf.WEIGHTS,
-        "offset": int(t.offset),
-        "shape": [int(d) for d in t.shape],
-        "dtype": "float32",
-        "initializer": EMBEDDING_NAME,
-    }
-
-
 def model_summary(info: CheckpointInfo) -> dict:
     tc, vc, cfg = info.text_config, info.vision_config, info.config
     rope = tc.get("rope_scaling") or tc.get("rope_parameters") or {}
@@ -296,16 +252,14 @@ def export_artifact(
         del model
         step("writing graphs and weight store")
         graphs, store = save_graphs({"vision": vision, "decoder": decoder}, tmp)
-        mf.copy_side_files(info.path, tmp)
         seconds = time.perf_counter() - t0
-        mf.write_manifest(
+        write_artifact(
             tmp,
             {
                 "target": "export-fp32",
                 "source": {"checkpoint": str(info.path.absolute()), "sha256": fingerprint, "config": info.config},
                 "model": model_summary(info),
                 "graphs": graphs,
-                "weights": {"file": mf.WEIGHTS, "bytes": (tmp / mf.WEIGHTS).stat().st_size},
                 "embedding": embedding_location(decoder),
                 "tool_versions": mf.tool_versions(),
                 "steps": [
@@ -320,20 +274,7 @@ def export_artifact(
                     }
                 ],
             },
+            side_files_from=info.path,
         )
     return ExportReport(Path(out), seconds, store.bytes_written, store.bytes_deduplicated, graphs)
 
-
-def _param_count(path: Path) -> int:
-    from qvl.toolchain.export.checkpoint_io import _safetensors_header
-
-    header, _ = _safetensors_header(path)
-    n = 0
-    for k, meta in header.items():
-        if k == "__metadata__":
-            continue
-        c = 1
-        for d in meta["shape"]:
-            c *= d
-        n += c
-    return n

@@ -26,7 +26,6 @@ the lm_head's MatMulNBits buffers when the tied lm_head was quantized (`format: 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -36,56 +35,18 @@ from typing import Callable
 import numpy as np
 
 from qvl.artifacts import manifest as mf
+from qvl.artifacts.writer import load_graphs, publish_candidate, write_derived_artifact
 from qvl.passes.base import TargetCapabilities
-from qvl.passes.precision import LM_HEAD_LAYER, PrecisionConfig, PrecisionPass
-from qvl.toolchain.fsutil import atomic_output_dir
+from qvl.passes.precision import PrecisionConfig
+from qvl.toolchain.compile.pipelines import PipelineOptions, run_stage
 from qvl.toolchain.staging import scratch_dir
 from qvl.toolchain.compile.targets import get_target
+from qvl.toolchain.compile.ort_optimize import ort_optimizer
 
 CPU_AVX2 = get_target("cpu-avx2")  # the laptop CPU: AVX2 int8 dot products, ORT contrib ops
 
 
 # -- writing a quantized artifact -----------------------------------------------------------------------------
-
-
-def embedding_entry(decoder_model, weights_file: str = mf.WEIGHTS) -> dict:
-    """manifest["embedding"] for a saved decoder: the fp32 matrix if it is still there, else the tied lm_head's
-    MatMulNBits buffers (`format: "matmulnbits"`, read by `runtime/quantized_embedding.py`)."""
-    import onnx_ir as ir
-
-    from qvl.toolchain.export.exporter import EMBEDDING_NAME, embedding_location
-
-    graph = decoder_model.graph
-    if EMBEDDING_NAME in graph.initializers:
-        return embedding_location(decoder_model)
-    head = next((n for n in graph if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"
-                 and n.metadata_props.get("qvl.layer") == LM_HEAD_LAYER), None)
-    if head is None:
-        raise RuntimeError(f"decoder has neither {EMBEDDING_NAME} nor a quantized lm_head to embed tokens from")
-    attrs = {k: a.value for k, a in head.attributes.items()}
-
-    def part(value) -> dict | None:
-        if value is None:
-            return None
-        t = value.const_value
-        if not isinstance(t, ir.ExternalTensor):
-            raise RuntimeError(f"{value.name} is not in the weight store (save the graphs first)")
-        return {"offset": int(t.offset), "shape": [int(d) for d in t.shape], "dtype": t.dtype.numpy().name,
-                "initializer": value.name}
-
-    inputs = list(head.inputs) + [None] * 2
-    return {
-        "format": "matmulnbits",
-        "file": weights_file,
-        "shape": [int(attrs["N"]), int(attrs["K"])],
-        "dtype": "float32",
-        "bits": int(attrs.get("bits", 4)),
-        "block_size": int(attrs["block_size"]),
-        "initializer": inputs[1].name,
-        "packed": part(inputs[1]),
-        "scales": part(inputs[2]),
-        "zero_points": part(inputs[3]),
-    }
 
 
 def quantize_artifact(
@@ -97,64 +58,51 @@ def quantize_artifact(
     extra_manifest: dict | None = None,
 ) -> dict:
     """Write `out`: the fp32 artifact `src` with the precision pass applied. Returns the manifest's precision record."""
-    import onnx_ir as ir
 
+    def record(reports: dict) -> dict:
+        return {**precision_record(config, target, reports), **(extra_manifest or {})}
+
+    return derive_artifact(src, out, target, "weights", PipelineOptions(precision=config), "precision", record,
+                           overwrite, updates={"target": target.name}, refuse_quantized=True)
+
+
+def derive_artifact(src: Path, out: Path, target: TargetCapabilities, stage: str, options: PipelineOptions,
+                    section: str, make_record: Callable[[dict], dict], overwrite: bool, updates: dict | None = None,
+                    refuse_quantized: bool = False) -> dict:
+    """Write `out`: the artifact `src` with one approximate stage of the target's pipeline applied, its record
+    (`make_record(pass reports)`) as `manifest[section]`. Returns the record."""
     t0 = time.perf_counter()
     src = Path(src)
     manifest = mf.read_manifest(src)
-    if manifest.get("embedding", {}).get("format") == "matmulnbits":
+    if refuse_quantized and manifest.embedding.quantized:
         raise ValueError(f"{src} is already quantized; start from the fp32 artifact")
-    graphs = {name: ir.load(src / g["file"]) for name, g in manifest["graphs"].items()}
-    pass_ = PrecisionPass(config)
-    reports = {name: pass_(model, target, name).report for name, model in graphs.items()}
-    record = precision_record(config, target, reports)
-    record.update(extra_manifest or {})
-    write_derived_artifact(src, manifest, graphs, Path(out), target, "precision", record, reports, t0, overwrite,
-                           updates={"target": target.name})
+    graphs = load_graphs(manifest)
+    reports = run_stage(target, graphs, stage, options)
+    record = make_record(reports)
+    write_derived_artifact(manifest, graphs, Path(out), section, record, reports, t0, overwrite,
+                           updates=updates, optimize=ort_optimizer(target))
     return record
 
 
-def write_derived_artifact(src: Path, manifest: dict, graphs: dict, out: Path, target: TargetCapabilities,
-                           section: str, record: dict, reports: dict, t0: float, overwrite: bool,
-                           updates: dict | None = None) -> None:
-    """Write `out` (atomically): the artifact `src` (whose manifest is `manifest`) with `graphs` as one approximate
-    pass left them -- a new weight store, the side files, ORT's optimized graphs for the new graphs (never the
-    source's), `manifest[section] = record` and one more step (`section`, seconds since `t0`, pass reports)."""
-    from qvl.toolchain.export.exporter import save_graphs
-    from qvl.toolchain.compile.ort_optimize import ort_optimized_section
-
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        entries, store = save_graphs(graphs, tmp)
-        mf.copy_side_files(src, tmp)
-        new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created", "ort_optimized")}
-        new.update(ort_optimized_section(tmp, entries, target))
-        new.update(updates or {})
-        new.update(
-            graphs=entries,
-            weights={"file": mf.WEIGHTS, "bytes": (tmp / mf.WEIGHTS).stat().st_size},
-            embedding=embedding_entry(graphs["decoder"]),
-            steps=list(manifest.get("steps", [])) + [{
-                "name": section,
-                "seconds": round(time.perf_counter() - t0, 2),
-                "weight_bytes_written": store.bytes_written,
-                "reports": {k: r.to_dict() for k, r in reports.items()},
-            }],
-        )
-        new[section] = record
-        mf.write_manifest(tmp, new)
-
-
-def precision_record(config: PrecisionConfig, target: TargetCapabilities, reports: dict) -> dict:
-    """Per-layer decisions and byte counts over all graphs (what the manifest records)."""
+def layer_totals(reports: dict, entry: Callable[[dict], dict]) -> tuple[dict, int, int, list[dict]]:
+    """Over the per-graph reports of one weight pass: {layer: entry(layer details)}, total bytes before and after,
+    and every skip as {"graph", "where", "reason"} (what the precision / sparsity / Q/DQ records share)."""
     layers, skipped = {}, []
     before = after = 0
     for name, r in reports.items():
         for layer, d in r.details.get("layers", {}).items():
-            layers[layer] = {"decision": f"int{config.weight_bits}" if d["decision"] == "quantized" else d["decision"],
-                             "bytes_before": d["bytes_before"], "bytes_after": d["bytes_after"]}
+            layers[layer] = entry(d)
         before += r.details.get("bytes_before", 0)
         after += r.details.get("bytes_after", 0)
         skipped += [{"graph": name, "where": s.where, "reason": s.reason} for s in r.skipped]
+    return layers, before, after, skipped
+
+
+def precision_record(config: PrecisionConfig, target: TargetCapabilities, reports: dict) -> dict:
+    """Per-layer decisions and byte counts over all graphs (what the manifest records)."""
+    layers, before, after, skipped = layer_totals(reports, lambda d: {
+        "decision": f"int{config.weight_bits}" if d["decision"] == "quantized" else d["decision"],
+        "bytes_before": d["bytes_before"], "bytes_after": d["bytes_after"]})
     return {
         "config": config.to_dict(),
         "target": target.name,
@@ -289,28 +237,40 @@ def compare(reference: list[Trace], candidate: list[Trace]) -> Measurement:
 
 @dataclass
 class BudgetResult:
-    decisions: dict[str, str]  # layer -> "int8" | "int4" | "fp32"
+    """Outcome of a per-layer budget search, for every approximate step (precision, sparsity, INT8 Q/DQ)."""
+
+    decisions: dict[str, str]  # layer -> "int8" | "int4" | "pruned" | ... applied, or the restored decision
     measured: Measurement  # the final mix
-    all_quantized: Measurement
+    all_applied: Measurement  # every eligible layer applied
     layer_scores: dict[str, dict] = field(default_factory=dict)  # layer -> {"score", "measurement"} (alone)
     rolled_back: list[str] = field(default_factory=list)
     within_budget: bool = False
     evaluations: int = 0
     seconds: float = 0.0
     artifact: str | None = None
+    all_applied_key: str = "all_quantized"  # its manifest key: "all_quantized" (precision) | "all_pruned" (sparsity)
+    gain: dict = field(default_factory=dict)  # sparsity: measure_gain() of the final artifact vs the dense one
+
+    @property
+    def all_quantized(self) -> Measurement:
+        return self.all_applied
+
+    @property
+    def all_pruned(self) -> Measurement:
+        return self.all_applied
 
     def to_manifest(self, budget: AccuracyBudget) -> dict:
-        return search_record(self, budget, "all_quantized", self.all_quantized)
+        return search_record(self, budget)
 
 
-def search_record(result, budget: AccuracyBudget, all_applied_key: str, all_applied: Measurement) -> dict:
+def search_record(result: BudgetResult, budget: AccuracyBudget) -> dict:
     """The manifest record of a per-layer budget search (precision: "all_quantized", sparsity: "all_pruned")."""
     return {
         "budget": asdict(budget),
         "decisions": result.decisions,
         "within_budget": result.within_budget,
         "measured": result.measured.to_dict(),
-        all_applied_key: all_applied.to_dict(),
+        result.all_applied_key: result.all_applied.to_dict(),
         "layer_scores": {k: {"score": v["score"], **{m: v["measurement"][m] for m in
                              ("mean_kl", "max_abs_logit_diff", "greedy_agreement")}}
                          for k, v in result.layer_scores.items()},
@@ -336,20 +296,29 @@ def apply_with_budget(
     say = progress or (lambda msg: None)
     fp32_artifact = Path(fp32_artifact)
     with scratch_dir("qvl-budget-") as work:
-        work = Path(work)
-        full, final, record, best, rolled_back, scores, evaluations = rollback_search(
+        result, best = budget_search(
             fp32_artifact,
             lambda path, restored: quantize_artifact(
                 fp32_artifact, path, replace(config, keep_fp32=config.keep_fp32 | restored), target),
             lambda rec: [k for k, v in rec["layers"].items() if v["decision"].startswith("int")],
-            budget, ("all quantized", "fp32"), work, cases, threads, say)
-        decisions = {k: ("fp32" if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
-        result = BudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations)
+            budget, ("all quantized", "fp32"), Path(work), cases, threads, say)
         result.seconds = time.perf_counter() - t0
         publish_candidate(best, Path(out), "precision",
-                          {"budget_search": result.to_manifest(budget), "decisions": decisions}, overwrite)
+                          {"budget_search": result.to_manifest(budget), "decisions": result.decisions}, overwrite)
         result.artifact = str(Path(out))
     return result
+
+
+def budget_search(fp32_artifact: Path, apply, eligible, budget: AccuracyBudget, labels: tuple[str, str],
+                  work: Path, cases, threads, say, all_applied_key: str = "all_quantized") -> tuple[BudgetResult, Path]:
+    """The driver every approximate step shares: `rollback_search`, then the per-layer decisions (a rolled-back
+    layer gets `labels[1]`, e.g. "fp32" / "dense") in a `BudgetResult`. Returns it and the chosen candidate."""
+    full, final, record, best, rolled_back, scores, evaluations = rollback_search(
+        fp32_artifact, apply, eligible, budget, labels, work, cases, threads, say)
+    decisions = {k: (labels[1] if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
+    result = BudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations,
+                          all_applied_key=all_applied_key)
+    return result, best
 
 
 def rollback_search(fp32_artifact: Path, apply, eligible, budget: AccuracyBudget, labels: tuple[str, str],
@@ -391,15 +360,3 @@ def rollback_search(fp32_artifact: Path, apply, eligible, budget: AccuracyBudget
             if final.within(budget):
                 break
     return full, final, record, best, rolled_back, scores, evaluations
-
-
-def publish_candidate(best: Path, out: Path, section: str, updates: dict, overwrite: bool) -> None:
-    """Record the search in the chosen candidate's manifest section, then move it atomically to `out`."""
-    manifest = json.loads((best / mf.MANIFEST).read_text())
-    manifest[section].update(updates)
-    for key in ("format", "format_version"):
-        manifest.pop(key, None)
-    mf.write_manifest(best, manifest)
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
-        for f in best.iterdir():
-            shutil.move(str(f), tmp / f.name)

@@ -4,7 +4,7 @@
 calibration prompts (default: the parity suite, `accuracy_budget.calibration_cases`: text-only, three
 image shapes, two images, chunked prefill) with the torch-free runtime (`runtime/model.py` prepares the
 prompts, encodes the images, prefills and decodes `decode_steps` greedy tokens), and records, for the
-activation input of every linear site (`passes/qdq_int8.linear_sites`: decoder and vision), the maximum
+activation input of every linear site (`passes/linear_sites.linear_sites`: decoder and vision), the maximum
 |x| per input channel over every row (token / patch) it saw. Keys are `"graph/value name"`, as the pass
 reads them (`qdq_int8.stats_key`).
 
@@ -30,6 +30,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from qvl.artifacts import manifest as mf
+from qvl.artifacts.writer import load_graphs, save_graphs_in_place, write_artifact
+from qvl.passes.linear_sites import linear_sites
+from qvl.passes.qdq_int8 import stats_key
+from qvl.toolchain.quant.accuracy_budget import calibration_cases
 from qvl.toolchain.staging import scratch_dir
 
 DECODE_STEPS = 4  # decode-phase rows (one token each) next to the prefill rows, per case
@@ -63,8 +67,6 @@ class CalibrationStats:
 
 def activation_sites(model, graph_name: str) -> dict[str, object]:
     """stats key -> activation Value for every linear site of the graph (convertible or not)."""
-    from qvl.passes.qdq_int8 import linear_sites, stats_key
-
     out = {}
     for _, lin, _ in linear_sites(model, graph_name):
         if not isinstance(lin, str):
@@ -163,11 +165,7 @@ def calibrate_artifact(
     progress: Callable[[str], None] | None = None,
 ) -> CalibrationStats:
     """Per-channel activation maxima of every linear site of an fp32 artifact / kit over the calibration cases."""
-    import onnx_ir as ir
-
     from qvl.runtime.model import Model
-    from qvl.toolchain.quant.accuracy_budget import calibration_cases
-    from qvl.toolchain.export.exporter import io_signature
 
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
@@ -181,21 +179,16 @@ def calibrate_artifact(
             cases = calibration_cases(Path(work_dir) if work_dir is not None else tmp / "images")
         run_dir = tmp / "tapped"
         run_dir.mkdir()
-        _link_or_copy(artifact / manifest["weights"]["file"], run_dir / manifest["weights"]["file"])
-        mf.copy_side_files(artifact, run_dir)
+        _link_or_copy(manifest.path(manifest.weights.file), run_dir / manifest.weights.file)
         taps: dict[str, tuple[int, list[str]]] = {}
-        entries = {}
-        for name, g in manifest["graphs"].items():
-            model = ir.load(str(artifact / g["file"]))
+        models = load_graphs(manifest)
+        for name, model in models.items():
             n = len(model.graph.outputs)
-            keys = tap_model(model, name) if name in graphs else []
-            path = run_dir / g["file"]
-            ir.save(model, str(path))  # initializers keep their `weights.bin` references (linked above)
-            taps[name] = (n, keys)
-            entries[name] = {**g, "sha256": mf.sha256_file(path), **io_signature(model)}  # taps are outputs too
-        m = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "created")}
-        m["graphs"] = entries
-        mf.write_manifest(run_dir, m)
+            taps[name] = (n, tap_model(model, name) if name in graphs else [])
+        fields = manifest.derive()
+        # initializers keep their `weights.bin` references (linked above); the taps are outputs too
+        fields["graphs"] = save_graphs_in_place(models, run_dir, manifest.graph_files(), base=fields["graphs"])
+        write_artifact(run_dir, fields, side_files_from=artifact)
         model = Model(run_dir, threads=threads)
         engine = model.engine
         engine.vision = _TapSession(engine.vision, *taps["vision"], sink)

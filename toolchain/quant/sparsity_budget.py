@@ -31,23 +31,23 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from qvl.artifacts import manifest as mf
 from qvl.toolchain.staging import scratch_dir
 from qvl.passes.base import TargetCapabilities
-from qvl.passes.sparsity import MlpChannelSparsityPass, SparsityConfig
+from qvl.passes.sparsity import SparsityConfig
+from qvl.toolchain.compile.pipelines import PipelineOptions
 from qvl.toolchain.quant.accuracy_budget import (
     CPU_AVX2,
     AccuracyBudget,
-    Measurement,
-    publish_candidate,
-    rollback_search,
-    search_record,
-    write_derived_artifact,
+    BudgetResult,
+    budget_search,
+    derive_artifact,
+    layer_totals,
 )
+from qvl.artifacts.writer import publish_candidate
 
 SPEED_PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle, "
                 "and describe the sea, the weather and the keeper's daily routine in detail.")
@@ -65,30 +65,14 @@ def sparsify_artifact(
     overwrite: bool = False,
 ) -> dict:
     """Write `out`: the artifact `src` with MLP channel sparsity applied. Returns the manifest's sparsity record."""
-    import onnx_ir as ir
-
-    t0 = time.perf_counter()
-    src = Path(src)
-    manifest = mf.read_manifest(src)
-    graphs = {name: ir.load(src / g["file"]) for name, g in manifest["graphs"].items()}
-    pass_ = MlpChannelSparsityPass(config)
-    reports = {name: pass_(model, target, name).report for name, model in graphs.items()}
-    record = sparsity_record(config, target, reports)
-    write_derived_artifact(src, manifest, graphs, Path(out), target, "sparsity", record, reports, t0, overwrite)
-    return record
+    return derive_artifact(src, out, target, "sparsity", PipelineOptions(sparsity=config), "sparsity",
+                           lambda reports: sparsity_record(config, target, reports), overwrite)
 
 
 def sparsity_record(config: SparsityConfig, target: TargetCapabilities, reports: dict) -> dict:
     """Per-layer channel counts and MLP weight bytes over all graphs (what the manifest records)."""
-    layers, skipped = {}, []
-    before = after = 0
-    for name, r in reports.items():
-        for layer, d in r.details.get("layers", {}).items():
-            layers[layer] = {k: d[k] for k in ("decision", "channels_before", "channels_after", "bytes_before",
-                                                "bytes_after", "bytes_saved", "reason") if k in d}
-        before += r.details.get("bytes_before", 0)
-        after += r.details.get("bytes_after", 0)
-        skipped += [{"graph": name, "where": s.where, "reason": s.reason} for s in r.skipped]
+    keys = ("decision", "channels_before", "channels_after", "bytes_before", "bytes_after", "bytes_saved", "reason")
+    layers, before, after, skipped = layer_totals(reports, lambda d: {k: d[k] for k in keys if k in d})
     return {
         "config": config.to_dict(),
         "target": target.name,
@@ -168,23 +152,6 @@ def measure_gain(
 # -- the budgeted search --------------------------------------------------------------------------------------
 
 
-@dataclass
-class SparsityBudgetResult:
-    decisions: dict[str, str]  # layer -> "pruned" | "dense"
-    measured: Measurement  # the final mix
-    all_pruned: Measurement
-    layer_scores: dict[str, dict] = field(default_factory=dict)  # layer -> {"score", "measurement"} (alone)
-    rolled_back: list[str] = field(default_factory=list)
-    within_budget: bool = False
-    evaluations: int = 0
-    seconds: float = 0.0
-    gain: dict = field(default_factory=dict)  # measure_gain() of the final artifact vs the unpruned one
-    artifact: str | None = None
-
-    def to_manifest(self, budget: AccuracyBudget) -> dict:
-        return search_record(self, budget, "all_pruned", self.all_pruned)
-
-
 def apply_sparsity_with_budget(
     fp32_artifact: Path,
     out: Path,
@@ -197,26 +164,23 @@ def apply_sparsity_with_budget(
     overwrite: bool = False,
     speed_repeats: int = 5,
     speed_tokens: int = 32,
-) -> SparsityBudgetResult:
+) -> BudgetResult:
     """Prune all -> measure -> if over budget, keep dense the layers that cost most alone until within;
     then measure decode speed and bytes per token of the result against the unpruned artifact."""
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     fp32_artifact = Path(fp32_artifact)
     with scratch_dir("qvl-sparsity-") as work:
-        work = Path(work)
-        full, final, record, best, rolled_back, scores, evaluations = rollback_search(
+        result, best = budget_search(
             fp32_artifact,
             lambda path, restored: sparsify_artifact(fp32_artifact, path, replace(config, keep=config.keep | restored), target),
             lambda rec: [k for k, v in rec["layers"].items() if v["decision"] == "pruned" and "reason" not in v],
-            budget, ("all pruned", "dense"), work, cases, threads, say)
-        decisions = {k: ("dense" if k in rolled_back else v["decision"]) for k, v in record["layers"].items()}
-        result = SparsityBudgetResult(decisions, final, full, scores, rolled_back, final.within(budget), evaluations)
+            budget, ("all pruned", "dense"), Path(work), cases, threads, say, all_applied_key="all_pruned")
         say("measuring decode speed (dense vs pruned)")
         result.gain = measure_gain(fp32_artifact, best, threads=threads, repeats=speed_repeats, new_tokens=speed_tokens)
         say(result.gain["statement"])
         result.seconds = time.perf_counter() - t0
         publish_candidate(best, Path(out), "sparsity", {"budget_search": result.to_manifest(budget),
-                                                        "decisions": decisions, "gain": result.gain}, overwrite)
+                                                        "decisions": result.decisions, "gain": result.gain}, overwrite)
         result.artifact = str(Path(out))
     return result

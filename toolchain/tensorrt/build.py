@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from qvl.artifacts import manifest as mf
+from qvl.artifacts.schema import Kit, Manifest
 from qvl.errors import QvlError
 
 ENGINES_DIR = "engines"
@@ -366,10 +367,11 @@ class BuildReport:
     seconds: float = 0.0
 
 
-def read_kit(kit_dir: Path) -> tuple[dict, dict]:
+def read_kit(kit_dir: Path) -> tuple[Manifest, Kit]:
+    """The kit's typed manifest and its `kit` section (a QvlError if it is an artifact but not a kit)."""
     manifest = mf.read_manifest(Path(kit_dir))
-    kit = manifest.get("kit")
-    if not kit or kit.get("format") != "qvl-trt-kit":
+    kit = manifest.kit
+    if kit is None or not kit.is_trt_kit:
         raise QvlError(f"{kit_dir} is an artifact but not a TensorRT engine kit",
                        hint="make one with `qvl-compile compile SOURCE --target sm61 --out KIT`")
     return manifest, kit
@@ -383,7 +385,7 @@ def build_engines(kit_dir: Path, out: Path | None = None, *, allow_target_mismat
     kit_dir = Path(kit_dir)
     manifest, kit = read_kit(kit_dir)
     lib = load_tensorrt(library)
-    target = kit["target"]
+    target = kit.target
     cc = device_compute_capability()
     fast_fp16 = None
     if lib.flavor == "tensorrt" and cc is None and lib.major < 10:
@@ -397,13 +399,13 @@ def build_engines(kit_dir: Path, out: Path | None = None, *, allow_target_mismat
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = BuildReport(out, lib.label, target, mismatch)
-    names = graphs or tuple(kit["graphs"])
+    names = graphs or tuple(kit.graphs)
     for name in names:
-        if name not in kit["graphs"]:
-            raise QvlError(f"the kit has no graph {name!r}", hint=f"graphs: {', '.join(kit['graphs'])}")
-        g = kit["graphs"][name]
+        if name not in kit.graphs:
+            raise QvlError(f"the kit has no graph {name!r}", hint=f"graphs: {', '.join(kit.graphs)}")
+        g = kit.graphs[name]
         step(f"building {name} with {lib.label}")
-        report.engines[name] = build_graph(lib, kit_dir / g["file"], name, g["profiles"], kit["build"], target,
+        report.engines[name] = build_graph(lib, manifest.path(g.file), name, list(g.profiles), kit.build.to_json(), target,
                                            out / f"{name}.engine", gpu_present=cc is not None or lib.flavor == "tensorrt")
     report.seconds = time.perf_counter() - t0
     record = {

@@ -1,0 +1,209 @@
+"""Writing artifacts: graphs, the shared weight store, the embedding entry, side files and the manifest.
+
+Every producer goes through here -- `export` (a new artifact), `compile` (passes on an export), the derived
+artifacts of the approximate steps (precision, sparsity), TensorRT engine kits, and calibration's tapped run
+directories -- so the on-disk format (`artifacts/schema.py`) has one owner:
+
+* `save_graphs(graphs, dir)`: each onnx-ir model as `<name>.onnx` at `IR_VERSION` with its initializers in one
+  new deduplicated weight store; returns the manifest's graph entries (file, sha256, I/O signature).
+* `save_graphs_in_place(graphs, dir, files)`: re-save graphs whose initializers keep their existing
+  weight-store references (kits after lowering, tapped calibration graphs).
+* `embedding_entry(decoder)`: the manifest's `embedding` (dense fp32 matrix, or the quantized lm_head's parts).
+* `write_artifact(dir, fields, side_files_from=...)`: side files + `weights` entry + `manifest.json`.
+* `write_derived_artifact(...)` / `publish_candidate(...)`: one approximate step's output artifact, and the
+  budget search's chosen candidate moved to `--out`.
+
+Writers need onnx_ir (graphs); nothing here imports torch or transformers, and the runtime never imports it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from qvl.artifacts import manifest as mf
+from qvl.artifacts.schema import WEIGHTS, Manifest
+from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers
+from qvl.passes.precision import LM_HEAD_LAYER  # `qvl.layer` of the tied lm_head
+from qvl.toolchain.fsutil import atomic_output_dir, fault_point
+
+IR_VERSION = 10  # ONNX 1.16 / opset 21 era: every ONNX Runtime >= 1.17 loads it
+EMBEDDING_NAME = "embed_tokens.weight"  # the export's tied [vocab, hidden] matrix (the lm_head's too)
+
+
+# -- graphs --------------------------------------------------------------------------------------------------
+
+
+def io_signature(graph_model) -> dict:
+    """`inputs` / `outputs` of a manifest graph entry: name, dtype and shape (ints and symbolic names)."""
+    def sig(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": v.dtype.name.lower() if v.dtype is not None else None,
+                "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
+            }
+            for v in values
+        ]
+
+    return {"inputs": sig(graph_model.graph.inputs), "outputs": sig(graph_model.graph.outputs)}
+
+
+def graph_entry(model, path: Path, **more) -> dict:
+    return {"file": path.name, "sha256": mf.sha256_file(path), **more, **io_signature(model)}
+
+
+def save_graphs(graphs: dict, out_dir: Path) -> tuple[dict, WeightStoreWriter]:
+    """Write each onnx-ir model with its initializers in the one shared weight store."""
+    import onnx_ir as ir
+
+    out_dir = Path(out_dir)
+    entries = {}
+    with WeightStoreWriter(out_dir / WEIGHTS) as store:
+        for name, model in graphs.items():
+            externalize_initializers(model, store, WEIGHTS)
+            model.ir_version = IR_VERSION
+            path = out_dir / f"{name}.onnx"
+            ir.save(model, path)
+            entries[name] = graph_entry(model, path)
+            fault_point("weights:write")  # the weight store is part-written here
+    return entries, store
+
+
+def save_graphs_in_place(graphs: dict, out_dir: Path, files: dict, ir_version_cap: int | None = None,
+                         base: dict | None = None) -> dict:
+    """Save each graph as `out_dir / files[name]`, its initializers keeping their weight-store references (the
+    store is not rewritten); manifest graph entries. `ir_version_cap`: the oldest parser's IR version (a
+    target's policy); `base`: the previous entries, whose other keys are kept."""
+    import onnx_ir as ir
+
+    entries = {}
+    for name, model in graphs.items():
+        if ir_version_cap is not None:
+            model.ir_version = min(model.ir_version, ir_version_cap)
+        path = Path(out_dir) / files[name]
+        ir.save(model, str(path))
+        entries[name] = graph_entry(model, path, **{k: v for k, v in ((base or {}).get(name) or {}).items()
+                                                     if k not in ("file", "sha256", "inputs", "outputs")})
+    return entries
+
+
+def load_graphs(manifest: Manifest) -> dict:
+    """The artifact's graphs as onnx-ir models (external weights stay references into the store)."""
+    import onnx_ir as ir
+
+    return {name: ir.load(str(manifest.graph_path(name))) for name in manifest.graphs}
+
+
+# -- the embedding entry ---------------------------------------------------------------------------------------
+
+
+def embedding_location(decoder_model) -> dict:
+    """`embedding` of a decoder that still has the fp32 `[vocab, hidden]` matrix (saved in the store)."""
+    value = decoder_model.graph.initializers[EMBEDDING_NAME]
+    t = value.const_value
+    return {
+        "file": WEIGHTS,
+        "offset": int(t.offset),
+        "shape": [int(d) for d in t.shape],
+        "dtype": "float32",
+        "initializer": EMBEDDING_NAME,
+    }
+
+
+def embedding_entry(decoder_model, weights_file: str = WEIGHTS) -> dict:
+    """`embedding` for a saved decoder: the fp32 matrix if it is still there, else the tied lm_head's
+    MatMulNBits buffers (`format: "matmulnbits"`, read by `runtime/quantized_embedding.py`)."""
+    import onnx_ir as ir
+
+    graph = decoder_model.graph
+    if EMBEDDING_NAME in graph.initializers:
+        return embedding_location(decoder_model)
+    head = next((n for n in graph if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"
+                 and n.metadata_props.get("qvl.layer") == LM_HEAD_LAYER), None)
+    if head is None:
+        raise RuntimeError(f"decoder has neither {EMBEDDING_NAME} nor a quantized lm_head to embed tokens from")
+    attrs = {k: a.value for k, a in head.attributes.items()}
+
+    def part(value) -> dict | None:
+        if value is None:
+            return None
+        t = value.const_value
+        if not isinstance(t, ir.ExternalTensor):
+            raise RuntimeError(f"{value.name} is not in the weight store (save the graphs first)")
+        return {"offset": int(t.offset), "shape": [int(d) for d in t.shape], "dtype": t.dtype.numpy().name,
+                "initializer": value.name}
+
+    inputs = list(head.inputs) + [None] * 2
+    return {
+        "format": "matmulnbits",
+        "file": weights_file,
+        "shape": [int(attrs["N"]), int(attrs["K"])],
+        "dtype": "float32",
+        "bits": int(attrs.get("bits", 4)),
+        "block_size": int(attrs["block_size"]),
+        "initializer": inputs[1].name,
+        "packed": part(inputs[1]),
+        "scales": part(inputs[2]),
+        "zero_points": part(inputs[3]),
+    }
+
+
+# -- manifests -------------------------------------------------------------------------------------------------
+
+
+def write_artifact(out_dir: Path, fields: dict, *, side_files_from: Path | None = None) -> Manifest:
+    """Finish the artifact in `out_dir` (graphs and weight store already there): copy the side files of
+    `side_files_from`, record the weight store (`fields["weights"]["file"]`, default `weights.bin`) and write
+    `manifest.json` from `fields` (digests computed from the files; checked against the schema)."""
+    out_dir = Path(out_dir)
+    if side_files_from is not None:
+        mf.copy_side_files(side_files_from, out_dir)
+    name = (fields.get("weights") or {}).get("file", WEIGHTS)
+    fields = {**fields, "weights": {"file": name, "bytes": (out_dir / name).stat().st_size}}
+    return mf.write_manifest(out_dir, fields)
+
+
+def step_record(name: str, t0: float, store: WeightStoreWriter | None = None, reports: dict | None = None, **more) -> dict:
+    """One entry of `steps`: name, seconds since `t0`, what it wrote, its pass reports."""
+    rec = {"name": name, **more, "seconds": round(time.perf_counter() - t0, 2)}
+    if store is not None:
+        rec["weight_bytes_written"] = store.bytes_written
+    if reports is not None:
+        rec["reports"] = {k: r.to_dict() for k, r in reports.items()}
+    return rec
+
+
+def write_derived_artifact(src: Manifest, graphs: dict, out: Path, section: str, record: dict, reports: dict,
+                           t0: float, overwrite: bool, updates: dict | None = None,
+                           optimize: Callable[[Path, dict], dict] | None = None) -> Manifest:
+    """Write `out` (atomically): the artifact `src` with `graphs` as one approximate pass left them -- a new
+    weight store, the side files, `optimize(staging, entries)`'s sections (ORT's optimized graphs for the new
+    graphs, never the source's), `manifest[section] = record` and one more step (`section`, seconds since
+    `t0`, pass reports)."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        entries, store = save_graphs(graphs, tmp)
+        mf.copy_side_files(src.artifact_dir, tmp)
+        new = src.derive(drop=("ort_optimized",))
+        new.update(optimize(tmp, entries) if optimize is not None else {})
+        new.update(updates or {})
+        new.update(
+            graphs=entries,
+            embedding=embedding_entry(graphs["decoder"]),
+            steps=list(new.get("steps", [])) + [step_record(section, t0, store, reports)],
+        )
+        new[section] = record
+        return write_artifact(tmp, new)
+
+
+def publish_candidate(best: Path, out: Path, section: str, updates: dict, overwrite: bool) -> None:
+    """Record the search in the chosen candidate's manifest section, then move it atomically to `out`."""
+    manifest = {k: v for k, v in mf.read_manifest(best, verify_graphs=False).to_json().items()
+                if k not in ("format", "format_version")}
+    manifest[section].update(updates)
+    mf.write_manifest(best, manifest)
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        for f in Path(best).iterdir():
+            shutil.move(str(f), tmp / f.name)

@@ -1,0 +1,79 @@
+"""The bench report for people: a plain-text table (`format_bench`) and a PNG of grouped bars (`plot_bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_bench(result: dict, path: str | Path) -> Path:
+    """Grouped bars, runtime vs eager: decode tok/s, TTFT text and image, peak RSS (one panel each)."""
+    import matplotlib  # optional: only --plot needs it (bench_command checks it is there before the run)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q, e, r = result["engines"]["qvl"], result["engines"]["eager"], result["ratios"]
+    panels = [
+        ("decode tok/s (higher is better)", q["decode_tok_s"], e["decode_tok_s"], r["decode"]),
+        ("TTFT text, s (lower is better)", q["ttft_text_s"], e["ttft_text_s"], r["ttft_text"]),
+        ("TTFT image, s (lower is better)", q["ttft_image_s"], e["ttft_image_s"], r["ttft_image"]),
+        ("peak RSS, GB (lower is better)", q["peak_rss_bytes"] / 1e9, e["peak_rss_bytes"] / 1e9, r["peak_rss"]),
+    ]
+    colors = ("#1f77b4", "#ff7f0e")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (title, a, b, ratio) in zip(axes, panels):
+        bars = ax.bar(["qvl runtime", "eager"], [a, b], color=colors)
+        for bar, v in zip(bars, (a, b)):
+            ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=9)
+        ax.set_title(title + ("" if ratio is None else f"\nqvl/eager = {ratio:.2f}x"), fontsize=10)
+        ax.margins(y=0.15)
+    roof = result.get("roofline_decode_tok_s")
+    if roof and roof < 4 * max(q["decode_tok_s"], e["decode_tok_s"]):
+        axes[0].axhline(roof, ls="--", c="gray", lw=1)
+        axes[0].annotate(f"roofline {roof:.1f}", (0.5, roof), xycoords=("axes fraction", "data"),
+                         ha="center", va="bottom", fontsize=8, color="gray")
+    cfg, cpu = result.get("config", {}), result.get("cpu", {})
+    fig.suptitle(
+        f"{cpu.get('model', 'CPU')} ({cpu.get('mlas_isa', '')}), threads={cfg.get('threads')}; eager "
+        f"{cfg.get('eager_dtype')}; bandwidth {result['bandwidth_gbs']:.1f} GB/s", fontsize=10,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_bench(result: dict) -> str:
+    """A plain-text summary table."""
+    q, e, r = result["engines"]["qvl"], result["engines"]["eager"], result["ratios"]
+    cfg = result["config"]
+
+    def row(label, a, b, ratio, fmt):
+        rs = "-" if ratio is None else f"{ratio:.2f}x"
+        return f"{label:<26}{fmt.format(a):>14}{fmt.format(b):>14}{rs:>10}"
+
+    img = cfg["image"]
+    lines = [
+        f"threads {cfg['threads']}, repeats {cfg['repeats']}, eager {cfg['eager_dtype']} ({cfg['eager_attn']}); "
+        f"text prompt {cfg['text_prompt_tokens']} tokens, image {img['image_size'][0]}x{img['image_size'][1]} "
+        f"= {img['visual_tokens']} visual tokens ({img['prompt_tokens']} prompt tokens); {cfg['new_tokens']} new tokens",
+        f"{'':<26}{'qvl runtime':>14}{'eager':>14}{'qvl/eager':>10}",
+        row("decode tok/s (text)", q["decode_tok_s"], e["decode_tok_s"], r["decode"], "{:.2f}"),
+        row("decode tok/s (image)", q["decode_tok_s_image"], e["decode_tok_s_image"], r["decode_image"], "{:.2f}"),
+        row("TTFT text s", q["ttft_text_s"], e["ttft_text_s"], r["ttft_text"], "{:.3f}"),
+        row("TTFT image s", q["ttft_image_s"], e["ttft_image_s"], r["ttft_image"], "{:.3f}"),
+        row("prefill tok/s (text)", q["prefill_tok_s"], e["prefill_tok_s"], r["prefill"], "{:.1f}"),
+        row("vision encoder s", q["vision_s"], e["vision_s"], r["vision"], "{:.3f}"),
+        row("peak RSS GB", q["peak_rss_bytes"] / 1e9, e["peak_rss_bytes"] / 1e9, r["peak_rss"], "{:.3f}"),
+        row("load s", q["load_s"], e["load_s"], r["load"], "{:.2f}"),
+        row("weights read/token MB", q["bytes_per_token"] / 1e6, e["bytes_per_token"] / 1e6, None, "{:.1f}"),
+        row("decode roofline tok/s", q["roofline_decode_tok_s"], e["roofline_decode_tok_s"], None, "{:.2f}"),
+        row("decode efficiency", q["decode_efficiency"], e["decode_efficiency"], None, "{:.1%}"),
+        f"memory bandwidth {result['bandwidth_gbs']:.1f} GB/s best "
+        f"(min/median/max {' / '.join(f'{v:.1f}' for v in result['bandwidth_spread_gbs'])}); "
+        f"artifact {result['artifact']['size_bytes'] / 1e9:.3f} GB on disk",
+        result["cpu"]["note"],
+    ]
+    return "\n".join(lines)
