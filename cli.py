@@ -53,6 +53,20 @@ def _check_text(flag: str, *values: str) -> None:
         check_utf8(value, flag)
 
 
+def _device_note(note: str | None) -> None:
+    """`--device auto` ended on the CPU: say why, once, on stderr."""
+    if note:
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _load(artifact: Path, device: str, threads: int | None):
+    from qvl.runtime import load
+
+    model = load(artifact, device=device, threads=threads)
+    _device_note(model.device_note)
+    return model
+
+
 def _messages(images: list[Path], prompt: str) -> list[dict]:
     content = [{"type": "image", "image": str(p)} for p in images]
     content.append({"type": "text", "text": prompt})
@@ -231,12 +245,16 @@ def bench_cmd(
     eager_dtype: str = typer.Option("fp32", help="fp32 | bf16"),
     threads: Optional[int] = typer.Option(None, help="threads for both engines (default: physical cores)"),
     repeats: int = typer.Option(3, help="timed runs per case (medians reported)"),
+    device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
 ):
     """Artifact (runtime) vs eager PyTorch on the same inputs: decode tok/s, TTFT, RSS, roofline."""
     _check_options(threads=threads, repeats=repeats)
+    from qvl.runtime.backends.select import resolve
     from qvl.toolchain.eval.bench import bench_command
 
-    bench_command(artifact, checkpoint, eager_dtype, threads, repeats, as_json, plot)
+    sel = resolve(artifact, device)  # the runtime worker loads the artifact on the resolved device
+    _device_note(sel.note)
+    bench_command(artifact, checkpoint, eager_dtype, threads, repeats, as_json, plot, device=sel.device)
 
 
 @app.command("build-engine")
@@ -260,17 +278,19 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(8),
     threads: Optional[int] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json"),
+    device: str = typer.Option("auto", help="artifact only: auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
 ):
     """Exact-match accuracy on a VQA set (and agreement with eager answers)."""
     _check_options(n=n, max_new_tokens=max_new_tokens, threads=threads)
+    from qvl.runtime.backends.select import check_device
+
+    check_device(device)
     from qvl.toolchain.eval.evaluate import agreement, eager_answer_fn, evaluate
     from qvl.toolchain.eval.synthetic_vqa import load_jsonl, make_samples
 
     samples = make_samples("test", n) if set_ == "synthetic-vqa" else load_jsonl(Path(set_))
     if (source / "manifest.json").is_file():
-        from qvl.runtime import load
-
-        model = load(source, threads=threads)
+        model = _load(source, device, threads)
         answer = lambda messages, images: model.generate(messages, images=images, max_new_tokens=max_new_tokens)  # noqa: E731
     else:
         answer = eager_answer_fn(source, max_new_tokens=max_new_tokens, threads=threads)
@@ -336,7 +356,7 @@ def run_cmd(
     seed: int = typer.Option(0, help="sampling seed"),
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
+    device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
 ):
     """Answer an image+text prompt from an artifact (torch-free), streaming the answer."""
@@ -344,9 +364,9 @@ def run_cmd(
                    seed=seed, threads=threads)
     _check_text("--prompt", prompt)
     _check_text("--stop", *stop)
-    from qvl.runtime import GenerationStats, load
+    from qvl.runtime import GenerationStats
 
-    model = load(artifact, device=device, threads=threads)
+    model = _load(artifact, device, threads)
     stats = GenerationStats()
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   seed=seed, stop=list(stop) or None, stats=stats)
@@ -384,12 +404,13 @@ def chat_cmd(
     artifact: Path = typer.Argument(..., help="artifact directory"),
     max_new_tokens: int = typer.Option(256),
     threads: Optional[int] = typer.Option(None),
+    device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
 ):
     """Interactive multi-turn chat. Attach an image with `/image PATH`; `/reset` clears; Ctrl-D quits."""
     _check_options(max_new_tokens=max_new_tokens, threads=threads)
-    from qvl.runtime import GenerationStats, load
+    from qvl.runtime import GenerationStats
 
-    model = load(artifact, threads=threads)
+    model = _load(artifact, device, threads)
     history: list[dict] = []
     pending: list[dict] = []
     err.print("chat: type a message; /image PATH attaches an image; /reset; Ctrl-D to quit")

@@ -15,7 +15,7 @@ import statistics
 
 
 def main() -> None:
-    from qvl.runtime.engine import physical_cores
+    from qvl.runtime.backends.ort import physical_cores
     from qvl.toolchain.eval.hardware import llc_bytes, measure_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

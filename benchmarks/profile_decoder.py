@@ -2,7 +2,7 @@
 import sys, json, time, collections
 import onnxruntime as ort
 from qvl.runtime import load
-from qvl.runtime.engine import session_options
+from qvl.runtime.backends.ort import session_options
 art = sys.argv[1]
 m = load(art, threads=2)
 # rebuild the decoder session with profiling on

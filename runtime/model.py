@@ -8,6 +8,7 @@ streaming detokenization with stop strings (`detokenize.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import numpy as np
 
 from qvl.errors import QvlError
 from qvl.runtime.detokenize import StopStrings, StreamDecoder
-from qvl.runtime.engine import Engine
+from qvl.runtime.backends.base import Runner
 from qvl.runtime.mrope import decode_position_ids, rope_index
 from qvl.runtime.prompt import PreparedPrompt, PromptBuilder
 from qvl.runtime.sampling import Sampler, SamplingConfig, check_options
@@ -52,9 +53,24 @@ class GenerationResult:
 
 
 class Model:
-    def __init__(self, artifact: Path, device: str = "cpu", threads: int | None = None):
-        check_options(threads=threads)  # ORT would silently take 0 as "default" and fail on negatives
-        self.engine = Engine(artifact, device=device, threads=threads)
+    """Generation over one runner (`runtime/backends/base.Runner`): `Model(runner)`.
+
+    `Model(path, device=..., threads=...)` is kept for the toolchain's callers: it builds the runner with
+    `backends.select.load_runner` (default device "cpu", so measurements stay where they were)."""
+
+    def __init__(self, runner: Runner | str | Path, device: str = "cpu", threads: int | None = None,
+                 device_note: str | None = None):
+        if isinstance(runner, (str, Path)):
+            from qvl.runtime.backends.select import load_runner
+
+            check_options(threads=threads)  # ORT would silently take 0 as "default" and fail on negatives
+            runner, sel = load_runner(Path(runner), device=device, threads=threads)
+            device_note = sel.note
+        self.runner = runner
+        self.engine = runner  # the name callers used before the runner protocol
+        self.device = runner.device
+        self.device_note = device_note  # why `device="auto"` ended on the CPU, else None
+        artifact = Path(runner.artifact)
         self.prompts = PromptBuilder.from_dir(artifact)
         gen_path = Path(artifact) / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -121,6 +137,15 @@ class Model:
         t0 = time.perf_counter()
         embeds, position_ids, deepstack, rope_delta = self._prompt_tensors(prompt, stats)
         cache = self.engine.new_cache(capacity=n + max_new_tokens)
+        try:
+            yield from self._generate(cache, embeds, position_ids, deepstack, rope_delta, prompt, max_new_tokens,
+                                      sampling, seed, prefill_chunk, keep_logits, stats, ignore_stop, t0)
+        finally:  # done, stopped early by the consumer (generator closed) or failed: release the cache
+            self.engine.free(cache)
+
+    def _generate(self, cache, embeds, position_ids, deepstack, rope_delta, prompt, max_new_tokens, sampling,
+                  seed, prefill_chunk, keep_logits, stats, ignore_stop, t0):
+        n = len(prompt)
         chunk = max(1, int(prefill_chunk))
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
@@ -170,16 +195,17 @@ class Model:
         prompt = self.prepare(messages, images)
         decoder = StreamDecoder(self.prompts.tokenizer, skip_special_tokens=True)
         stops = StopStrings(stop or [])
-        for token, _ in self.generate_ids(prompt, max_new_tokens, sampling, seed, stats=stats):
-            if token in self.stop_ids:
-                break
-            piece = stops.feed(decoder.push(token))
-            if piece:
-                yield piece
-            if stops.stopped:
-                if stats is not None:
-                    stats.stop_reason = "stop_string"
-                return
+        with contextlib.closing(self.generate_ids(prompt, max_new_tokens, sampling, seed, stats=stats)) as tokens:
+            for token, _ in tokens:
+                if token in self.stop_ids:
+                    break
+                piece = stops.feed(decoder.push(token))
+                if piece:
+                    yield piece
+                if stops.stopped:
+                    if stats is not None:
+                        stats.stop_reason = "stop_string"
+                    return
         tail = stops.feed(decoder.finish()) + stops.flush()
         if tail:
             yield tail
@@ -243,5 +269,13 @@ def _fill(messages: list, images: list) -> list:
     return out
 
 
-def load(artifact: str | Path, device: str = "cpu", threads: int | None = None) -> Model:
-    return Model(Path(artifact), device=device, threads=threads)
+def load(artifact: str | Path, device: str = "auto", threads: int | None = None) -> Model:
+    """Load `artifact` on `device`: "auto" (CUDA when onnxruntime has a usable CUDA provider for it, else the
+    CPU, with `Model.device_note` saying why), "cpu", "cuda" (ONNX Runtime's CUDA provider) or "trt" (a
+    TensorRT engine kit's built engines). The rules are in `runtime/backends/select.py`."""
+    from qvl.runtime.backends.select import check_device, load_runner
+
+    check_device(device)
+    check_options(threads=threads)
+    runner, sel = load_runner(Path(artifact), device=device, threads=threads)
+    return Model(runner, device_note=sel.note)

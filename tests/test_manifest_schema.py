@@ -56,7 +56,7 @@ def test_int8_round_trips(int8_artifact):
 
 
 def test_sm61_kit_round_trips(sm61_kit):
-    from qvl.runtime.trt_runner import DecoderLimits
+    from qvl.runtime.backends.tensorrt import DecoderLimits
 
     m = _round_trip(sm61_kit)
     assert m.kit is not None and m.kit.is_trt_kit and m.kit.target == "sm61" and m.int8_kit is False

@@ -290,7 +290,7 @@ def reference_traces(tiny_artifact, tmp_path_factory):
 def test_quantized_tiny_artifact_runs(bits, tiny_artifact, reference_traces, tmp_path, record_property):
     import onnx
 
-    from qvl.runtime.engine import Engine
+    from qvl.runtime.backends.ort import Engine
     from qvl.runtime.quantized_embedding import QuantizedEmbedding
     from qvl.toolchain.quant.accuracy_budget import compare, quantize_artifact, trace
 

@@ -207,7 +207,7 @@ def test_missing_section_is_refused(art, cache, section):
 def test_warm_start_uses_the_record(art, cache, monkeypatch):
     from qvl.artifacts import integrity
     from qvl.artifacts.manifest import read_manifest
-    from qvl.runtime.engine import Engine
+    from qvl.runtime.backends.ort import Engine
 
     monkeypatch.setenv("QVL_CACHE", str(cache))
     hashes = integrity.STATS["weight_store_hashes"]

@@ -436,7 +436,7 @@ def test_building_a_plain_artifact_is_a_user_error(tiny_artifact):
 
 
 def test_runner_plans_prefill_and_decode_chunks():
-    from qvl.runtime.trt_runner import DecoderLimits, plan_step
+    from qvl.runtime.backends.tensorrt import DecoderLimits, plan_step
 
     lim = DecoderLimits(context=2048, prefill_seq=512, prefill_past=1536, decode_past=2047)
     assert plan_step(0, 1300, lim) == [("prefill", 0, 512), ("prefill", 512, 512), ("prefill", 1024, 276)]
@@ -451,7 +451,7 @@ def test_runner_plans_prefill_and_decode_chunks():
 
 
 def test_runner_limits_and_profile_selection_come_from_the_kit(sm61_kit):
-    from qvl.runtime.trt_runner import DecoderLimits, select_profile
+    from qvl.runtime.backends.tensorrt import DecoderLimits, select_profile
 
     kit, _ = sm61_kit
     k = _manifest(kit)["kit"]
@@ -473,7 +473,7 @@ def test_runner_limits_and_profile_selection_come_from_the_kit(sm61_kit):
 
 
 def test_runner_casts_host_inputs_to_the_engine_dtype():
-    from qvl.runtime.trt_runner import max_bytes, to_engine_dtype
+    from qvl.runtime.backends.tensorrt import max_bytes, to_engine_dtype
 
     ids = np.arange(6, dtype=np.int64).reshape(3, 1, 2)
     out = to_engine_dtype(ids, "INT32")  # TensorRT 8.6 binds INT64 inputs as INT32
@@ -487,7 +487,7 @@ def test_runner_casts_host_inputs_to_the_engine_dtype():
 
 
 def test_runner_refuses_engines_built_for_another_gpu(sm61_kit, built):
-    from qvl.runtime.trt_runner import TrtEngine
+    from qvl.runtime.backends.tensorrt import TrtEngine
 
     kit, _ = sm61_kit
     report, _, _ = built
@@ -496,5 +496,5 @@ def test_runner_refuses_engines_built_for_another_gpu(sm61_kit, built):
 
 
 def test_runner_module_is_torch_free():
-    code = "import sys, qvl.runtime.trt_runner; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, qvl.runtime.backends.tensorrt; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -43,7 +43,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qvl.artifacts.manifest import read_manifest
 from qvl.errors import QvlError
-from qvl.runtime.engine import physical_cores
+from qvl.runtime.backends.ort import physical_cores
 from qvl.toolchain.eval.bench_inputs import IMAGE_SIZE, QUESTION_TOKENS, TEXT_TOKENS, build_inputs
 from qvl.toolchain.eval.bench_report import format_bench, plot_bench
 from qvl.toolchain.eval.bench_workers import run_child
@@ -168,6 +168,7 @@ def run_bench(
     bandwidth_bytes: int | None = None,
     bandwidth_samples: int = BANDWIDTH_SAMPLES,
     work_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Benchmark `artifact` (runtime) against `checkpoint` (eager transformers) on identical inputs.
 
@@ -205,7 +206,7 @@ def run_bench(
 
         step("memory bandwidth (before)")
         bw = run_child(bw_spec, wd, lambda m: None, threads)["samples_gbs"]
-        qvl = run_child({**base, "worker": "qvl", "artifact": str(artifact),
+        qvl = run_child({**base, "worker": "qvl", "artifact": str(artifact), "device": device,
                          "artifact_bytes_per_token": weights["bytes"]}, wd, step, threads)
         eager = run_child({**base, "worker": "eager", "checkpoint": str(checkpoint), "eager_dtype": eager_dtype,
                            "eager_attn": eager_attn}, wd, step, threads)

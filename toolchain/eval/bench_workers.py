@@ -90,7 +90,7 @@ def _qvl_worker(spec: dict) -> dict:
     threads = spec["threads"]
     _emit("qvl: loading the artifact")
     t = time.perf_counter()
-    model = Model(Path(spec["artifact"]), threads=threads)
+    model = Model(Path(spec["artifact"]), device=spec.get("device", "cpu"), threads=threads)  # resolved by the parent
     load_s = time.perf_counter() - t
     rss_loaded = _rss()
 
@@ -113,7 +113,8 @@ def _qvl_worker(spec: dict) -> dict:
         "bytes_per_token": spec["artifact_bytes_per_token"],
         "info": {
             "onnxruntime": ort.__version__,
-            "providers": model.engine.decoder.get_providers(),
+            "device": model.device,
+            "providers": model.engine.decoder.get_providers() if hasattr(model.engine.decoder, "get_providers") else [],
             "kv_mode": model.engine.kv_mode,
             "intra_op_threads": threads,
             "torch_imported": "torch" in sys.modules,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvl.runtime.engine import physical_cores
+from qvl.runtime.backends.ort import physical_cores
 
 BANDWIDTH_BYTES = 1 << 30
 BANDWIDTH_SAMPLES = 7  # per phase (before and after the engines)

@@ -1,4 +1,6 @@
-"""ONNX Runtime execution of an artifact's graphs: vision encoder, embedding lookup, KV-cached decoder.
+"""ONNX Runtime backend (provider "cpu" or "cuda"): vision encoder, embedding lookup, KV-cached decoder.
+
+`Engine` implements the runner protocol of `runtime/backends/base.py`; `select.py` decides when it is built.
 
 Two decoder KV layouts exist, recorded per artifact in the manifest's `decoder.kv_mode` (`Manifest.kv_mode`):
 
@@ -59,8 +61,11 @@ class KVCache:
 
 
 class Engine:
+    """The ONNX Runtime runner: `device` "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider)."""
+
     def __init__(self, artifact: Path, device: str = "cpu", threads: int | None = None):
         self.artifact = Path(artifact)
+        self.device = device
         # Schema, paths, graph and side-file hashes, and the weight store's chunk digests (skipped when this
         # machine's verified record for the store matches); `integrity["weights"]` is 'cached' or 'verified'.
         self.integrity: dict = {}
@@ -83,6 +88,10 @@ class Engine:
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                 ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
             raise QvlError(f"cannot load artifact graphs from {self.artifact}: {str(exc).splitlines()[0]}") from None
+        if device == "cuda" and "CUDAExecutionProvider" not in self.decoder.get_providers():
+            # ORT falls back to the CPU silently when the CUDA provider cannot start (no GPU, driver, CUDA libs).
+            raise QvlError("onnxruntime's CUDA provider could not start (no usable GPU, driver or CUDA libraries)",
+                           hint="check the NVIDIA driver with nvidia-smi, or use --device cpu")
         emb = self.manifest.embedding
         # [precision pass] a quantized tied lm_head leaves no fp32 matrix: embed from its MatMulNBits rows.
         if emb.quantized:
@@ -118,10 +127,11 @@ class Engine:
             return ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in available:
-                raise QvlError("device 'cuda' needs onnxruntime-gpu with the CUDA provider", hint="pip install onnxruntime-gpu")
+                raise QvlError("device 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDA provider",
+                               hint="pip install onnxruntime-gpu (and check the NVIDIA driver with nvidia-smi)")
             # TF32 off: fp32 artifacts must compute in fp32 (parity), Ampere+ would otherwise round to TF32.
             return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-        raise QvlError(f"unknown device {device!r}", hint="use cpu or cuda")
+        raise QvlError(f"unknown ONNX Runtime device {device!r}", hint="use cpu or cuda")
 
     # -- embeddings and vision --------------------------------------------------------------------
 
@@ -202,3 +212,10 @@ class Engine:
         cache.tensors = outs[1:]
         cache.length = total
         return outs[0][:, -1, :]
+
+    def free(self, cache: KVCache) -> None:
+        """Release a cache's buffers (the OrtValues and the host arrays behind them); the cache is empty after."""
+        cache.tensors = []
+        cache.buffers = []
+        cache.length = 0
+        cache.capacity = 0

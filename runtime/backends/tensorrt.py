@@ -1,4 +1,4 @@
-"""TensorRT execution of an engine kit behind the `runtime.engine.Engine` interface.
+"""TensorRT backend: an engine kit's engines behind the runner protocol (`runtime/backends/base.py`).
 
 UNTESTED ON HARDWARE. This module has never run on a GPU: the development machines have none, and
 TensorRT 8.6 (the last TensorRT for Pascal SM 6.1) cannot be installed there. What is tested without a
@@ -7,7 +7,7 @@ host dtype mapping, buffer sizing -- and that engines built for another GPU (Ten
 are refused. Treat `TrtEngine` as a reviewed sketch until it has been run against `qvl-compile parity`
 on an SM 6.1 machine.
 
-Design: same methods as `Engine` (`embed`, `encode_images`, `new_cache`, `step`), so `runtime.model.Model`
+Design: the runner protocol (`embed`, `encode_images`, `new_cache`, `step`, `free`), so `runtime.model.Model`
 can drive it. The decoder engine is the kit's concat-form graph: `past_*` in, `present_* = concat(past,
 new)` out. A cache is two preallocated device buffers of `context_length` positions per layer and K/V;
 each step binds one as `past` and the other as `present` and then swaps them (ping-pong), so nothing is
@@ -244,10 +244,11 @@ def _read_build_report(build_path: Path, engines: Path) -> dict:
 
 
 class TrtEngine:
-    """The kit's engines behind Engine's interface (see the module docstring: untested on hardware)."""
+    """The kit's engines behind the runner protocol (see the module docstring: untested on hardware)."""
 
     def __init__(self, kit_dir: Path, engines_dir: Path | None = None, vision: str = "auto", threads: int | None = None):
         self.artifact = Path(kit_dir)
+        self.device = "trt"
         self.integrity: dict = {}
         self.manifest = read_manifest(self.artifact, summary=self.integrity)
         self.kit = self.manifest.kit
@@ -282,7 +283,7 @@ class TrtEngine:
         on_cpu = " ".join(self.kit.memory_fit.on_cpu)
         vision_cpu = vision == "cpu" or (vision == "auto" and ("vision" in on_cpu or "vision" not in build["engines"]))
         if vision_cpu:  # the kit's vision graph is a valid ONNX Runtime graph too
-            from qvl.runtime.engine import session_options
+            from qvl.runtime.backends.ort import session_options
             import onnxruntime as ort
 
             self._vision_ort = ort.InferenceSession(str(self.artifact / graphs["vision"].file), session_options(threads),
@@ -295,7 +296,7 @@ class TrtEngine:
         self._logits = np.empty((1, 1, vocab), dtype=np.float32)
         self._logits_dev = self.cuda.malloc(self._logits.nbytes)
 
-    # -- Engine interface ---------------------------------------------------------------------------
+    # -- runner protocol ---------------------------------------------------------------------------
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.embedding[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
@@ -341,12 +342,15 @@ class TrtEngine:
         bufs = [(self.cuda.malloc(nbytes), self.cuda.malloc(nbytes)) for _ in range(2 * self.num_layers)]
         return TrtKVCache(0, cap, bufs, 0)
 
-    # Not called yet: the runner protocol of issue #14 (`free`) is where the TensorRT backend releases a cache.
-    def free_cache(self, cache: TrtKVCache) -> None:
+    def free(self, cache: TrtKVCache) -> None:
+        """Release a cache's device buffers (`Model` calls it when a generation is done)."""
         for a, b in cache.buffers:
             self.cuda.free(a)
             self.cuda.free(b)
         cache.buffers = []
+        cache.length = 0
+
+    free_cache = free  # the name before the runner protocol
 
     def step(self, cache: TrtKVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
              deepstack: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""Which backend a `device` gets: `resolve` (cheap checks, no sessions) and `load_runner` (builds the runner).
+
+Rules:
+* `cpu`  -> ONNX Runtime, CPUExecutionProvider. No note.
+* `cuda` -> ONNX Runtime, CUDAExecutionProvider. A one-line QvlError (exit 2) when onnxruntime has no CUDA
+  provider (hint: pip install onnxruntime-gpu) or the provider cannot start (no GPU / driver).
+* `trt`  -> TensorRT engines of an engine kit (`TrtEngine`). A one-line QvlError when the artifact is not a
+  kit, the kit has no built engines, or neither `tensorrt` nor TensorRT-RTX is importable.
+* `auto` -> CUDA when onnxruntime has the CUDA provider and the artifact is one the CUDA provider runs, else
+  CPU; if the CUDA runner then fails to load (no device, out of device memory), CPU. Whenever `auto` ends on
+  the CPU, `Selection.note` says why (the CLI prints it once on stderr as `note: ...`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvl.errors import QvlError
+
+DEVICES = ("auto", "cpu", "cuda", "trt")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Selection:
+    device: str  # the resolved device: "cpu" | "cuda" | "trt"
+    note: str | None = None  # set when "auto" fell back to the CPU: why
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise QvlError(f"unknown device {device!r}", hint=f"use one of: {', '.join(DEVICES)}")
+    return device
+
+
+def cuda_provider_missing() -> str | None:
+    """Why onnxruntime cannot offer CUDA here, or None."""
+    import onnxruntime as ort
+
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return "onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+    return None
+
+
+def cuda_blocker(manifest) -> str | None:
+    """Why `auto` should not put this artifact on ORT's CUDA provider, or None.
+
+    A `shared`-cache artifact (the CPU targets' fp32 GroupQueryAttention) has no CUDA kernel: ORT's CUDA
+    GroupQueryAttention is fp16/bf16 only, so attention would run on the CPU with the cache crossing PCIe
+    every layer. `--device cuda` still tries it (explicitly asked); `auto` keeps it on the CPU."""
+    if manifest.kv_mode == "shared":
+        target = manifest.target or "cpu"
+        return (f"the artifact is compiled for {target} (fp32 GroupQueryAttention, which ORT's CUDA provider "
+                f"does not run)")
+    return None
+
+
+def resolve(artifact: str | Path, device: str = "auto") -> Selection:
+    """The device `device` resolves to for `artifact`, without building sessions (the bench resolves once in
+    the parent and passes the result to its worker). Raises the one-line QvlErrors of the rules above."""
+    check_device(device)
+    if device == "cpu":
+        return Selection("cpu")
+    from qvl.artifacts.manifest import read_manifest
+
+    manifest = read_manifest(Path(artifact), verify_graphs=False)
+    if device == "trt":
+        _check_trt(Path(artifact), manifest)
+        return Selection("trt")
+    missing = cuda_provider_missing()
+    if device == "cuda":
+        if missing:
+            raise QvlError("device 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDA provider",
+                           hint="pip install onnxruntime-gpu (and check the NVIDIA driver with nvidia-smi)")
+        return Selection("cuda")
+    reason = missing or cuda_blocker(manifest)
+    if reason:
+        return Selection("cpu", f"running on CPU: {reason}")
+    return Selection("cuda")
+
+
+def _check_trt(artifact: Path, manifest) -> None:
+    from qvl.runtime.backends.tensorrt import BUILD_REPORT, ENGINES_DIR, _import_tensorrt
+
+    if manifest.kit is None:
+        raise QvlError(f"--device trt needs a TensorRT engine kit; {artifact} is an ONNX Runtime artifact",
+                       hint="make a kit with `qvl-compile compile --target sm61` and `build-engine`, or use --device cpu or cuda")
+    if not (artifact / ENGINES_DIR / BUILD_REPORT).is_file():
+        raise QvlError(f"no engines in {artifact / ENGINES_DIR}", hint=f"build them with `qvl-compile build-engine {artifact}`")
+    _import_tensorrt()  # one line naming the missing library
+
+
+def load_runner(artifact: str | Path, device: str = "auto", threads: int | None = None):
+    """(runner, Selection) for `artifact` on `device` (rules in the module docstring)."""
+    artifact = Path(artifact)
+    sel = resolve(artifact, device)
+    if sel.device == "trt":
+        from qvl.runtime.backends.tensorrt import TrtEngine
+
+        return TrtEngine(artifact, threads=threads), sel
+    from qvl.runtime.backends.ort import Engine
+
+    if sel.device == "cuda":
+        try:
+            return Engine(artifact, device="cuda", threads=threads), sel
+        except QvlError as exc:
+            if device != "auto":
+                raise
+            sel = Selection("cpu", f"running on CPU: the CUDA provider could not load the artifact: {exc}")
+    return Engine(artifact, device="cpu", threads=threads), sel
