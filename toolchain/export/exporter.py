@@ -24,7 +24,7 @@ import numpy as np
 from qvl.artifacts import manifest as mf
 from qvl.artifacts.writer import EMBEDDING_NAME, IR_VERSION, embedding_location, save_graphs, write_artifact
 from qvl.toolchain.export.checkpoint_io import CheckpointInfo, validate_checkpoint
-from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
+from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, check_output_target, fault_point
 
 OPSET = 20
 
@@ -222,6 +222,9 @@ def export_artifact(
     # Config, headers, tensor names/shapes/dtypes, tied lm_head and tokenizer are all checked here,
     # before the (slow) load: from_pretrained would fill missing weights with random numbers. Config,
     # header and tokenizer problems are found before torch/transformers are even imported.
+    # A wrong --out (the source itself, nested with it, an existing non-qvl directory) is refused first: it
+    # costs nothing, while validating the state dict imports torch. Checked again under the lock below.
+    check_output_target(Path(out), overwrite, (Path(checkpoint),))
     info = validate_checkpoint(checkpoint)
     n_params = info.num_parameters
 
