@@ -203,7 +203,9 @@ def compile_cmd(
                         step=lambda m: status.update(m), weights=weights, budget=budget, threads=threads)
         return
 
-    if weights != "fp32" or sparsity is not None:
+    from qvl.toolchain.compile.pipelines import has_stage
+
+    if weights != "fp32" or sparsity is not None or has_stage(target, "activations"):
         from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
 
         budget = None if no_budget else AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)
@@ -242,19 +244,26 @@ def bench_cmd(
     checkpoint: Path = typer.Option(..., help="the checkpoint it came from (eager baseline)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG bar chart here"),
-    eager_dtype: str = typer.Option("fp32", help="fp32 | bf16"),
+    eager_dtype: str = typer.Option("fp32", help="fp32 | bf16, or several: bf16,fp32 (one eager run each; the first is the ratio baseline)"),
     threads: Optional[int] = typer.Option(None, help="threads for both engines (default: physical cores)"),
     repeats: int = typer.Option(3, help="timed runs per case (medians reported)"),
-    device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
+    device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit); with cuda eager runs on the GPU too"),
+    eager_cache: Optional[str] = typer.Option(None, help="eager KV cache: dynamic (default) | static"),
 ):
     """Artifact (runtime) vs eager PyTorch on the same inputs: decode tok/s, TTFT, RSS, roofline."""
     _check_options(threads=threads, repeats=repeats)
     from qvl.runtime.backends.select import resolve
     from qvl.toolchain.eval.bench import bench_command
 
+    dtypes = [d.strip() for d in eager_dtype.split(",") if d.strip()]
+    if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
+        raise QvlError(f"unknown --eager-dtype {eager_dtype!r}", hint="fp32 | bf16 | bf16,fp32")
+    if eager_cache not in (None, "dynamic", "static"):
+        raise QvlError(f"unknown --eager-cache {eager_cache!r}", hint="dynamic | static")
     sel = resolve(artifact, device)  # the runtime worker loads the artifact on the resolved device
     _device_note(sel.note)
-    bench_command(artifact, checkpoint, eager_dtype, threads, repeats, as_json, plot, device=sel.device)
+    bench_command(artifact, checkpoint, dtypes[0], threads, repeats, as_json, plot, device=sel.device,
+                  extra_eager_dtypes=tuple(dtypes[1:]), eager_cache=None if eager_cache == "dynamic" else eager_cache)
 
 
 @app.command("build-engine")
@@ -316,21 +325,53 @@ def parity_cmd(
     checkpoint: Path = typer.Option(..., help="the checkpoint it came from (eager reference)"),
     steps: int = typer.Option(32, help="greedy decode steps per case"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    device: str = typer.Option("cpu", help="where the artifact runs: cpu | cuda | trt (eager stays fp32 on the CPU)"),
+    logit_tol: Optional[float] = typer.Option(None, help="max |logit difference| allowed (default 1e-4: fp32)"),
+    vision_tol: Optional[float] = typer.Option(None, help="max |vision feature difference| allowed (default 1e-4)"),
 ):
     """Compare an artifact with eager PyTorch on the parity suite; exit 0 only if every threshold holds."""
     _check_options(steps=steps)
     import tempfile
 
-    from qvl.toolchain.eval.parity import run_parity
+    from qvl.runtime.backends.select import check_device, resolve
+    from qvl.toolchain.eval.parity import LOGIT_TOL, VISION_TOL, run_parity
 
+    if check_device(device) == "auto":
+        raise QvlError("parity needs an explicit --device", hint="cpu | cuda | trt")
+    for flag, tol in (("--logit-tol", logit_tol), ("--vision-tol", vision_tol)):
+        if tol is not None and not (tol > 0 and tol < float("inf")):
+            raise QvlError(f"{flag} must be a positive number, got {tol}")
+    sel = resolve(artifact, device)
     with tempfile.TemporaryDirectory() as tmp, err.status("parity") as status:
-        report = run_parity(artifact, checkpoint, Path(tmp), steps=steps,
+        report = run_parity(artifact, checkpoint, Path(tmp), steps=steps, device=sel.device,
+                            logit_tol=LOGIT_TOL if logit_tol is None else logit_tol,
+                            vision_tol=VISION_TOL if vision_tol is None else vision_tol,
                             progress=lambda name, i, n: status.update(f"parity case {i + 1}/{n}: {name}"))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         _print_parity(report)
     raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command("inspect-precision")
+def inspect_precision_cmd(
+    artifact: Path = typer.Argument(..., help="quantized engine kit or artifact (e.g. `compile --target sm61 --weights int8`)"),
+    against: Optional[Path] = typer.Option(None, help="reference kit/artifact, e.g. the fp32 kit it was made from "
+                                                      "(default: the one its manifest records; INT8 kits record none)"),
+    tolerance: Optional[float] = typer.Option(None, help="max |Δ| above which a layer is reported as over (default 0.05)"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads (default 1: reproducible)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """Mark every tensor of the decoder (and vision) graph as an output with Polygraphy, run the artifact and a
+    reference on the same inputs (ONNX Runtime CPU) and report the error per layer (exit 0 either way)."""
+    _check_options(threads=threads)
+    from qvl.toolchain.eval.inspect_precision import DEFAULT_TOLERANCE, inspect_precision
+
+    with err.status("inspecting precision") as status:
+        report = inspect_precision(artifact, against, DEFAULT_TOLERANCE if tolerance is None else tolerance, threads,
+                                   progress=lambda m: status.update(m))
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 
 @app.command("verify")

@@ -238,7 +238,8 @@ class ModelInfo(_Json):
 
 @dataclass(frozen=True)
 class DecoderInfo(_Json):
-    """`decoder`: `kv_mode` "concat" (plain export) or "shared" (GroupQueryAttention, in-place KV buffers)."""
+    """`decoder`: `kv_mode` "concat" (plain export), "shared" (GroupQueryAttention, in-place KV buffers) or
+    "scatter" (TensorScatter + Attention: in-place fixed-capacity buffers, `attention_mask` as wide as the cache)."""
 
     kv_mode: str | None = None
 
@@ -357,6 +358,7 @@ class Manifest(_Json):
     kit: Kit | None = None
     precision: Mapping | None = None
     sparsity: Mapping | None = None
+    activations: Mapping | None = None  # the fp16-activation step's report (`cuda` target)
     tool_versions: Mapping | None = None
     steps: tuple | None = None
     artifact_dir: Path | None = field(default=None, compare=False, metadata={"key": None})

@@ -15,8 +15,20 @@ MRoPE and the q/k RMSNorms stay in front of the op: GQA's built-in rotary can ex
 graph's inputs do not change. GQA masks causally from `seqlens_k`, which equals the exported causal +
 all-ones padding mask for batch-1 generation (the runtime's case); left padding is not supported.
 
-For targets without ORT contrib ops (TensorRT) the pass skips with a reason and the graph stays
-standard ONNX, which TensorRT's parser fuses itself.
+Targets choose the rewritten form by their capability table's `kv_cache`:
+
+* `gqa-shared` (ORT CPU; ORT CUDA in fp16): the GroupQueryAttention above.
+* `tensor-scatter` (ORT CUDA in fp32, i.e. Pascal: GQA's CUDA kernel is fp16/bf16 only): standard ONNX
+  `present = TensorScatter(past, new, write_indices, axis=2)` (opset 24) on a fixed-capacity
+  `[batch, kv_heads, capacity, head_dim]` buffer, bound as both past and present so the write is in place,
+  then `Attention(q, present_k, present_v, mask)` (opset 23, GQA through its head counts) under a boolean
+  causal mask over the whole capacity. The graph's `attention_mask` is then `[batch, capacity]`: ones for the
+  positions held after this step (cache + new tokens), zeros for the free tail; `write_indices` (= positions
+  already cached) and the mask are computed once in the graph from it, so every decode step has the same
+  input shapes (what CUDA graph replay needs) and nothing is computed on the host. The model's opset is
+  raised to 24 with onnxscript's version converter first.
+* `concat` (TensorRT, no contrib ops): the pass skips with a reason and the graph stays standard ONNX,
+  which TensorRT's parser fuses itself.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript import version_converter
 from onnxscript.optimizer import remove_unused_nodes
 from onnxscript.rewriter import MatchResult, pattern
 
@@ -34,6 +47,9 @@ from qvl.passes.base import GraphPass, PassReport, Skip, scalar_const
 @dataclass(frozen=True)
 class AttentionFusionConfig:
     graphs: tuple[str, ...] = ("decoder",)
+
+
+SCATTER_OPSET = 24  # TensorScatter; Attention is opset 23
 
 
 class _KVCachedGQA(pattern.RewriteRuleClassBase):
@@ -87,6 +103,60 @@ class _KVCachedGQA(pattern.RewriteRuleClassBase):
         return out, present_k, present_v
 
 
+class _KVCachedScatterAttention(_KVCachedGQA):
+    """The same match, rewritten to standard ONNX: TensorScatter into the fixed-capacity cache + Attention."""
+
+    def __init__(self, write_indices: ir.Value, mask: ir.Value):
+        pattern.RewriteRuleClassBase.__init__(self, "KVCachedScatterAttention", remove_nodes=True)
+        self._write_indices = write_indices
+        self._mask = mask
+
+    def rewrite(self, op, q, k, v, past_k, past_v, scale, out_shape, **_):
+        present_k = op.TensorScatter(past_k, k, self._write_indices, axis=2)
+        present_v = op.TensorScatter(past_v, v, self._write_indices, axis=2)
+        attn = op.Attention(q, present_k, present_v, self._mask, scale=scalar_const(scale))
+        out = op.Reshape(op.Transpose(attn, perm=[0, 2, 1, 3]), out_shape)
+        return out, present_k, present_v
+
+
+def _scatter_values(graph: ir.Graph) -> tuple[ir.Value, ir.Value] | None:
+    """write_indices = sum(attention_mask) - S (int64 [batch]: positions already cached) and the boolean mask
+    [batch, 1, S, capacity]: key j is visible to new token i iff j <= write_index + i and attention_mask[j]."""
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    embeds = next((v for v in graph.inputs if v.name == "inputs_embeds"), None)
+    if mask is None or embeds is None:
+        return None
+    named = {n.name: n for n in graph if n.name.startswith("qvl_scatter_")}
+    if "qvl_scatter_write_indices" in named:
+        return named["qvl_scatter_write_indices"].outputs[0], named["qvl_scatter_mask"].outputs[0]
+    tape = ir.tape.Tape(graph)
+
+    def const(name, value):
+        return tape.initializer(ir.tensor(np.array(value, dtype=np.int64), name=f"qvl_scatter.{name}"))
+
+    zero, one, axis1 = const("zero", 0), const("one", 1), const("axis1", [1])
+    # S twice: as a host scalar for Range (whose bounds ORT reads on the host anyway), and as a device scalar
+    # (a reduction over ones of shape [S]) for the arithmetic on the device-resident mask: a host scalar there
+    # would need a host->device copy node, and ORT refuses CUDA graph capture for graphs with copy nodes.
+    seq_shape = tape.op("Shape", [embeds], attributes={"start": 1, "end": 2})
+    seq = tape.op("Squeeze", [seq_shape])  # S (host scalar)
+    ones = tape.op("ConstantOfShape", [seq_shape], attributes={"value": ir.tensor(np.array([1], dtype=np.int64))})
+    seq_dev = tape.op("ReduceSum", [ones], attributes={"keepdims": 0})
+    capacity = tape.op("Squeeze", [tape.op("Shape", [mask], attributes={"start": 1, "end": 2})])
+    held = tape.op("ReduceSum", [mask, axis1], attributes={"keepdims": 0})  # [B]: cache + new tokens
+    write = tape.op("Sub", [held, seq_dev])
+    write_node = tape.nodes[-1]
+    query_pos = tape.op("Add", [tape.op("Unsqueeze", [write, axis1]), tape.op("Range", [zero, seq, one])])  # [B, S]
+    key_pos = tape.op("Range", [zero, capacity, one])  # [capacity]
+    causal = tape.op("LessOrEqual", [key_pos, tape.op("Unsqueeze", [query_pos, const("axis2", [2])])])  # [B,S,cap]
+    present = tape.op("Cast", [tape.op("Unsqueeze", [mask, axis1])], attributes={"to": ir.DataType.BOOL})  # [B,1,cap]
+    visible = tape.op("Unsqueeze", [tape.op("And", [causal, present]), axis1])  # [B, 1, S, capacity]
+    write_node.name, tape.nodes[-1].name = "qvl_scatter_write_indices", "qvl_scatter_mask"
+    graph.extend(tape.nodes)
+    graph.sort()
+    return write, visible
+
+
 def _sequence_length_values(graph: ir.Graph) -> tuple[ir.Value, ir.Value] | None:
     """seqlens_k = sum(attention_mask) - 1 (int32 [batch]); total_sequence_length = mask width (int32 scalar)."""
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
@@ -117,28 +187,41 @@ class AttentionFusionPass(GraphPass):
     config_type = AttentionFusionConfig
     scope = "decoder attention fusion"
     contrib_ops_note = "; TensorRT fuses standard attention itself"
-    count_keys = ("group_query_attention",)
+    count_keys = ("group_query_attention", "scatter_attention")
+
+    def applies_to(self, target, graph: str) -> str | None:
+        reason = super().applies_to(target, graph)
+        if reason is None and target.kv_cache not in ("gqa-shared", "tensor-scatter"):
+            reason = f"target {target.name} keeps the {target.kv_cache} KV cache form"
+        return reason
 
     def run(self, model, report: PassReport) -> None:
         graph_name = self.graph
         graph = model.graph
-        existing = sum(1 for n in graph if n.op_type == "GroupQueryAttention")
+        existing = sum(1 for n in graph if n.op_type in ("GroupQueryAttention", "Attention"))
         softmaxes = [n for n in graph if n.op_type == "Softmax"]
         if not softmaxes:
             report.counts["already_fused"] = existing
             return
-        values = _sequence_length_values(graph)
+        scatter = self.target.kv_cache == "tensor-scatter"
+        if scatter:
+            if model.opset_imports.get("", 0) < SCATTER_OPSET:
+                version_converter.convert_version(model, SCATTER_OPSET)
+            values = _scatter_values(graph)
+        else:
+            values = _sequence_length_values(graph)
         if values is None:
-            report.skipped.append(Skip(graph_name, "no attention_mask input to derive seqlens_k from"))
+            report.skipped.append(Skip(graph_name, "no attention_mask (and inputs_embeds) input to derive the "
+                                                   "cache positions from"))
             return
-        rules = pattern.RewriteRuleSet([_KVCachedGQA.rule(*values)])
-        count = rules.apply_to_model(model)
-        report.counts["group_query_attention"] = count
+        rule = (_KVCachedScatterAttention if scatter else _KVCachedGQA).rule(*values)
+        count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
+        report.counts["scatter_attention" if scatter else "group_query_attention"] = count
         # Explain every attention that did not fuse (the Softmax is its anchor).
         for node in graph:
             if node.op_type == "Softmax":
                 report.skipped.append(Skip(node.name, "attention subgraph did not match the KV-cached GQA pattern"))
         remove_unused_nodes(model)
         graph.sort()  # the new seqlens nodes must precede the GQA nodes that read them
-        if count:
+        if count and not scatter:
             model.opset_imports.setdefault("com.microsoft", 1)

@@ -27,6 +27,15 @@ class TargetCapabilities:
     ort_contrib_ops: bool = False  # may emit com.microsoft ops (ORT CPU/CUDA); False for TensorRT
     max_opset: int | None = None  # e.g. 17 for TensorRT 8.6's ONNX parser
     memory_bytes: int | None = None
+    # How the decoder's KV cache is written (attention_fusion reads it):
+    #   "gqa-shared":     com.microsoft GroupQueryAttention, one buffer bound as past and present (ORT CPU; ORT CUDA
+    #                     in fp16/bf16 -- its CUDA kernel has no fp32 variant)
+    #   "tensor-scatter": standard ONNX TensorScatter (opset 24) writes the new positions into a fixed-capacity
+    #                     buffer in place and ONNX Attention (opset 23) reads it under a causal mask: fp32 on ORT CUDA
+    #   "concat":         the exported concat form (TensorRT parses and fuses it itself)
+    kv_cache: str = "gqa-shared"
+    activation_dtype: str = "float32"  # the dtype decoder/vision activations are computed in
+    provider: str = "cpu"  # "cpu" | "cuda" (ONNX Runtime) | "tensorrt": where the artifact is meant to run
 
 
 @dataclass

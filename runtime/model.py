@@ -147,16 +147,23 @@ class Model:
                   seed, prefill_chunk, keep_logits, stats, ignore_stop, t0):
         n = len(prompt)
         chunk = max(1, int(prefill_chunk))
+        on_device_argmax = greedy_only(sampling) and not keep_logits
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             ds = None if deepstack is None else deepstack[:, :, a:b]
-            logits = self.engine.step(cache, embeds[:, a:b], position_ids[:, :, a:b], ds)[0]
+            # Greedy without logit processing needs only the argmax: a device backend keeps the logits there.
+            if on_device_argmax:
+                logits = None
+                token = int(self.engine.greedy_step(cache, embeds[:, a:b], position_ids[:, :, a:b], ds)[0])
+            else:
+                logits = self.engine.step(cache, embeds[:, a:b], position_ids[:, :, a:b], ds)[0]
         stats.prefill_seconds = time.perf_counter() - t0 - stats.vision_seconds
         sampler = Sampler(seed)
         history = [int(i) for i in prompt.input_ids]
         t_dec = time.perf_counter()
         for k in range(max_new_tokens):
-            token = sampler.next_token(logits, sampling, history)
+            if not on_device_argmax:
+                token = sampler.next_token(logits, sampling, history)
             if k == 0:
                 stats.time_to_first_token = time.perf_counter() - t0
                 t_dec = time.perf_counter()
@@ -170,7 +177,10 @@ class Model:
                 stats.stop_reason = "max_new_tokens"
                 break
             pos = decode_position_ids(cache.length, 1, rope_delta)
-            logits = self.engine.step(cache, self.engine.embed([token])[None], pos)[0]
+            if on_device_argmax:
+                token = int(self.engine.greedy_step(cache, self.engine.embed([token])[None], pos)[0])
+            else:
+                logits = self.engine.step(cache, self.engine.embed([token])[None], pos)[0]
         stats.decode_seconds = time.perf_counter() - t_dec
 
     def stream(
@@ -212,6 +222,11 @@ class Model:
 
     def generate(self, messages: Any, images: list | None = None, **kwargs) -> str:
         return "".join(self.stream(messages, images, **kwargs))
+
+
+def greedy_only(sampling: SamplingConfig) -> bool:
+    """True when the next token is the plain argmax of the logits (no sampling, no repetition penalty)."""
+    return not sampling.do_sample and sampling.repetition_penalty in (None, 1.0)
 
 
 def _sampling_config(gen: dict, temperature, top_p, top_k, repetition_penalty) -> SamplingConfig:

@@ -74,3 +74,49 @@ def tiny_cpu_artifact(tiny_artifact, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cpu") / "tiny-cpu"
     compile_artifact(tiny_artifact, "cpu", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sm61_kit_build(tiny_artifact, tmp_path_factory):
+    """The tiny export as an fp32 sm61 engine kit, built once per session: (kit dir, the lines it printed)."""
+    from qvl.toolchain.tensorrt.command import kit_command
+
+    lines: list[str] = []
+    out = tmp_path_factory.mktemp("kit-shared") / "tiny-sm61-kit"
+    kit_command(tiny_artifact, "sm61", out, echo=lines.append)
+    return out, lines
+
+
+@pytest.fixture(scope="session")
+def sm61_kit_dir(sm61_kit_build) -> Path:
+    return sm61_kit_build[0]
+
+
+@pytest.fixture(scope="session")
+def int8_kit_build(tiny_artifact, tmp_path_factory):
+    """`compile --target sm61 --weights int8` with the default accuracy budget (mean KL 0.01, greedy agreement
+    0.9), built once per session: (kit dir, printed lines, the command's report, the budget)."""
+    from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
+    from qvl.toolchain.tensorrt.command import kit_command
+
+    lines: list[str] = []
+    out = tmp_path_factory.mktemp("kit8-shared") / "tiny-sm61-int8-kit"
+    budget = AccuracyBudget()
+    report = kit_command(tiny_artifact, "sm61", out, echo=lines.append, weights="int8", budget=budget, threads=1)
+    return out, lines, report, budget
+
+
+@pytest.fixture(scope="session")
+def int8_kit_dir(int8_kit_build) -> Path:
+    return int8_kit_build[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_seed1(tmp_path_factory) -> Path:
+    """Another tiny checkpoint (seed 1): a checkpoint an artifact was NOT compiled from, and the expected result
+    of `make-checkpoint --preset tiny --seed 1` (same generator, byte-identical). Read-only: copy it to modify."""
+    from qvl.toolchain.checkpoints.synthetic import make_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt-seed1") / "tiny-seed1"
+    make_checkpoint("tiny", out, seed=1)
+    return out

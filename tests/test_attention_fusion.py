@@ -1,4 +1,5 @@
-"""AttentionFusionPass: KV-cached GQA attention -> com.microsoft.GroupQueryAttention."""
+"""AttentionFusionPass: KV-cached GQA attention -> com.microsoft.GroupQueryAttention (kv_cache "gqa-shared"), or
+standard ONNX TensorScatter + Attention on a fixed-capacity in-place cache (kv_cache "tensor-scatter")."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ from qvl.passes.base import TargetCapabilities
 
 CPU = TargetCapabilities("cpu-avx2", ort_contrib_ops=True)
 TRT = TargetCapabilities("sm61", ort_contrib_ops=False, max_opset=17)
+CUDA_SM61 = TargetCapabilities("cuda-sm61", ort_contrib_ops=True, kv_cache="tensor-scatter", provider="cuda")
 NQ, NKV, D = 4, 2, 8
+HIDDEN = 16
 
 
 def _const(name, arr):
     return helper.make_tensor(name, T.INT64 if arr.dtype == np.int64 else T.FLOAT, arr.shape, arr.flatten().tolist())
 
 
-def attention_graph(unsqueeze_axis: int = 2) -> onnx.ModelProto:
+def attention_graph(unsqueeze_axis: int = 2, with_embeds: bool = False) -> onnx.ModelProto:
     """One decoder attention in exactly the form torch.onnx (dynamo) exports transformers' eager GQA."""
     g = NQ // NKV
     nodes = [
@@ -82,7 +85,9 @@ def attention_graph(unsqueeze_axis: int = 2) -> onnx.ModelProto:
          helper.make_tensor_value_info("v", T.FLOAT, [1, NKV, "S", D]),
          helper.make_tensor_value_info("attention_mask", T.INT64, [1, "T"]),
          helper.make_tensor_value_info("past_key", T.FLOAT, [1, NKV, "P", D]),
-         helper.make_tensor_value_info("past_value", T.FLOAT, [1, NKV, "P", D])],
+         helper.make_tensor_value_info("past_value", T.FLOAT, [1, NKV, "P", D])]
+        # the decoder's token input: the scatter form reads the new-token count S from it
+        + ([helper.make_tensor_value_info("inputs_embeds", T.FLOAT, [1, "S", HIDDEN])] if with_embeds else []),
         [helper.make_tensor_value_info("attn_out", T.FLOAT, [1, "S", NQ * D]),
          helper.make_tensor_value_info("present_key", T.FLOAT, [1, NKV, "T", D]),
          helper.make_tensor_value_info("present_value", T.FLOAT, [1, NKV, "T", D])],
@@ -113,7 +118,7 @@ def test_fuses_to_group_query_attention_with_equal_outputs():
     reference = {shape: _run(before, _feeds(*shape)) for shape in ((0, 5), (6, 1), (4, 3))}
     model = ir.serde.deserialize_model(attention_graph())
     result = AttentionFusionPass(target=CPU, graph="decoder")(model)
-    assert result.report.counts == {"group_query_attention": 1}
+    assert result.report.counts == {"group_query_attention": 1, "scatter_attention": 0}
     assert result.report.skipped == []
     ops = [n.op_type for n in model.graph]
     assert ops == [
@@ -143,7 +148,7 @@ def test_tensorrt_target_is_skipped_with_reason():
     model = ir.serde.deserialize_model(attention_graph())
     ops = [n.op_type for n in model.graph]
     result = AttentionFusionPass(target=TRT, graph="decoder")(model)
-    assert result.report.counts == {"group_query_attention": 0}
+    assert result.report.counts == {"group_query_attention": 0, "scatter_attention": 0}
     assert "no ORT contrib ops" in result.report.skipped[0].reason
     assert [n.op_type for n in model.graph] == ops
 
@@ -162,3 +167,88 @@ def test_vision_graph_is_not_touched():
     result = AttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts["group_query_attention"] == 0
     assert "not configured" in result.report.skipped[0].reason
+
+
+# -- the tensor-scatter form (ORT CUDA in fp32) ---------------------------------------------------------
+
+CAP = 12
+
+
+def _scatter_feeds(past: int, seq: int, seed: int = 0):
+    """The concat graph's feeds and the scatter graph's: the same past in the first `past` slots of a
+    CAP-position buffer whose tail holds garbage (it must be masked out), the mask as wide as the buffer."""
+    concat = _feeds(past, seq, seed)
+    rng = np.random.default_rng(seed + 1)
+    scatter = {k: concat[k] for k in ("q", "k", "v")}
+    for name in ("past_key", "past_value"):
+        buf = rng.standard_normal((1, NKV, CAP, D), dtype=np.float32) * 100
+        buf[:, :, :past] = concat[name]
+        scatter[name] = buf
+    mask = np.zeros((1, CAP), np.int64)
+    mask[:, :past + seq] = 1
+    scatter["attention_mask"] = mask
+    scatter["inputs_embeds"] = np.zeros((1, seq, HIDDEN), np.float32)
+    return concat, scatter
+
+
+def test_scatter_form_is_standard_onnx_with_equal_outputs_and_an_in_place_cache():
+    before = ir.serde.deserialize_model(attention_graph(with_embeds=True))
+    model = ir.serde.deserialize_model(attention_graph(with_embeds=True))
+    result = AttentionFusionPass(target=CUDA_SM61, graph="decoder")(model)
+    assert result.report.counts == {"group_query_attention": 0, "scatter_attention": 1}
+    assert result.report.skipped == []
+    assert model.opset_imports[""] == 24 and "com.microsoft" not in model.opset_imports
+    ops = [n.op_type for n in model.graph]
+    assert ops == [
+        "Shape", "ConstantOfShape", "ReduceSum", "ReduceSum", "Sub",  # write_indices = held positions - S (on device)
+        "TensorScatter", "TensorScatter",  # the new keys/values into the cache, in place
+        "Squeeze", "Shape", "Squeeze",  # S and the capacity as host scalars (Range bounds)
+        "Unsqueeze", "Range", "Add", "Range", "Unsqueeze", "LessOrEqual", "Unsqueeze", "Cast", "And", "Unsqueeze",  # mask
+        "Attention", "Transpose", "Reshape",
+    ]
+    for past, seq in ((0, 5), (6, 1), (4, 3), (11, 1)):
+        concat, scatter = _scatter_feeds(past, seq)
+        ref = _run(before, {**concat, "inputs_embeds": scatter["inputs_embeds"]})
+        out = _run(model, scatter)
+        np.testing.assert_allclose(out[0], ref[0], atol=2e-6, rtol=0)
+        total = past + seq
+        np.testing.assert_array_equal(out[1][:, :, :total], ref[1])  # the held positions: the concat present
+        np.testing.assert_array_equal(out[1][:, :, total:], scatter["past_key"][:, :, total:])  # tail untouched
+        np.testing.assert_array_equal(out[2][:, :, :total], ref[2])
+
+
+def test_scatter_form_writes_in_place_through_io_binding():
+    model = ir.serde.deserialize_model(attention_graph(with_embeds=True))
+    AttentionFusionPass(target=CUDA_SM61, graph="decoder")(model)
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    concat, scatter = _scatter_feeds(4, 2)
+    ref = _run(ir.serde.deserialize_model(attention_graph()), concat)
+    bufs = {n: ort.OrtValue.ortvalue_from_numpy(scatter[n].copy()) for n in ("past_key", "past_value")}
+    io = sess.io_binding()
+    for name in ("q", "k", "v", "attention_mask", "inputs_embeds"):
+        io.bind_cpu_input(name, scatter[name])
+    io.bind_output("attn_out")
+    for kind in ("key", "value"):
+        io.bind_ortvalue_input(f"past_{kind}", bufs[f"past_{kind}"])
+        io.bind_ortvalue_output(f"present_{kind}", bufs[f"past_{kind}"])  # one buffer: past and present
+    sess.run_with_iobinding(io)
+    np.testing.assert_allclose(io.get_outputs()[0].numpy(), ref[0], atol=2e-6, rtol=0)
+    np.testing.assert_array_equal(bufs["past_key"].numpy()[:, :, :6], ref[1])
+    np.testing.assert_array_equal(bufs["past_value"].numpy()[:, :, :6], ref[2])
+
+
+def test_scatter_form_is_idempotent():
+    model = ir.serde.deserialize_model(attention_graph(with_embeds=True))
+    AttentionFusionPass(target=CUDA_SM61, graph="decoder")(model)
+    ops = [n.op_type for n in model.graph]
+    again = AttentionFusionPass(target=CUDA_SM61, graph="decoder")(model)
+    assert again.report.counts == {"group_query_attention": 0, "scatter_attention": 0, "already_fused": 1}
+    assert [n.op_type for n in model.graph] == ops
+
+
+def test_scatter_form_without_inputs_embeds_is_skipped_with_reason():
+    model = ir.serde.deserialize_model(attention_graph())  # no inputs_embeds: the new-token count is unknown
+    result = AttentionFusionPass(target=CUDA_SM61, graph="decoder")(model)
+    assert result.report.counts["scatter_attention"] == 0
+    assert "no attention_mask (and inputs_embeds)" in result.report.skipped[0].reason
+    assert "Softmax" in [n.op_type for n in model.graph]

@@ -173,3 +173,14 @@ def test_model_over_a_runner_matches_load(tiny_cpu_artifact):
     ids_a = [t for t, _ in a.generate_ids(prompt_of(a), 8)]
     ids_b = [t for t, _ in b.generate_ids(prompt_of(b), 8)]
     assert ids_a == ids_b and len(ids_a) >= 1
+
+
+def test_capability_rules_for_gpu_targets():
+    from qvl.runtime.backends.select import capability_blocker
+
+    assert capability_blocker("cuda", (9, 0)) is None and capability_blocker("cuda", (7, 5)) is None
+    why = capability_blocker("cuda", (6, 1))  # an fp16 artifact on a Pascal card: the wrong build
+    assert "SM 7.5+" in why and "SM 6.1" in why and "--target cuda-sm61" in why
+    assert capability_blocker("cuda-sm61", (6, 1)) is None and capability_blocker("cuda-sm61", (5, 2)) is not None
+    assert capability_blocker("cuda", None) is None  # unknown capability: the provider's own start decides
+    assert capability_blocker("cpu-avx2", (6, 1)) is None

@@ -75,7 +75,7 @@ def test_gating_skips_with_the_declared_reason():
     model = _gelu_model()
     r = AttentionFusionPass(target=CPU, graph="vision")(model)
     assert isinstance(r, PassResult) and isinstance(r, ir.passes.PassResult) and r.model is model
-    assert not r.modified and r.report.counts == {"group_query_attention": 0}
+    assert not r.modified and r.report.counts == {"group_query_attention": 0, "scatter_attention": 0}
     assert [(s.where, s.reason) for s in r.report.skipped] == [("vision", "graph not configured for decoder attention fusion")]
     r = NormFusionPass(target=SM61, graph="decoder")(model)
     assert r.report.skipped[0].reason == f"target sm61 has no ORT contrib ops{NormFusionPass.contrib_ops_note}"

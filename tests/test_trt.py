@@ -22,13 +22,8 @@ CARDS = ("mx250-2gb", "gtx1050-2gb", "gtx1050ti-4gb", "gtx1060-3gb", "gtx1060-6g
 
 
 @pytest.fixture(scope="module")
-def sm61_kit(tiny_artifact, tmp_path_factory):
-    from qvl.toolchain.tensorrt.command import kit_command
-
-    lines: list[str] = []
-    out = tmp_path_factory.mktemp("kit") / "tiny-sm61-kit"
-    kit_command(tiny_artifact, "sm61", out, echo=lines.append)
-    return out, lines
+def sm61_kit(sm61_kit_build):
+    return sm61_kit_build  # (kit dir, printed lines): built once per session in conftest
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +152,8 @@ def test_non_tensorrt_target_is_a_user_error(tiny_artifact, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def int8_kit(tiny_artifact, tmp_path_factory):
-    """`compile --target sm61 --weights int8` with the default budget (mean KL 0.01, greedy agreement 0.9)."""
-    from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
-    from qvl.toolchain.tensorrt.command import kit_command
-
-    lines: list[str] = []
-    out = tmp_path_factory.mktemp("kit8") / "tiny-sm61-int8-kit"
-    budget = AccuracyBudget()
-    report = kit_command(tiny_artifact, "sm61", out, echo=lines.append, weights="int8", budget=budget, threads=1)
-    print("\n" + "\n".join(lines))
-    return out, lines, report, budget
+def int8_kit(int8_kit_build):
+    return int8_kit_build  # (kit dir, printed lines, report, budget): built once per session in conftest
 
 
 def test_int8_kit_is_opset_17_standard_onnx_with_qdq_and_never_fp16(int8_kit, sm61_kit):

@@ -44,10 +44,16 @@ class Runner(Protocol):
         the decoder, extend `cache`; return the last position's logits [B, V]."""
         ...
 
+    def greedy_step(self, cache: Any, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                    deepstack: np.ndarray | None = None) -> np.ndarray:
+        """`step`, but return the last position's argmax ids [B] (int64; first index on ties) instead of the
+        logits, so a device backend can keep the logits on the device (greedy decoding)."""
+        ...
+
     def free(self, cache: Any) -> None:
         """Release `cache`'s buffers (host or device); it is not usable afterwards."""
         ...
 
 
-PROTOCOL_METHODS = ("embed", "encode_images", "new_cache", "step", "free")
+PROTOCOL_METHODS = ("embed", "encode_images", "new_cache", "step", "greedy_step", "free")
 PROTOCOL_ATTRIBUTES = ("artifact", "manifest", "model_info", "context_length", "kv_mode", "device")

@@ -1,20 +1,16 @@
 """ONNX Runtime backend (provider "cpu" or "cuda"): vision encoder, embedding lookup, KV-cached decoder.
 
 `Engine` implements the runner protocol of `runtime/backends/base.py`; `select.py` decides when it is built.
+The decoder's KV layouts (`concat`, `shared`, `scatter`) and the I/O binding of a step live in `ort_cache.py`.
 
-Two decoder KV layouts exist, recorded per artifact in the manifest's `decoder.kv_mode` (`Manifest.kv_mode`):
-
-* `concat` (the plain export): the graph takes `past_*` and returns `present_* = concat(past, new)`.
-  Used for export parity; each step allocates the grown cache.
-* `shared` (after the attention-fusion pass): ORT `GroupQueryAttention` with one preallocated
-  `[batch, kv_heads, context, head_dim]` buffer per layer bound as both past and present through I/O
-  binding, so each step writes only its new positions in place; nothing is re-concatenated.
+On CUDA the caches, the decode step's inputs and its logits are device OrtValues; a `scatter` artifact (the
+`cuda-sm61` target) additionally gets its session created with CUDA graph capture, falling back to plain
+launches (with the reason kept in `Engine.cuda_graph_note`) when ORT refuses it for this graph.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,12 @@ import onnxruntime as ort
 from qvl.artifacts.manifest import read_manifest
 from qvl.artifacts.weight_store import map_embedding
 from qvl.errors import QvlError
+from qvl.runtime.backends.ort_cache import CacheBinder, KVCache
 from qvl.runtime.vision_tables import vision_tables
+
+_ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+               ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.NotImplemented,
+               ort.capi.onnxruntime_pybind11_state.RuntimeException)
 
 
 def physical_cores() -> int:
@@ -50,16 +51,6 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-@dataclass
-class KVCache:
-    """Decoder state of one sequence: cached keys/values and how many positions they hold."""
-
-    length: int = 0
-    tensors: list = field(default_factory=list)  # concat: numpy arrays; shared: OrtValues
-    capacity: int = 0
-    buffers: list = field(default_factory=list)  # shared: the numpy arrays behind the OrtValues
-
-
 class Engine:
     """The ONNX Runtime runner: `device` "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider)."""
 
@@ -82,11 +73,11 @@ class Engine:
         self.vision_config = self.manifest.source.vision_config
         providers = self._providers(device)
         files, so, self.optimized_graphs = self._graph_files(device, threads)
+        self.cuda_graph_note: str | None = None
         try:
             self.vision = ort.InferenceSession(str(self.artifact / files["vision"]), so, providers=providers)
-            self.decoder = ort.InferenceSession(str(self.artifact / files["decoder"]), so, providers=providers)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as exc:
+            self.decoder, cuda_graph = self._decoder_session(self.artifact / files["decoder"], so, providers)
+        except _ORT_ERRORS as exc:
             raise QvlError(f"cannot load artifact graphs from {self.artifact}: {str(exc).splitlines()[0]}") from None
         if device == "cuda" and "CUDAExecutionProvider" not in self.decoder.get_providers():
             # ORT falls back to the CPU silently when the CUDA provider cannot start (no GPU, driver, CUDA libs).
@@ -100,8 +91,26 @@ class Engine:
             self.embedding = QuantizedEmbedding.from_manifest(self.artifact, emb)
         else:
             self.embedding = map_embedding(self.manifest)
+        self.vocab_size = m.vocab_size
         self._decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self.caches = CacheBinder(self.decoder, self, device)
+        self.caches.cuda_graph = cuda_graph
+
+    def _decoder_session(self, path: Path, so: ort.SessionOptions, providers: list):
+        """(session, captures CUDA graphs). Graph capture is asked for on CUDA for in-place-cache artifacts
+        (`scatter`, `shared`), whose decode steps have fixed shapes and bound buffers; ORT refuses it when any node of the graph would run
+        on the CPU, and then the session is made again without it."""
+        if self.device == "cuda" and self.kv_mode != "concat" and os.environ.get("QVL_CUDA_GRAPH", "1") != "0":
+            name, opts = providers[0]
+            try:
+                graphed = [(name, {**opts, "enable_cuda_graph": "1"}), *providers[1:]]
+                return ort.InferenceSession(str(path), so, providers=graphed), True
+            except _ORT_ERRORS as exc:
+                self.cuda_graph_note = f"CUDA graphs off: {str(exc).splitlines()[0][:200]}"
+        elif self.device == "cuda":
+            self.cuda_graph_note = f"CUDA graphs off: the {self.kv_mode} KV layout has no fixed-shape decode step"
+        return ort.InferenceSession(str(path), so, providers=providers), False
 
     def _graph_files(self, device: str, threads: int | None) -> tuple[dict, ort.SessionOptions, bool]:
         """The graphs to load: ORT's saved optimized graphs when this ORT wrote them for this provider
@@ -130,7 +139,9 @@ class Engine:
                 raise QvlError("device 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDA provider",
                                hint="pip install onnxruntime-gpu (and check the NVIDIA driver with nvidia-smi)")
             # TF32 off: fp32 artifacts must compute in fp32 (parity), Ampere+ would otherwise round to TF32.
-            return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+            # The arena grows by what is asked, not by doubling: on a 2 GB card the slack matters.
+            opts = {"use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
+            return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         raise QvlError(f"unknown ONNX Runtime device {device!r}", hint="use cpu or cuda")
 
     # -- embeddings and vision --------------------------------------------------------------------
@@ -157,17 +168,22 @@ class Engine:
     # -- decoder ---------------------------------------------------------------------------------
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        """An empty cache able to hold `capacity` positions (prompt + new tokens)."""
-        if self.kv_mode == "shared":
-            # One buffer per layer and K/V, allocated once, bound as both past and present: the
-            # GroupQueryAttention op writes each step's new positions into it in place.
-            cap = min(self.context_length, int(capacity))
-            shape = (batch, self.num_kv_heads, cap, self.head_dim)
-            arrays = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-            return KVCache(0, values, cap, arrays)
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return KVCache(0, [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)], 0)
+        """An empty cache able to hold `capacity` positions (prompt + new tokens), on this engine's device."""
+        return self.caches.new_cache(capacity, batch)
+
+    def _feeds(self, cache: KVCache, inputs_embeds, position_ids, deepstack) -> dict:
+        bsz, seq, _ = inputs_embeds.shape
+        total = cache.length + seq
+        if total > self.context_length:
+            raise QvlError(f"sequence of {total} tokens exceeds the model context of {self.context_length}")
+        if deepstack is None:
+            deepstack = np.zeros((self.num_deepstack, bsz, seq, self.hidden_size), dtype=np.float32)
+        return {
+            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "attention_mask": self.caches.mask(cache, bsz, total, seq),
+            "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32),
+        }
 
     def step(
         self,
@@ -177,45 +193,14 @@ class Engine:
         deepstack: np.ndarray | None = None,  # [n_ds, B, S, H]
     ) -> np.ndarray:
         """Run S new positions through the decoder, extend `cache`; return last-position logits [B, V]."""
-        bsz, seq, _ = inputs_embeds.shape
-        total = cache.length + seq
-        if total > self.context_length:
-            raise QvlError(f"sequence of {total} tokens exceeds the model context of {self.context_length}")
-        if deepstack is None:
-            deepstack = np.zeros((self.num_deepstack, bsz, seq, self.hidden_size), dtype=np.float32)
-        feeds = {
-            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            "attention_mask": np.ones((bsz, total), dtype=np.int64),
-            "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32),
-        }
-        if self.kv_mode == "shared":
-            if total > cache.capacity:
-                raise QvlError(f"sequence of {total} tokens exceeds the preallocated cache of {cache.capacity}")
-            io = self.decoder.io_binding()
-            io.bind_output("logits")  # first, so get_outputs()[0] is the logits
-            for name, arr in feeds.items():
-                io.bind_cpu_input(name, arr)
-            for i in range(self.num_layers):
-                for j, kind in enumerate(("key", "value")):
-                    buf = cache.tensors[2 * i + j]
-                    io.bind_ortvalue_input(f"past_{kind}_{i}", buf)
-                    io.bind_ortvalue_output(f"present_{kind}_{i}", buf)
-            self.decoder.run_with_iobinding(io)
-            logits = io.get_outputs()[0].numpy()
-            cache.length = total
-            return logits[:, -1, :]
-        for i in range(self.num_layers):
-            feeds[f"past_key_{i}"] = cache.tensors[2 * i]
-            feeds[f"past_value_{i}"] = cache.tensors[2 * i + 1]
-        outs = self.decoder.run(self._decoder_outputs, feeds)
-        cache.tensors = outs[1:]
-        cache.length = total
-        return outs[0][:, -1, :]
+        return self.caches.run(cache, self._feeds(cache, inputs_embeds, position_ids, deepstack), "logits")
+
+    def greedy_step(self, cache: KVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                    deepstack: np.ndarray | None = None) -> np.ndarray:
+        """`step`, returning the argmax ids [B] of the last position (on the device when the graph has it)."""
+        return self.caches.run(cache, self._feeds(cache, inputs_embeds, position_ids, deepstack), "token")
 
     def free(self, cache: KVCache) -> None:
-        """Release a cache's buffers (the OrtValues and the host arrays behind them); the cache is empty after."""
-        cache.tensors = []
-        cache.buffers = []
-        cache.length = 0
-        cache.capacity = 0
+        """Release a cache's buffers; the cache is empty after. On CUDA the last freed in-place cache is kept
+        for the next `new_cache` of at most its capacity (its device buffers and captured graph reused)."""
+        self.caches.free(cache)

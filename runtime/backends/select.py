@@ -43,13 +43,40 @@ def cuda_provider_missing() -> str | None:
     return None
 
 
+# The compute capability a CUDA-target artifact needs: fp16 activations want tensor cores (SM 7.5+); on Pascal
+# fp16 runs at 1/64 rate, so such an artifact is the wrong build for the card, not merely a slow one.
+MIN_COMPUTE_CAPABILITY = {"cuda": (7, 5), "cuda-sm61": (6, 1)}
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """GPU 0's compute capability from NVML (nvidia-ml-py), or None when NVML is not installed or not usable."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return int(major), int(minor)
+    except Exception:  # no nvidia-ml-py, no driver, no GPU: the CUDA provider's own start decides
+        return None
+
+
+def capability_blocker(target: str | None, capability: tuple[int, int] | None) -> str | None:
+    """Why an artifact compiled for `target` should not run on a GPU of `capability`, or None."""
+    need = MIN_COMPUTE_CAPABILITY.get(target or "")
+    if need is None or capability is None or tuple(capability) >= need:
+        return None
+    have = ".".join(map(str, capability))
+    hint = " (compile it with --target cuda-sm61 for this GPU)" if target == "cuda" else ""
+    return f"the artifact is compiled for {target} (SM {need[0]}.{need[1]}+) and this GPU is SM {have}{hint}"
+
+
 def cuda_blocker(manifest) -> str | None:
     """Why `auto` should not put this artifact on ORT's CUDA provider, or None.
 
     A `shared`-cache artifact (the CPU targets' fp32 GroupQueryAttention) has no CUDA kernel: ORT's CUDA
     GroupQueryAttention is fp16/bf16 only, so attention would run on the CPU with the cache crossing PCIe
     every layer. `--device cuda` still tries it (explicitly asked); `auto` keeps it on the CPU."""
-    if manifest.kv_mode == "shared":
+    if manifest.kv_mode == "shared" and not (manifest.target or "").startswith("cuda"):
         target = manifest.target or "cpu"
         return (f"the artifact is compiled for {target} (fp32 GroupQueryAttention, which ORT's CUDA provider "
                 f"does not run)")
@@ -73,8 +100,11 @@ def resolve(artifact: str | Path, device: str = "auto") -> Selection:
         if missing:
             raise QvlError("device 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDA provider",
                            hint="pip install onnxruntime-gpu (and check the NVIDIA driver with nvidia-smi)")
+        wrong = capability_blocker(manifest.target, gpu_compute_capability())
+        if wrong:
+            raise QvlError(f"--device cuda: {wrong}", hint="use the artifact compiled for this GPU, or --device cpu")
         return Selection("cuda")
-    reason = missing or cuda_blocker(manifest)
+    reason = missing or cuda_blocker(manifest) or capability_blocker(manifest.target, gpu_compute_capability())
     if reason:
         return Selection("cpu", f"running on CPU: {reason}")
     return Selection("cuda")

@@ -383,3 +383,8 @@ class TrtEngine:
         self.cuda.d2h(self._logits, self._logits_dev)
         self.cuda.sync()
         return self._logits[:, -1, :].copy()
+
+    def greedy_step(self, cache: TrtKVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                    deepstack: np.ndarray | None = None) -> np.ndarray:
+        """`step` + argmax on the host (the kit's engines have no argmax output; 600 KB of logits per token)."""
+        return np.argmax(self.step(cache, inputs_embeds, position_ids, deepstack), axis=-1)

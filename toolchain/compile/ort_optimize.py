@@ -118,8 +118,9 @@ def add_ort_optimized(artifact: Path, graphs: dict, threads: int = 1) -> dict:
 
 def ort_optimized_section(artifact: Path, graphs: dict, target) -> dict:
     """`{"ort_optimized": ...}` for targets that run on ONNX Runtime's CPU provider with its contrib ops
-    (cpu-avx2 / cpu-avx512); `{}` for the others (the export artifact, TensorRT kits)."""
-    if not target.ort_contrib_ops:
+    (cpu-avx2 / cpu-avx512); `{}` for the others (the export artifact, TensorRT kits, CUDA targets: ORT's saved
+    optimized graphs are provider-specific and the CPU one would pin CPU kernels)."""
+    if not target.ort_contrib_ops or target.provider != "cpu":
         return {}
     return {"ort_optimized": add_ort_optimized(artifact, graphs)}
 

@@ -16,8 +16,8 @@ from qvl.artifacts.writer import embedding_entry, load_graphs, save_graphs, writ
 from qvl.errors import QvlError
 from qvl.passes.precision import PrecisionConfig
 from qvl.passes.sparsity import SparsityConfig
-from qvl.toolchain.compile.pipelines import pass_names, pipeline_for, run_pipeline
-from qvl.toolchain.quant.accuracy_budget import apply_with_budget, quantize_artifact
+from qvl.toolchain.compile.pipelines import PipelineOptions, has_stage, pass_names, pipeline_for, run_pipeline
+from qvl.toolchain.quant.accuracy_budget import apply_with_budget, derive_artifact, quantize_artifact
 from qvl.toolchain.quant.sparsity_budget import apply_sparsity_with_budget, sparsify_artifact
 from qvl.toolchain.fsutil import atomic_output_dir, check_output_target, check_space, fault_point, output_lock
 from qvl.toolchain.staging import scratch_dir
@@ -102,7 +102,7 @@ def compile_artifact(
                 "model": manifest.model.to_json(),
                 "graphs": entries,
                 "embedding": embedding_entry(graphs["decoder"]),
-                "decoder": {"kv_mode": "shared" if "GroupQueryAttention" in decoder_ops else "concat"},
+                "decoder": {"kv_mode": kv_mode_of(decoder_ops)},
                 **optimized,
                 "tool_versions": mf.tool_versions(),
                 "steps": list(manifest.steps or ()) + [
@@ -115,6 +115,13 @@ def compile_artifact(
             side_files_from=exported,
         )
     return CompileReport(Path(out), target.name, time.perf_counter() - t0, reports)
+
+
+def kv_mode_of(decoder_ops: set[str]) -> str:
+    """The runtime's KV layout for a decoder graph's op set (see runtime/backends/ort.py)."""
+    if "GroupQueryAttention" in decoder_ops:
+        return "shared"
+    return "scatter" if "TensorScatter" in decoder_ops else "concat"
 
 
 def source_weight_bytes(source: Path) -> int:
@@ -161,6 +168,8 @@ def compile_with_precision(
     opt-in and, with a `budget`, measured against the fp32 compiled artifact (itself parity-checked against
     eager) and rolled back per layer when over it. Returns {"sparsity": record, "precision": record}."""
     target = get_target(target_name)
+    final_out = Path(out)
+    fp16 = has_stage(target, "activations")  # then everything below writes an intermediate, converted at the end
     bits = {"fp32": None, "int8": 8, "int4": 4}
     if weights not in bits:
         raise QvlError(f"unknown --weights {weights!r}", hint="fp32 | int8 | int4")
@@ -170,13 +179,15 @@ def compile_with_precision(
                        hint="use --weights fp32, or the TensorRT kit's INT8 path for sm61")
     if sparsity is not None and not 0.0 < sparsity < 1.0:
         raise QvlError(f"--sparsity must be a fraction in (0, 1), got {sparsity}")
-    if nbits is None and sparsity is None:
+    if nbits is None and sparsity is None and not fp16:
         compile_artifact(source, target_name, out, overwrite=overwrite, step=step)
         return {}
     records: dict = {}
     # Up front, and the lock held throughout: the budgeted paths write --out only at their very end.
     with output_lock(Path(out)), scratch_dir("qvl-fp32-") as tmp:
         check_output_target(Path(out), overwrite, sources=(source,))
+        if fp16:
+            out = Path(tmp) / "before-fp16"  # the weight steps write here; apply_activations writes --out
         w = source_weight_bytes(Path(source))
         ckpt = not (Path(source) / mf.MANIFEST).is_file()
         # fp32 intermediate + (if a checkpoint) its export + candidates of the budget search, all in TMPDIR
@@ -184,6 +195,8 @@ def compile_with_precision(
         current = Path(tmp) / "fp32"
         # intermediate only: the approximate steps below rewrite the graphs and save ORT's optimized form then
         compile_artifact(source, target_name, current, step=step, ort_optimize=False)
+        if nbits is None and sparsity is None:
+            out = current
         if sparsity is not None:
             dest = out if nbits is None else Path(tmp) / "sparse"
             config = SparsityConfig(ratio=sparsity)
@@ -197,11 +210,33 @@ def compile_with_precision(
         if nbits is not None:
             if block_size is None:
                 block_size = default_block_size(nbits, mf.read_manifest(current).source.config)
-            config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=4)
+            # accuracy_level 4 (int8 activations in the GEMM) is a CPU kernel choice: ORT's CUDA MatMulNBits ignores
+            # it and computes in the activation dtype, and the CPU provider running a CUDA artifact (tests, the
+            # budget search) should compute what the GPU computes -- exactly, as level 0 does.
+            level = 4 if target.provider == "cpu" else 0
+            config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=level)
             if budget is None:
                 (step or (lambda m: None))(f"quantizing weights to int{nbits}")
                 records["precision"] = quantize_artifact(current, out, config, target, overwrite=overwrite)
             else:
                 res = apply_with_budget(current, out, config, budget, target, threads=threads, overwrite=overwrite, progress=step)
                 records["precision"] = res.to_manifest(budget)
+        if fp16:
+            (step or (lambda m: None))("float16 activations")
+            records["activations"] = apply_activations(out, final_out, target, overwrite=overwrite)
     return records
+
+
+def apply_activations(src: Path, out: Path, target, overwrite: bool = False) -> dict:
+    """Write `out`: artifact `src` with the target's `activations` stage (fp16 compute, fp16 KV cache); returns the
+    manifest's `activations` record (the pass's per-graph counts and what stayed fp32 and why)."""
+
+    def record(reports: dict) -> dict:
+        return {"dtype": target.activation_dtype,
+                "graphs": {name: {"counts": r.counts, "float32_nodes": {k: len(v) for k, v in
+                                                                        r.details.get("float32_nodes", {}).items()},
+                                  "skipped": [s.reason for s in r.skipped][:20]}
+                           for name, r in reports.items()}}
+
+    return derive_artifact(src, out, target, "activations", PipelineOptions(), "activations", record, overwrite,
+                           updates={"target": target.name})

@@ -9,6 +9,7 @@ because artifacts are written in between (the approximate stages are measured ag
 | `lowering` | `toolchain/tensorrt/kit.py: make_engine_kit`                  | always                            |
 | `sparsity` | `toolchain/quant/sparsity_budget.py: sparsify_artifact`       | only with a `SparsityConfig`      |
 | `weights`  | `toolchain/quant/accuracy_budget.py: quantize_artifact` (ORT: MatMulNBits) / `toolchain/tensorrt/int8_kit.py: write_qdq_kit` (TensorRT: Q/DQ) | only with that pass's config |
+| `activations` | `toolchain/compile/pipeline.py: apply_activations` (after `weights`: the quantizer reads fp32 weights) | targets that compute in fp16 (`cuda`) |
 
 `pipeline_for(target, graph, ...)` builds the pass instances for one artifact graph ("vision" / "decoder")
 bound to the target; `run_pipeline` runs them through `onnx_ir.passes.PassManager` and returns onnx-ir's
@@ -25,6 +26,8 @@ import onnx_ir as ir
 
 from qvl.passes.attention_fusion import AttentionFusionPass
 from qvl.passes.base import GraphPass, PassReport, TargetCapabilities
+from qvl.passes.device_argmax import DeviceArgmaxPass
+from qvl.passes.float16_activations import Float16ActivationsPass
 from qvl.passes.norm_fusion import NormFusionPass
 from qvl.passes.opset_lowering import OpsetLoweringPass
 from qvl.passes.precision import PrecisionConfig, PrecisionPass
@@ -34,7 +37,7 @@ from qvl.passes.sparsity import MlpChannelSparsityPass, SparsityConfig
 from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
 from qvl.toolchain.compile.targets import get_target
 
-STAGES = ("fusion", "lowering", "sparsity", "weights")
+STAGES = ("fusion", "lowering", "sparsity", "weights", "activations")
 
 _FUSIONS = (
     ("fusion", AttentionFusionPass),
@@ -50,9 +53,19 @@ CPU_PIPELINE = (*_FUSIONS, ("sparsity", MlpChannelSparsityPass), ("weights", Pre
 # calibrated INT8 Q/DQ (needs the lowered opset).
 TRT_PIPELINE = (*_FUSIONS, ("lowering", OpsetLoweringPass), ("weights", QdqInt8Pass))
 
+# ONNX Runtime CUDA: the same fusions (attention_fusion emits the target's KV form: TensorScatter + Attention in
+# fp32 for Pascal, fp16 GroupQueryAttention for SM 7.5+) and weight-only MatMulNBits (fp32 and fp16 CUDA kernels).
+# `device_argmax` adds the decoder's `next_token` output so greedy decoding reads 8 bytes back per token.
+CUDA_SM61_PIPELINE = (*_FUSIONS, ("fusion", DeviceArgmaxPass), ("sparsity", MlpChannelSparsityPass),
+                      ("weights", PrecisionPass))
+# SM 7.5+: the same, then every activation (and the KV cache) in fp16 -- GroupQueryAttention's CUDA kernel.
+CUDA_PIPELINE = (*CUDA_SM61_PIPELINE, ("activations", Float16ActivationsPass))
+
 PIPELINES: dict[str, tuple[tuple[str, type[GraphPass]], ...]] = {
     "cpu-avx2": CPU_PIPELINE,
     "cpu-avx512": CPU_PIPELINE,
+    "cuda-sm61": CUDA_SM61_PIPELINE,
+    "cuda": CUDA_PIPELINE,
     "sm61": TRT_PIPELINE,
     "sm75+": TRT_PIPELINE,
 }
@@ -87,6 +100,10 @@ def pass_classes(target: str | TargetCapabilities, options: PipelineOptions = Pi
     if unknown:
         raise ValueError(f"unknown pipeline stage(s) {sorted(unknown)}; stages: {STAGES}")
     return [cls for stage, cls in PIPELINES[caps.name] if stage in wanted and options.config_for(cls)[0]]
+
+
+def has_stage(target: str | TargetCapabilities, stage: str) -> bool:
+    return any(s == stage for s, _ in PIPELINES[_target(target).name])
 
 
 def pass_names(target: str | TargetCapabilities, options: PipelineOptions = PipelineOptions(),

@@ -6,6 +6,11 @@
 | cpu-avx512  | AVX-512 VNNI CPUs                  | fp32; int8 (VNNI)         | ORT CPU contrib ops    |
 | sm61        | Pascal GP10x (MX250, GTX 10x0)     | fp32; int8 DP4A. FP16 at 1/64 rate: never chosen | TensorRT 8.6 (opset <= 17), no contrib ops |
 | sm75+       | Turing and newer (tensor cores)    | fp32, fp16, int8          | TensorRT 10 / ORT CUDA |
+| cuda-sm61   | Pascal, through ORT's CUDA provider | fp32 activations; int8/int4 weight-only MatMulNBits (dequantized in the GEMV). Never fp16 | ORT CUDA contrib ops with fp32 kernels; in-place KV cache via ONNX TensorScatter + Attention |
+| cuda        | SM 7.5+ through ORT's CUDA provider | fp16 activations (tensor cores), int4/int8 weight-only | ORT CUDA GroupQueryAttention (fp16) with an in-place cache |
+
+Target names are the artifact's contract with a runtime device: `cpu-*` run on ORT's CPU provider, `cuda*` on its
+CUDA provider, `sm*` are TensorRT engine-kit targets (`provider`).
 """
 
 from __future__ import annotations
@@ -19,8 +24,16 @@ TARGETS: dict[str, TargetCapabilities] = {
     "cpu-avx2": TargetCapabilities("cpu-avx2", ("float32",), (8, 4), ort_contrib_ops=True, memory_bytes=8 * GiB),
     # bf16 is not listed: no pass assigns bf16 activations yet (issue #16 measures AVX-512 hosts and decides).
     "cpu-avx512": TargetCapabilities("cpu-avx512", ("float32",), (8, 4), ort_contrib_ops=True),
-    "sm61": TargetCapabilities("sm61", ("float32",), (8,), ort_contrib_ops=False, max_opset=17, memory_bytes=2 * GiB),
-    "sm75+": TargetCapabilities("sm75+", ("float32", "float16"), (8, 4), ort_contrib_ops=False),
+    "sm61": TargetCapabilities("sm61", ("float32",), (8,), ort_contrib_ops=False, max_opset=17, memory_bytes=2 * GiB,
+                               kv_cache="concat", provider="tensorrt"),
+    "sm75+": TargetCapabilities("sm75+", ("float32", "float16"), (8, 4), ort_contrib_ops=False, kv_cache="concat",
+                                provider="tensorrt"),
+    # ORT CUDA on Pascal: GroupQueryAttention's CUDA kernel is fp16/bf16 only and fp16 runs at 1/64 rate, so
+    # attention stays fp32 in standard ONNX ops with the cache written in place (opset 24 TensorScatter).
+    "cuda-sm61": TargetCapabilities("cuda-sm61", ("float32",), (8, 4), ort_contrib_ops=True, memory_bytes=2 * GiB,
+                                    kv_cache="tensor-scatter", provider="cuda"),
+    "cuda": TargetCapabilities("cuda", ("float32", "float16"), (8, 4), ort_contrib_ops=True,
+                               kv_cache="gqa-shared", activation_dtype="float16", provider="cuda"),
 }
 ALIASES = {"cpu": "cpu-avx2", "trt-sm75+": "sm75+"}
 

@@ -169,14 +169,19 @@ def run_bench(
     bandwidth_samples: int = BANDWIDTH_SAMPLES,
     work_dir: str | Path | None = None,
     device: str = "cpu",
+    extra_eager_dtypes: tuple[str, ...] = (),
+    eager_cache: str | None = None,
 ) -> dict:
     """Benchmark `artifact` (runtime) against `checkpoint` (eager transformers) on identical inputs.
 
     `progress(message, steps_done, steps_total)` is called as each step starts. Returns the JSON-able
     report documented in benchmarks/README.md.
     """
-    if eager_dtype not in ("fp32", "bf16"):
-        raise QvlError(f"unknown eager dtype {eager_dtype!r}", hint="use fp32 or bf16")
+    for dt in (eager_dtype, *extra_eager_dtypes):
+        if dt not in ("fp32", "bf16"):
+            raise QvlError(f"unknown eager dtype {dt!r}", hint="use fp32 or bf16")
+    on_gpu = device == "cuda"  # then eager runs on the GPU too, and the roofline is the GPU's
+    extra_eager_dtypes = tuple(dt for dt in dict.fromkeys(extra_eager_dtypes) if dt != eager_dtype)
     if repeats < 1 or new_tokens < 2 or text_tokens < 1:
         raise QvlError("repeats must be >= 1 and new tokens >= 2")
     artifact, checkpoint = Path(artifact), Path(checkpoint)
@@ -186,7 +191,8 @@ def run_bench(
     llc = llc_bytes() or (32 << 20)
     bw_bytes = int(bandwidth_bytes or max(BANDWIDTH_BYTES, 8 * llc))
 
-    total = 2 + 2 * (1 + int(warmup) + 2 * repeats)  # bandwidth x2; per engine: load, warm-up, runs
+    n_engines = 2 + len(extra_eager_dtypes)
+    total = 2 + n_engines * (1 + int(warmup) + 2 * repeats)  # bandwidth x2; per engine: load, warm-up, runs
     state = {"done": 0}
 
     def step(message: str) -> None:
@@ -203,13 +209,18 @@ def run_bench(
         base = {"threads": threads, "repeats": repeats, "new_tokens": new_tokens, "warmup": warmup,
                 "cases": {k: {"messages": v["messages"]} for k, v in inputs.items()}}
         bw_spec = {"worker": "membw", "threads": threads, "bytes": bw_bytes, "samples": bandwidth_samples}
+        if on_gpu:
+            bw_spec = {"worker": "gpubw"}
 
         step("memory bandwidth (before)")
-        bw = run_child(bw_spec, wd, lambda m: None, threads)["samples_gbs"]
+        probe = run_child(bw_spec, wd, lambda m: None, threads)
+        bw = probe["samples_gbs"]
         qvl = run_child({**base, "worker": "qvl", "artifact": str(artifact), "device": device,
                          "artifact_bytes_per_token": weights["bytes"]}, wd, step, threads)
-        eager = run_child({**base, "worker": "eager", "checkpoint": str(checkpoint), "eager_dtype": eager_dtype,
-                           "eager_attn": eager_attn}, wd, step, threads)
+        eager_spec = {**base, "worker": "eager", "checkpoint": str(checkpoint), "eager_attn": eager_attn,
+                      "eager_device": "cuda" if on_gpu else "cpu", "eager_cache": eager_cache}
+        eager = run_child({**eager_spec, "eager_dtype": eager_dtype}, wd, step, threads)
+        others = {dt: run_child({**eager_spec, "eager_dtype": dt}, wd, step, threads) for dt in extra_eager_dtypes}
         step("memory bandwidth (after)")
         bw += run_child(bw_spec, wd, lambda m: None, threads)["samples_gbs"]
     if progress:
@@ -217,24 +228,29 @@ def run_bench(
 
     for case in ("text", "image"):
         want = inputs[case]["prompt_tokens"]
-        got = (qvl["cases"][case]["prompt_tokens"], eager["cases"][case]["prompt_tokens"])
-        if got != (want, want):
-            raise RuntimeError(f"{case} prompt: runtime {got[0]} / eager {got[1]} tokens, built for {want}")
+        got = (qvl["cases"][case]["prompt_tokens"], eager["cases"][case]["prompt_tokens"],
+               *(o["cases"][case]["prompt_tokens"] for o in others.values()))
+        if set(got) != {want}:
+            raise RuntimeError(f"{case} prompt: runtime {got[0]} / eager {got[1:]} tokens, built for {want}")
 
     bandwidth = max(bw)
     bpt = weights["bytes"]
     roofline = bandwidth * 1e9 / bpt
-    for eng in (qvl, eager):
+    for eng in (qvl, eager, *others.values()):
         eng["roofline_decode_tok_s"] = bandwidth * 1e9 / eng["bytes_per_token"]
         eng["decode_efficiency"] = eng["decode_tok_s"] / eng["roofline_decode_tok_s"]
     mi = read_manifest(artifact, verify_graphs=False).model
     kv_per_pos = 2 * mi.num_layers * mi.num_kv_heads * mi.head_dim * 4  # fp32 K and V
     cpu = cpu_info(threads)
+    engines = {"qvl": qvl, "eager": eager, **{f"eager_{dt}": o for dt, o in others.items()}}
     cpu.update(onnxruntime=ort.__version__, ort_available_providers=ort.get_available_providers(),
                ort_providers_used=qvl["info"]["providers"],
                torch=eager["info"]["torch"], torch_cpu_capability=eager["info"]["torch_cpu_capability"])
     return {
-        "engines": {"qvl": qvl, "eager": eager},
+        "engines": engines,
+        "device": device,
+        "gpu": probe.get("gpu") if on_gpu else None,
+        "bandwidth_kind": "GPU device-to-device copy (read + write)" if on_gpu else "host memory (read)",
         "bandwidth_gbs": bandwidth,
         "bandwidth_spread_gbs": spread(bw),
         "bandwidth_samples_gbs": bw,
@@ -245,6 +261,8 @@ def run_bench(
         "roofline_decode_tok_s": roofline,
         "decode_efficiency": qvl["decode_tok_s"] / roofline,
         "ratios": {name: _ratio(qvl[key], eager[key]) for name, key in RATIOS.items()},
+        "ratios_vs": {dt: {name: _ratio(qvl[key], o[key]) for name, key in RATIOS.items()}
+                      for dt, o in [(eager_dtype, eager), *others.items()]},
         "cpu": cpu,
         "artifact": artifact_info(artifact),
         "checkpoint": str(checkpoint),
@@ -253,6 +271,9 @@ def run_bench(
             "repeats": repeats,
             "warmup": warmup,
             "eager_dtype": eager_dtype,
+            "extra_eager_dtypes": list(extra_eager_dtypes),
+            "eager_device": "cuda" if on_gpu else "cpu",
+            "eager_cache": eager_cache or "dynamic",
             "eager_attn": eager_attn,
             "text_prompt_tokens": inputs["text"]["prompt_tokens"],
             "new_tokens": new_tokens,

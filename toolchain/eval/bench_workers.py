@@ -89,6 +89,11 @@ def _summarise(runs: list[dict], prompt_tokens: int, new_tokens: int) -> dict:
 def _qvl_worker(spec: dict) -> dict:
     threads = spec["threads"]
     _emit("qvl: loading the artifact")
+    on_gpu = spec.get("device", "cpu") in ("cuda", "trt")
+    if on_gpu:
+        from qvl.toolchain.eval.bench_gpu import DeviceMemory
+
+        device_memory = DeviceMemory()
     t = time.perf_counter()
     model = Model(Path(spec["artifact"]), device=spec.get("device", "cpu"), threads=threads)  # resolved by the parent
     load_s = time.perf_counter() - t
@@ -106,6 +111,22 @@ def _qvl_worker(spec: dict) -> dict:
             raise RuntimeError(f"runtime produced {len(times)} tokens, expected {n_new}")
         return _run_record(t0, t_prep, stats.vision_seconds, times, len(prompt)), len(prompt)
 
+    def device_info(result: dict) -> None:
+        if on_gpu:
+            result["device_memory"] = device_memory.used()
+            result["info"]["cuda_graph"] = getattr(model.engine, "caches", None) is not None and model.engine.caches.cuda_graph
+            result["info"]["cuda_graph_note"] = getattr(model.engine, "cuda_graph_note", None)
+            caches = getattr(model.engine, "caches", None)
+            result["info"]["next_token_on_device"] = getattr(caches, "has_next_token", False)
+            timing = dict(getattr(caches, "decode_timing", None) or {})
+            if timing.get("steps"):
+                n = timing["steps"]
+                # inside ORT's Run: launches (or one graph replay) + device time + the stream sync; the rest of a
+                # step is host work (input updates, the id read-back)
+                timing.update(run_ms_per_step=1e3 * timing["run_s"] / n,
+                              host_ms_per_step=1e3 * (timing["step_s"] - timing["run_s"]) / n)
+            result["decode_step_timing"] = timing
+
     return _drive(spec, one, {
         "engine": "qvl",
         "load_s": load_s,
@@ -119,7 +140,7 @@ def _qvl_worker(spec: dict) -> dict:
             "intra_op_threads": threads,
             "torch_imported": "torch" in sys.modules,
         },
-    })
+    }, finish=device_info)
 
 
 def _eager_worker(spec: dict) -> dict:
@@ -132,11 +153,17 @@ def _eager_worker(spec: dict) -> dict:
     from transformers.generation.streamers import BaseStreamer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["eager_dtype"]]
-    _emit(f"eager: loading the checkpoint ({spec['eager_dtype']})")
+    device = spec.get("eager_device", "cpu")
+    _emit(f"eager: loading the checkpoint ({spec['eager_dtype']}, {device})")
+    if device == "cuda":
+        # fp32 means fp32 on the GPU too (no TF32 rounding), as on the artifact side.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     t = time.perf_counter()
     model = Qwen3VLForConditionalGeneration.from_pretrained(
         spec["checkpoint"], dtype=dtype, attn_implementation=spec["eager_attn"]
-    ).eval()
+    ).eval().to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     processor = image_only_processor(Path(spec["checkpoint"]))
     load_s = time.perf_counter() - t
     rss_loaded = _rss()
@@ -172,17 +199,24 @@ def _eager_worker(spec: dict) -> dict:
         t0 = time.perf_counter()
         images = [load_image(s) for s in collect_images(normalize_messages(messages))]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=[text], images=images or None, return_tensors="pt")
+        inputs = processor(text=[text], images=images or None, return_tensors="pt").to(device)
         t_prep = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
                 **inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
                 eos_token_id=eos_ids, pad_token_id=eos_ids[0] if eos_ids else None, streamer=timer,
+                **({"cache_implementation": spec["eager_cache"]} if spec.get("eager_cache") else {}),
             )
+        sync()
         n_prompt = int(inputs["input_ids"].shape[1])
         if len(timer.times) != n_new or out.shape[1] - n_prompt != n_new:
             raise RuntimeError(f"eager generate produced {len(timer.times)} tokens, expected {n_new}")
         return _run_record(t0, t_prep, vision["s"], timer.times, n_prompt), n_prompt
+
+    def device_info(result: dict) -> None:
+        if device == "cuda":
+            result["device_memory"] = {"bytes": int(torch.cuda.max_memory_reserved()), "method": "torch max_memory_reserved",
+                                       "allocated_peak_bytes": int(torch.cuda.max_memory_allocated())}
 
     return _drive(spec, one, {
         "engine": "eager",
@@ -196,11 +230,13 @@ def _eager_worker(spec: dict) -> dict:
             "attn_implementation": spec["eager_attn"],
             "torch_threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": device,
+            "cache_implementation": spec.get("eager_cache") or "dynamic",
         },
-    })
+    }, finish=device_info)
 
 
-def _drive(spec: dict, one: Callable, result: dict) -> dict:
+def _drive(spec: dict, one: Callable, result: dict, finish: Callable[[dict], None] | None = None) -> dict:
     """Warm-up, then `repeats` timed runs of each case; medians per case."""
     name, new, repeats = result["engine"], spec["new_tokens"], spec["repeats"]
     cases = spec["cases"]
@@ -231,6 +267,8 @@ def _drive(spec: dict, one: Callable, result: dict) -> dict:
         rss_end={k: v for k, v in rss.items() if k != "VmHWM"},
         cases=summary,
     )
+    if finish is not None:
+        finish(result)
     return result
 
 
@@ -238,7 +276,13 @@ def _membw_worker(spec: dict) -> dict:
     return {"samples_gbs": measure_bandwidth(spec["threads"], spec["bytes"], spec["samples"])}
 
 
-_WORKERS = {"qvl": _qvl_worker, "eager": _eager_worker, "membw": _membw_worker}
+def _gpubw_worker(spec: dict) -> dict:
+    from qvl.toolchain.eval.bench_gpu import measure_device_bandwidth
+
+    return measure_device_bandwidth()
+
+
+_WORKERS = {"qvl": _qvl_worker, "eager": _eager_worker, "membw": _membw_worker, "gpubw": _gpubw_worker}
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -20,6 +20,23 @@ Per graph the builder writes `<graph>.engine` and, with TensorRT, `<graph>.timin
 check and which matrix multiplies take INT8 Q/DQ operands (`int8_matmuls`). FP16 guard for sm61 (FP16 runs at 1/64 rate on GP10x): the parsed network is inspected before
 the build -- any layer whose precision, output-type constraint or output tensor is FP16/BF16, or an FP16
 builder flag, is a `QvlError`.
+
+Which builder (`builder_kind`, pure): with the full `tensorrt` package (>= 8.6) and Polygraphy (>= 0.49,
+the `trt` extra) importable, engines are built through Polygraphy's loaders -- `NetworkFromOnnxPath`,
+`CreateConfig` (the kit's profiles as `Profile`s, INT8 for Q/DQ kits, never FP16 for sm61, REFIT, the
+workspace pool, the optimization level, the timing cache), `EngineBytesFromNetwork` (which also saves the
+merged timing cache), the plan then written atomically (what `SaveEngine` does, without a partial file on a
+crash). `tensorrt` without Polygraphy keeps the TensorRT API path below; TensorRT-RTX (`tensorrt_rtx*`)
+always takes that API path, unchanged: Polygraphy drives RTX only through a process-wide
+`POLYGRAPHY_USE_TENSORRT_RTX=1` switch and the `tensorrt_rtx` module name, and refuses precision flags there.
+What each builder gets -- profiles, flags, workspace, timing cache path, notes -- is one pure `build_plan`,
+shared by both paths; `polygraphy_config_kwargs` turns it into `CreateConfig`'s arguments.
+
+What has run where: the TensorRT-RTX API path builds every kit on a CPU-only machine in the tests. The
+Polygraphy path with real `tensorrt` 8.6 / 10 has NOT run here (`tensorrt` is not installable without
+NVIDIA's index and a GPU); its decisions (`builder_kind`, `build_plan`, `polygraphy_config_kwargs`) are
+unit-tested, and its loader calls are exercised against TensorRT-RTX through Polygraphy's own RTX switch
+(tests/test_inspect_precision.py), which proves the calls and arguments but not a `tensorrt` 8.6 build.
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from qvl.artifacts import manifest as mf
 from qvl.artifacts.schema import Kit, Manifest
@@ -38,6 +55,7 @@ from qvl.errors import QvlError
 ENGINES_DIR = "engines"
 BUILD_REPORT = "build.json"
 MIN_TENSORRT = (8, 6)
+MIN_POLYGRAPHY = (0, 49)
 INSTALL_HINT = ("on the Pascal laptop: pip install 'tensorrt==8.6.1' (needs NVIDIA's index); "
                 "CPU-only parse/build check: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 
@@ -259,6 +277,123 @@ def int8_matmuls(lib: TrtLibrary, network) -> dict:
 # -- build ----------------------------------------------------------------------------------------
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in str(version).split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def polygraphy_version() -> str | None:
+    """Polygraphy's version when it is importable (pure Python: its trt loaders import `tensorrt` only when called)."""
+    try:
+        import polygraphy
+    except ImportError:
+        return None
+    return str(getattr(polygraphy, "__version__", "0"))
+
+
+def builder_kind(flavor: str, version: str, polygraphy: str | None) -> str:
+    """Which builder a library gets: "polygraphy" (full TensorRT >= 8.6 with Polygraphy >= 0.49), "tensorrt"
+    (the TensorRT API directly: no usable Polygraphy) or "tensorrt-rtx" (the TensorRT-RTX API, always)."""
+    if flavor == "tensorrt-rtx":
+        return "tensorrt-rtx"
+    if flavor != "tensorrt":
+        raise ValueError(f"unknown TensorRT flavour {flavor!r}")
+    if _version_tuple(version)[:2] < MIN_TENSORRT:
+        raise QvlError(f"TensorRT {version} is too old: engine kits need TensorRT >= 8.6", hint=INSTALL_HINT)
+    if polygraphy is not None and _version_tuple(polygraphy)[:2] >= MIN_POLYGRAPHY:
+        return "polygraphy"
+    return "tensorrt"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What one graph's build gets, decided without TensorRT (`build_plan`)."""
+
+    builder: str  # builder_kind()
+    profiles: tuple  # ({"name", "shapes": {input: {"min", "opt", "max"}}}, ...): the kit's, inputs sorted
+    flags: dict  # refit / tf32 / fp16 / int8 -> requested on (applied where the library has the flag)
+    workspace_bytes: int
+    builder_optimization_level: int | None
+    timing_cache: Path | None  # TensorRT only: `<graph>.timing.cache` next to the engine
+    notes: tuple = ()
+
+
+def build_plan(builder: str, settings: dict, profiles: list[dict], target: str, input_names: Iterable[str],
+               engine_path: Path, *, gpu_present: bool = True, graph_file: str = "the graph",
+               label: str | None = None) -> BuildPlan:
+    """The build of one graph from the kit's build settings and profiles (pure: no TensorRT import).
+
+    Rules: FP16 never for sm61 (whatever the settings say); INT8 exactly when the kit says so (Q/DQ graphs);
+    TF32 as the settings say (off in every kit); REFIT except on TensorRT-RTX without a GPU (its CPU-only AOT
+    build fails with it); a timing cache for TensorRT only (RTX ignores it and would need a GPU to create
+    one); every profile must give shapes for every network input (a `QvlError` naming the first gap).
+    `label` (e.g. "TensorRT-RTX 1.7.1") only words the notes."""
+    label = label or ("TensorRT-RTX" if builder == "tensorrt-rtx" else "TensorRT")
+    names = sorted(set(input_names))
+    notes = []
+    plans = []
+    for p in profiles:
+        missing = sorted(set(names) - set(p["shapes"]))
+        if missing:
+            raise QvlError(f"profile {p['name']} of {graph_file} has no shapes for input(s) {', '.join(missing)}",
+                           hint="re-make the kit with this qvl-compile version")
+        plans.append({"name": p["name"], "shapes": {n: {k: [int(d) for d in p["shapes"][n][k]] for k in ("min", "opt", "max")}
+                                                    for n in names}})
+    refit = bool(settings.get("refit"))
+    if refit and builder == "tensorrt-rtx" and not gpu_present:
+        refit = False
+        notes.append(f"REFIT not applied: {label} cannot build refittable engines without a GPU")
+    flags = {
+        "refit": refit,
+        "tf32": bool(settings.get("tf32")),
+        "fp16": bool(settings.get("fp16")) and target != "sm61",
+        "int8": bool(settings.get("int8")),
+    }
+    cache = None
+    if builder == "tensorrt-rtx":
+        notes.append(f"timing cache not used: {label} ignores timing caches (and needs a GPU to create one)")
+    else:
+        cache = Path(engine_path).with_suffix(".timing.cache")
+    level = settings.get("builder_optimization_level")
+    return BuildPlan(builder, tuple(plans), flags, int(settings["workspace_bytes"]),
+                     None if level is None else int(level), cache, tuple(notes))
+
+
+def polygraphy_config_kwargs(plan: BuildPlan, trt) -> dict:
+    """`polygraphy.backend.trt.CreateConfig(**kwargs)` for a plan; `trt` is the module Polygraphy drives (its
+    `MemoryPoolType`, and which precision flags exist). Pure apart from building Polygraphy's `Profile`s."""
+    from polygraphy.backend.trt import Profile
+
+    profiles = []
+    for p in plan.profiles:
+        prof = Profile()
+        for name, s in p["shapes"].items():
+            prof.add(name, min=tuple(s["min"]), opt=tuple(s["opt"]), max=tuple(s["max"]))
+        profiles.append(prof)
+
+    def has(flag: str) -> bool:  # strongly-typed TensorRT-RTX has no FP16 / INT8 / TF32 flags (Polygraphy refuses them)
+        return getattr(trt.BuilderFlag, flag, None) is not None
+
+    kwargs = {
+        "profiles": profiles,
+        "tf32": plan.flags["tf32"] and has("TF32"),
+        "fp16": plan.flags["fp16"] and has("FP16"),
+        "int8": plan.flags["int8"] and has("INT8"),
+        "refittable": plan.flags["refit"],
+        "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes},
+    }
+    if plan.builder_optimization_level is not None:
+        kwargs["builder_optimization_level"] = plan.builder_optimization_level
+    if plan.timing_cache is not None:
+        kwargs["load_timing_cache"] = str(plan.timing_cache)
+    return kwargs
+
+
 def _set_flag(trt, config, name: str, on: bool) -> bool | None:
     """Set/clear a builder flag if this TensorRT has it; returns the state applied or None."""
     flag = getattr(trt.BuilderFlag, name, None)
@@ -268,37 +403,88 @@ def _set_flag(trt, config, name: str, on: bool) -> bool | None:
     return on
 
 
-def configure(lib: TrtLibrary, parsed: ParsedNetwork, settings: dict, profiles: list[dict], target: str,
-              gpu_present: bool = True):
-    """Builder config from the kit's build settings and profiles; returns (config, applied flags, notes)."""
-    trt, builder, network = lib.trt, parsed.builder, parsed.network
-    notes = []
+def _applied_flags(trt, config) -> dict:
+    """refit / tf32 / fp16 / int8 as set on a builder config (None: this library has no such flag)."""
+    out = {}
+    for key, name in (("refit", "REFIT"), ("tf32", "TF32"), ("fp16", "FP16"), ("int8", "INT8")):
+        flag = getattr(trt.BuilderFlag, name, None)
+        out[key] = None if flag is None else bool(config.get_flag(flag))
+    return out
+
+
+def configure(lib: TrtLibrary, builder, plan: BuildPlan):
+    """TensorRT API path: a builder config from the plan; returns (config, applied flags)."""
+    trt = lib.trt
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_bytes"]))
-    if hasattr(config, "builder_optimization_level") and settings.get("builder_optimization_level") is not None:
-        config.builder_optimization_level = int(settings["builder_optimization_level"])
-    refit = bool(settings.get("refit"))
-    if refit and lib.flavor == "tensorrt-rtx" and not gpu_present:
-        refit = False  # RTX's CPU-only AOT build fails with REFIT (its refit path JIT-compiles on a GPU)
-        notes.append(f"REFIT not applied: {lib.label} cannot build refittable engines without a GPU")
-    flags = {
-        "refit": _set_flag(trt, config, "REFIT", refit),
-        "tf32": _set_flag(trt, config, "TF32", bool(settings.get("tf32"))),
-        "fp16": _set_flag(trt, config, "FP16", bool(settings.get("fp16")) and target != "sm61"),
-        "int8": _set_flag(trt, config, "INT8", bool(settings.get("int8"))),
-    }
-    names = {network.get_input(i).name for i in range(network.num_inputs)}
-    for p in profiles:
-        missing = names - set(p["shapes"])
-        if missing:
-            raise QvlError(f"profile {p['name']} of {parsed.path.name} has no shapes for input(s) {', '.join(sorted(missing))}",
-                           hint="re-make the kit with this qvl-compile version")
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    if hasattr(config, "builder_optimization_level") and plan.builder_optimization_level is not None:
+        config.builder_optimization_level = plan.builder_optimization_level
+    flags = {k: _set_flag(trt, config, k.upper(), v) for k, v in plan.flags.items()}
+    for p in plan.profiles:
         prof = builder.create_optimization_profile()
-        for name in sorted(names):
-            s = p["shapes"][name]
+        for name, s in p["shapes"].items():
             prof.set_shape(name, s["min"], s["opt"], s["max"])
         config.add_optimization_profile(prof)
-    return config, flags, notes
+    return config, flags
+
+
+def _quiet_polygraphy():
+    """Polygraphy logs to stdout: keep it off (stdout is the commands' output) unless QVL_TRT_VERBOSE is set."""
+    import contextlib
+    import sys
+
+    from polygraphy.logger import G_LOGGER
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+    stack.enter_context(G_LOGGER.verbosity(G_LOGGER.VERBOSE if os.environ.get("QVL_TRT_VERBOSE") else G_LOGGER.CRITICAL))
+    return stack
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def polygraphy_parse(lib: TrtLibrary, onnx_path: Path):
+    """(builder, network, parser) through `polygraphy.backend.trt.NetworkFromOnnxPath`."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        with _quiet_polygraphy():
+            return NetworkFromOnnxPath(str(onnx_path))()
+    except PolygraphyException as exc:
+        raise QvlError(f"{lib.label}'s ONNX parser (through Polygraphy) rejected {Path(onnx_path).name}: {_first_line(exc)}",
+                       hint="the kit graphs must be standard ONNX within the target's opset") from None
+
+
+def polygraphy_config(lib: TrtLibrary, plan: BuildPlan, builder, network):
+    """`CreateConfig(**polygraphy_config_kwargs(plan))` applied to the parsed network; (config, applied flags)."""
+    from polygraphy.backend.trt import CreateConfig
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        with _quiet_polygraphy():
+            config = CreateConfig(**polygraphy_config_kwargs(plan, lib.trt))(builder, network)
+    except PolygraphyException as exc:
+        raise QvlError(f"Polygraphy could not configure the {lib.label} build: {_first_line(exc)}",
+                       hint="set QVL_TRT_VERBOSE=1 to see Polygraphy's log") from None
+    return config, _applied_flags(lib.trt, config)
+
+
+def polygraphy_build(lib: TrtLibrary, network_tuple, config, plan: BuildPlan, graph: str):
+    """The serialized plan through `EngineBytesFromNetwork` (which also saves the merged timing cache)."""
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy.exception import PolygraphyException
+
+    cache = str(plan.timing_cache) if plan.timing_cache is not None else None
+    try:
+        with _quiet_polygraphy():
+            return EngineBytesFromNetwork(network_tuple, config=config, save_timing_cache=cache)()
+    except PolygraphyException as exc:
+        raise QvlError(f"{lib.label} (through Polygraphy) could not build {graph}: {_first_line(exc)}",
+                       hint="set QVL_TRT_VERBOSE=1 to see Polygraphy's and TensorRT's log") from None
 
 
 def _write_atomic(path: Path, data) -> None:
@@ -311,49 +497,63 @@ def _write_atomic(path: Path, data) -> None:
 
 
 def build_graph(lib: TrtLibrary, onnx_path: Path, graph: str, profiles: list[dict], settings: dict, target: str,
-                engine_path: Path, gpu_present: bool = True) -> dict:
+                engine_path: Path, gpu_present: bool = True, builder: str | None = None) -> dict:
+    """Parse, configure, check and build one graph; `builder` defaults to `builder_kind` for `lib`."""
     trt = lib.trt
+    kind = builder or builder_kind(lib.flavor, lib.version, polygraphy_version())
     t0 = time.perf_counter()
-    parsed = parse_onnx(lib, onnx_path)
-    parse_s = time.perf_counter() - t0
-    config, flags, notes = configure(lib, parsed, settings, profiles, target, gpu_present)
-    fp16 = check_no_fp16(lib, parsed.network, config, graph) if target == "sm61" else None
-    int8 = int8_matmuls(lib, parsed.network)
-    cache_path = engine_path.with_suffix(".timing.cache")
-    if lib.flavor == "tensorrt":  # RTX ignores timing caches (and would need a GPU to make one)
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    if kind == "polygraphy":
+        network_tuple = polygraphy_parse(lib, onnx_path)
+        trt_builder, network = network_tuple[0], network_tuple[1]
+        logger = None
     else:
-        notes.append(f"timing cache not used: {lib.label} ignores timing caches (and needs a GPU to create one)")
+        parsed = parse_onnx(lib, onnx_path)
+        trt_builder, network, logger = parsed.builder, parsed.network, parsed.logger
+    parse_s = time.perf_counter() - t0
+    plan = build_plan(kind, settings, profiles, target, (network.get_input(i).name for i in range(network.num_inputs)),
+                      engine_path, gpu_present=gpu_present, graph_file=Path(onnx_path).name, label=lib.label)
+    notes = list(plan.notes)
+    if kind == "polygraphy":
+        config, flags = polygraphy_config(lib, plan, trt_builder, network)
+        notes.append(f"built through Polygraphy {polygraphy_version()} (NetworkFromOnnxPath, CreateConfig, EngineBytesFromNetwork)")
+    else:
+        config, flags = configure(lib, trt_builder, plan)
+    fp16 = check_no_fp16(lib, network, config, graph) if target == "sm61" else None
+    int8 = int8_matmuls(lib, network)
+    if kind == "tensorrt":  # the API path's timing cache (Polygraphy's CreateConfig loads it itself)
+        blob = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
     t1 = time.perf_counter()
-    plan = parsed.builder.build_serialized_network(parsed.network, config)
+    if kind == "polygraphy":
+        serialized = polygraphy_build(lib, network_tuple, config, plan, graph)
+    else:
+        serialized = trt_builder.build_serialized_network(network, config)
     build_s = time.perf_counter() - t1
-    if plan is None:
-        errs = parsed.logger.errors()
+    if serialized is None:
+        errs = logger.errors() if logger is not None else []
         raise QvlError(f"{lib.label} could not build {graph}: {errs[-1] if errs else 'unknown error'}",
                        hint="set QVL_TRT_VERBOSE=1 to see TensorRT's log")
-    data = memoryview(plan)
-    _write_atomic(engine_path, data)
-    if lib.flavor == "tensorrt":
-        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+    _write_atomic(engine_path, memoryview(serialized))
+    if kind == "tensorrt":  # (EngineBytesFromNetwork has saved Polygraphy's, merged with the previous one)
+        _write_atomic(plan.timing_cache, memoryview(config.get_timing_cache().serialize()))
     return {
         "file": engine_path.name,
         "bytes": engine_path.stat().st_size,
         "sha256": mf.sha256_file(engine_path),
-        "layers": parsed.network.num_layers,
+        "layers": network.num_layers,
         "profiles": [p["name"] for p in profiles],
+        "builder": kind,
         "flags": flags,
-        "timing_cache": cache_path.name if lib.flavor == "tensorrt" else None,
+        "timing_cache": plan.timing_cache.name if plan.timing_cache is not None else None,
         "notes": notes,
         "fp16_check": fp16,
         "int8_check": int8,
         "parse_seconds": round(parse_s, 3),
         "build_seconds": round(build_s, 3),
-        "network_inputs": {parsed.network.get_input(i).name: parsed.network.get_input(i).dtype.name
-                           for i in range(parsed.network.num_inputs)},
+        "network_inputs": {network.get_input(i).name: network.get_input(i).dtype.name
+                           for i in range(network.num_inputs)},
         "strongly_typed": bool(getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None) is not None
-                               and parsed.network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
+                               and network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
     }
 
 
@@ -399,17 +599,21 @@ def build_engines(kit_dir: Path, out: Path | None = None, *, allow_target_mismat
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = BuildReport(out, lib.label, target, mismatch)
+    kind = builder_kind(lib.flavor, lib.version, polygraphy_version())
+    via = f" through Polygraphy {polygraphy_version()}" if kind == "polygraphy" else ""
     names = graphs or tuple(kit.graphs)
     for name in names:
         if name not in kit.graphs:
             raise QvlError(f"the kit has no graph {name!r}", hint=f"graphs: {', '.join(kit.graphs)}")
         g = kit.graphs[name]
-        step(f"building {name} with {lib.label}")
+        step(f"building {name} with {lib.label}{via}")
         report.engines[name] = build_graph(lib, manifest.path(g.file), name, list(g.profiles), kit.build.to_json(), target,
-                                           out / f"{name}.engine", gpu_present=cc is not None or lib.flavor == "tensorrt")
+                                           out / f"{name}.engine", gpu_present=cc is not None or lib.flavor == "tensorrt",
+                                           builder=kind)
     report.seconds = time.perf_counter() - t0
     record = {
         "library": {"flavor": lib.flavor, "version": lib.version},
+        "builder": {"kind": kind, "polygraphy": polygraphy_version() if kind == "polygraphy" else None},
         "target": target,
         "target_mismatch": mismatch,
         "device_compute_capability": list(cc) if cc else None,

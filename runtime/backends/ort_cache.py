@@ -1,0 +1,251 @@
+"""KV caches of the ONNX Runtime runner, and how one decoder step is bound to them (I/O binding).
+
+Three decoder layouts (the manifest's `decoder.kv_mode`):
+
+* `concat` (the plain export): `present = concat(past, new)`; each step's presents become the next step's
+  pasts. On the CPU these are numpy arrays; on CUDA device OrtValues that never leave the device.
+* `shared` (GroupQueryAttention): one `[batch, kv_heads, capacity, head_dim]` buffer per layer and K/V, bound
+  as both past and present; the op writes the new positions in place. `attention_mask` is `[batch, total]`.
+* `scatter` (TensorScatter + ONNX Attention, the fp32 CUDA form): the same in-place buffers, but
+  `attention_mask` is `[batch, capacity]` (ones for the held positions, zeros for the free tail), so a decode
+  step's inputs always have the same shapes: on CUDA the decode step's inputs and outputs are preallocated
+  device OrtValues updated in place, which is what CUDA graph replay needs.
+
+On CUDA a one-token step of either in-place layout runs on preallocated device I/O with the mask as wide as the
+cache (for `shared`, GroupQueryAttention then reads the held length from the mask's sum and the capacity as its
+total sequence length, as onnxruntime-genai binds it for graph capture), so both layouts replay CUDA graphs.
+Prefill chunks (and the CPU) use the variable-width mask described above.
+
+On CUDA nothing but the new positions' embeddings, their position ids and the mask crosses PCIe per step
+(kilobytes); logits stay on the device unless asked for, and greedy decoding reads only the graph's
+`next_token` (an on-device ArgMax, added at compile time for CUDA targets) back: 8 bytes per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from qvl.errors import QvlError
+
+NEXT_TOKEN = "next_token"
+
+
+@dataclass
+class KVCache:
+    """Decoder state of one sequence: cached keys/values and how many positions they hold."""
+
+    length: int = 0
+    tensors: list = field(default_factory=list)  # concat: arrays / OrtValues; shared, scatter: OrtValues
+    capacity: int = 0
+    buffers: list = field(default_factory=list)  # host arrays behind CPU OrtValues (kept alive)
+    decode: "DecodeBuffers | None" = None  # CUDA scatter: the fixed decode-step I/O
+    graph_id: int = -1  # CUDA graph captured for this cache's buffers (-1: none)
+    batch: int = 1
+
+
+@dataclass
+class DecodeBuffers:
+    """Device OrtValues for a one-token step of a fixed-capacity cache, allocated once per cache."""
+
+    inputs: dict  # name -> OrtValue (inputs_embeds, position_ids, attention_mask, deepstack_embeds)
+    logits: ort.OrtValue
+    next_token: ort.OrtValue | None
+
+
+def ortvalue(arr: np.ndarray, device: str) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), device, 0)
+
+
+class CacheBinder:
+    """Allocates caches for one decoder session and binds a step to them (see the module docstring)."""
+
+    def __init__(self, session: ort.InferenceSession, engine, device: str):
+        self._engine = engine
+        self.device = device  # "cpu" | "cuda"
+        self.mode = engine.kv_mode
+        self.layers = engine.num_layers
+        self.kv_heads, self.head_dim = engine.num_kv_heads, engine.head_dim
+        self.hidden, self.num_deepstack = engine.hidden_size, engine.num_deepstack
+        self.context_length = engine.context_length
+        types = {i.name: i.type for i in session.get_inputs()}
+        self.kv_dtype = np.float16 if types.get("past_key_0") == "tensor(float16)" else np.float32
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.has_next_token = NEXT_TOKEN in self.outputs
+        self.vocab = engine.vocab_size
+        self.cuda_graph = False  # set by the engine when the session was created with graph capture
+        self._pool: list[KVCache] = []  # freed device caches, reused (their buffers and captured graph) as-is
+        self._graph_ids = 0
+        self._options: dict[int, ort.RunOptions] = {}
+        # One-token steps: seconds inside ORT's Run (launches + device work + sync) and in the whole step call
+        # (plus input updates and the read-back); the bench reports host time per step from these.
+        self.decode_timing = {"steps": 0, "run_s": 0.0, "step_s": 0.0}
+
+    @property
+    def session(self):
+        # Read through the engine: calibration (toolchain/quant/calibration.py) swaps `engine.decoder` for a
+        # session wrapper that taps activations, and every step must go through whatever is there now.
+        return self._engine.decoder
+
+    # -- caches ----------------------------------------------------------------------------------
+
+    def capacity_for(self, capacity: int) -> int:
+        cap = min(self.context_length, int(capacity))
+        if self.mode != "concat" and self.device == "cuda":
+            # Rounded up so consecutive requests of similar length reuse one buffer set and its CUDA graph.
+            cap = min(self.context_length, -(-cap // 64) * 64)
+        return cap
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        if self.mode == "concat":
+            shape = (batch, self.kv_heads, 0, self.head_dim)
+            empty = np.zeros(shape, dtype=self.kv_dtype)
+            tensors = [empty if self.device == "cpu" else ortvalue(empty, self.device) for _ in range(2 * self.layers)]
+            return KVCache(0, tensors, 0, batch=batch)
+        cap = self.capacity_for(capacity)
+        for i, cached in enumerate(self._pool):
+            if cached.capacity >= cap and cached.batch == batch:
+                self._pool.pop(i)
+                cached.length = 0
+                return cached
+        shape = (batch, self.kv_heads, cap, self.head_dim)
+        # Zero-filled once: positions past the held length are masked out, but 0 * NaN would still be NaN.
+        arrays = [np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * self.layers)]
+        values = [ortvalue(a, self.device) for a in arrays]
+        cache = KVCache(0, values, cap, arrays if self.device == "cpu" else [], batch=batch)
+        if self.device == "cuda":
+            cache.buffers = []  # the device copies are the cache; the host zeros can go
+            cache.decode = self._decode_buffers(cap, batch)
+        return cache
+
+    def _decode_buffers(self, cap: int, batch: int) -> DecodeBuffers:
+        d = self.device
+        inputs = {
+            "inputs_embeds": ortvalue(np.zeros((batch, 1, self.hidden), np.float32), d),
+            "position_ids": ortvalue(np.zeros((3, batch, 1), np.int64), d),
+            "attention_mask": ortvalue(np.zeros((batch, cap), np.int64), d),
+            "deepstack_embeds": ortvalue(np.zeros((self.num_deepstack, batch, 1, self.hidden), np.float32), d),
+        }
+        logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab), np.float32, d, 0)
+        token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, d, 0) if self.has_next_token else None
+        return DecodeBuffers(inputs, logits, token)
+
+    def free(self, cache: KVCache) -> None:
+        if self.device == "cuda" and self.mode != "concat" and cache.capacity and not self._pool:
+            self._pool.append(KVCache(0, cache.tensors, cache.capacity, [], cache.decode, cache.graph_id, cache.batch))
+        cache.tensors, cache.buffers, cache.decode = [], [], None
+        cache.length = cache.capacity = 0
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def mask(self, cache: KVCache, bsz: int, total: int, seq: int) -> np.ndarray:
+        if self.mode == "scatter" or (cache.decode is not None and seq == 1):
+            m = np.zeros((bsz, cache.capacity), dtype=np.int64)
+            m[:, :total] = 1
+            return m
+        return np.ones((bsz, total), dtype=np.int64)
+
+    def run(self, cache: KVCache, feeds: dict, want: str) -> np.ndarray:
+        """Run one step with `feeds` (host arrays); return the last position's logits [B, V] (fp32) when
+        `want` is "logits", its argmax ids [B] (int64) when "token"."""
+        seq = feeds["inputs_embeds"].shape[1]
+        total = cache.length + seq
+        if self.mode != "concat" and total > cache.capacity:
+            raise QvlError(f"sequence of {total} tokens exceeds the preallocated cache of {cache.capacity}")
+        if self.device == "cpu" and self.mode == "concat":
+            return self._run_concat_host(cache, feeds, want)
+        if cache.decode is not None and seq == 1:
+            out = self._run_decode(cache, feeds, want)
+        else:
+            out = self._run_bound(cache, feeds, want)
+        cache.length = total
+        return out
+
+    def _run_concat_host(self, cache: KVCache, feeds: dict, want: str) -> np.ndarray:
+        for i in range(self.layers):
+            feeds[f"past_key_{i}"] = cache.tensors[2 * i]
+            feeds[f"past_value_{i}"] = cache.tensors[2 * i + 1]
+        names = [n for n in self.outputs if n != NEXT_TOKEN]
+        outs = dict(zip(names, self.session.run(names, feeds)))
+        cache.tensors = [outs[f"present_{kind}_{i}"] for i in range(self.layers) for kind in ("key", "value")]
+        cache.length += feeds["inputs_embeds"].shape[1]
+        logits = outs["logits"][:, -1, :]
+        return logits if want == "logits" else np.argmax(logits, axis=-1)
+
+    def _bind_cache(self, io, cache: KVCache) -> None:
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                buf = cache.tensors[2 * i + j]
+                io.bind_ortvalue_input(f"past_{kind}_{i}", buf)
+                if self.mode == "concat":
+                    io.bind_output(f"present_{kind}_{i}", self.device)
+                else:
+                    io.bind_ortvalue_output(f"present_{kind}_{i}", buf)
+
+    def _run_bound(self, cache: KVCache, feeds: dict, want: str) -> np.ndarray:
+        """A step of any length with ORT allocating the outputs (prefill; CPU in-place modes; CUDA concat)."""
+        io = self.session.io_binding()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        io.bind_output("logits", self.device if want == "token" and self.has_next_token else "cpu")
+        if self.has_next_token:
+            io.bind_output(NEXT_TOKEN, "cpu")
+        self._bind_cache(io, cache)
+        self.session.run_with_iobinding(io, self._run_options(-1))
+        outs = dict(zip(self.outputs_bound(), io.get_outputs()))
+        if self.mode == "concat":
+            cache.tensors = [outs[f"present_{kind}_{i}"] for i in range(self.layers) for kind in ("key", "value")]
+        if want == "token":
+            if self.has_next_token:
+                return outs[NEXT_TOKEN].numpy()
+            return np.argmax(outs["logits"].numpy()[:, -1, :], axis=-1)
+        return outs["logits"].numpy()[:, -1, :].astype(np.float32, copy=False)
+
+    def outputs_bound(self) -> list[str]:
+        """Output names in the order `_run_bound` binds them (io.get_outputs() follows binding order)."""
+        head = ["logits"] + ([NEXT_TOKEN] if self.has_next_token else [])
+        return head + [f"present_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
+
+    def _run_decode(self, cache: KVCache, feeds: dict, want: str) -> np.ndarray:
+        """A one-token CUDA step into the cache's preallocated device buffers (replayed as a CUDA graph when the
+        session captures graphs: same buffers, same shapes, every step)."""
+        t0 = time.perf_counter()
+        dec = cache.decode
+        for name, value in dec.inputs.items():
+            value.update_inplace(np.ascontiguousarray(feeds[name]))
+        io = self.session.io_binding()
+        for name, value in dec.inputs.items():
+            io.bind_ortvalue_input(name, value)
+        io.bind_ortvalue_output("logits", dec.logits)
+        if dec.next_token is not None:
+            io.bind_ortvalue_output(NEXT_TOKEN, dec.next_token)
+        self._bind_cache(io, cache)
+        if self.cuda_graph and cache.graph_id < 0:
+            self._graph_ids += 1
+            cache.graph_id = self._graph_ids
+        t_run = time.perf_counter()
+        self.session.run_with_iobinding(io, self._run_options(cache.graph_id if self.cuda_graph else -1))
+        t_ran = time.perf_counter()
+        if want == "token":
+            out = dec.next_token.numpy() if dec.next_token is not None else np.argmax(dec.logits.numpy()[:, -1, :], axis=-1)
+        else:
+            out = dec.logits.numpy()[:, -1, :]
+        timing = self.decode_timing
+        timing["steps"] += 1
+        timing["run_s"] += t_ran - t_run
+        timing["step_s"] += time.perf_counter() - t0
+        return out
+
+    def _run_options(self, graph_id: int) -> ort.RunOptions | None:
+        if not self.cuda_graph:
+            return None
+        if graph_id not in self._options:
+            ro = ort.RunOptions()
+            # -1: run without capturing (prefill, odd shapes); n: capture once, then replay graph n.
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._options[graph_id] = ro
+        return self._options[graph_id]
