@@ -203,9 +203,9 @@ def compile_cmd(
                         step=lambda m: status.update(m), weights=weights, budget=budget, threads=threads)
         return
 
-    from qvl.toolchain.compile.pipelines import has_stage
+    from qvl.toolchain.compile.pipeline import post_stages
 
-    if weights != "fp32" or sparsity is not None or has_stage(target, "activations"):
+    if weights != "fp32" or sparsity is not None or post_stages(get_target(target)):
         from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
 
         budget = None if no_budget else AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)

@@ -159,7 +159,7 @@ def check_schema(m) -> None:
     kit = _section(m, "kit", optional=True)
     if kit is not None:
         _check_kit(kit, graphs)
-    for key in ("precision", "sparsity", "activations"):
+    for key in ("precision", "sparsity", "activations", "packing"):
         _section(m, key, optional=True)
     _need(isinstance(m.get("target", ""), str) and isinstance(m.get("created", ""), str), "target/created is not a string")
     _need(isinstance(m.get("steps", []), list) and all(isinstance(s, dict) for s in m.get("steps", [])),

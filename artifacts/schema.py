@@ -359,6 +359,7 @@ class Manifest(_Json):
     precision: Mapping | None = None
     sparsity: Mapping | None = None
     activations: Mapping | None = None  # the fp16-activation step's report (`cuda` target)
+    packing: Mapping | None = None  # the sibling-linear merge's report
     tool_versions: Mapping | None = None
     steps: tuple | None = None
     artifact_dir: Path | None = field(default=None, compare=False, metadata={"key": None})

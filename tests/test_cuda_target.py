@@ -128,6 +128,18 @@ def test_cuda_sm61_artifact_passes_parity_on_the_cpu_provider(sm61_cuda_artifact
     assert "PASSED" in proc.stdout + proc.stderr
 
 
+def test_cuda_int4_artifact_merges_sibling_linears_after_quantizing(sm61_cuda_int4):
+    manifest = json.loads((sm61_cuda_int4 / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["steps"]][-2:] == ["precision", "packing"]
+    layers = manifest["model"]["num_layers"]
+    assert manifest["packing"]["graphs"]["decoder"]["counts"]["matmulnbits_groups"] == 2 * layers  # qkv, gate/up
+    assert manifest["precision"]["config"]["accuracy_level"] == 0  # what ORT's CUDA kernel computes
+    dec = onnx.load(str(sm61_cuda_int4 / manifest["graphs"]["decoder"]["file"]), load_external_data=False)
+    ops = [n.op_type for n in dec.graph.node]
+    assert ops.count("MatMulNBits") == 4 * layers + 1  # qkv, o, gate_up, down per layer + the tied lm_head
+    assert ops.count("Split") == 2 * layers and "MatMul" not in ops
+
+
 def test_scatter_engine_greedy_step_equals_step_argmax_and_reuses_nothing_on_cpu(sm61_cuda_int4):
     from qvl.runtime.backends.ort import Engine
     from qvl.runtime.mrope import decode_position_ids

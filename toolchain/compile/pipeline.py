@@ -169,7 +169,9 @@ def compile_with_precision(
     eager) and rolled back per layer when over it. Returns {"sparsity": record, "precision": record}."""
     target = get_target(target_name)
     final_out = Path(out)
-    fp16 = has_stage(target, "activations")  # then everything below writes an intermediate, converted at the end
+    # Exact stages after the weight steps (`packing`: sibling linears merged; `activations`: fp16 compute): when the
+    # target has any, everything below writes an intermediate and the last of them writes --out.
+    post = post_stages(target)
     bits = {"fp32": None, "int8": 8, "int4": 4}
     if weights not in bits:
         raise QvlError(f"unknown --weights {weights!r}", hint="fp32 | int8 | int4")
@@ -179,15 +181,15 @@ def compile_with_precision(
                        hint="use --weights fp32, or the TensorRT kit's INT8 path for sm61")
     if sparsity is not None and not 0.0 < sparsity < 1.0:
         raise QvlError(f"--sparsity must be a fraction in (0, 1), got {sparsity}")
-    if nbits is None and sparsity is None and not fp16:
+    if nbits is None and sparsity is None and not post:
         compile_artifact(source, target_name, out, overwrite=overwrite, step=step)
         return {}
     records: dict = {}
     # Up front, and the lock held throughout: the budgeted paths write --out only at their very end.
     with output_lock(Path(out)), scratch_dir("qvl-fp32-") as tmp:
         check_output_target(Path(out), overwrite, sources=(source,))
-        if fp16:
-            out = Path(tmp) / "before-fp16"  # the weight steps write here; apply_activations writes --out
+        if post:
+            out = Path(tmp) / "before-post"  # the weight steps write here; the post stages write --out
         w = source_weight_bytes(Path(source))
         ckpt = not (Path(source) / mf.MANIFEST).is_file()
         # fp32 intermediate + (if a checkpoint) its export + candidates of the budget search, all in TMPDIR
@@ -221,10 +223,32 @@ def compile_with_precision(
             else:
                 res = apply_with_budget(current, out, config, budget, target, threads=threads, overwrite=overwrite, progress=step)
                 records["precision"] = res.to_manifest(budget)
-        if fp16:
-            (step or (lambda m: None))("float16 activations")
-            records["activations"] = apply_activations(out, final_out, target, overwrite=overwrite)
+        for i, stage in enumerate(post):
+            dest = final_out if i == len(post) - 1 else Path(tmp) / f"after-{stage}"
+            (step or (lambda m: None))(POST_STAGE_STEPS[stage])
+            records[stage] = POST_STAGE_FNS[stage](out, dest, target, overwrite=overwrite)
+            out = dest
     return records
+
+
+POST_STAGE_STEPS = {"packing": "merging sibling linears", "activations": "float16 activations"}
+
+
+def post_stages(target) -> list[str]:
+    """The target's exact stages that run after the weight steps, in pipeline order."""
+    return [s for s in ("packing", "activations") if has_stage(target, s)]
+
+
+def apply_packing(src: Path, out: Path, target, overwrite: bool = False) -> dict:
+    """Write `out`: artifact `src` with the target's `packing` stage (sibling linears -> one wider linear + Split);
+    returns the manifest's `packing` record."""
+
+    def record(reports: dict) -> dict:
+        return {"graphs": {name: {"counts": r.counts, "skipped": [s.reason for s in r.skipped][:20]}
+                           for name, r in reports.items()}}
+
+    return derive_artifact(src, out, target, "packing", PipelineOptions(), "packing", record, overwrite,
+                           updates={"target": target.name})
 
 
 def apply_activations(src: Path, out: Path, target, overwrite: bool = False) -> dict:
@@ -240,3 +264,6 @@ def apply_activations(src: Path, out: Path, target, overwrite: bool = False) -> 
 
     return derive_artifact(src, out, target, "activations", PipelineOptions(), "activations", record, overwrite,
                            updates={"target": target.name})
+
+
+POST_STAGE_FNS = {"packing": apply_packing, "activations": apply_activations}

@@ -9,6 +9,7 @@ because artifacts are written in between (the approximate stages are measured ag
 | `lowering` | `toolchain/tensorrt/kit.py: make_engine_kit`                  | always                            |
 | `sparsity` | `toolchain/quant/sparsity_budget.py: sparsify_artifact`       | only with a `SparsityConfig`      |
 | `weights`  | `toolchain/quant/accuracy_budget.py: quantize_artifact` (ORT: MatMulNBits) / `toolchain/tensorrt/int8_kit.py: write_qdq_kit` (TensorRT: Q/DQ) | only with that pass's config |
+| `packing`  | `toolchain/compile/pipeline.py: apply_packing` (after `weights`)                 | CUDA targets (CPU: issue #16 measures it first) |
 | `activations` | `toolchain/compile/pipeline.py: apply_activations` (after `weights`: the quantizer reads fp32 weights) | targets that compute in fp16 (`cuda`) |
 
 `pipeline_for(target, graph, ...)` builds the pass instances for one artifact graph ("vision" / "decoder")
@@ -28,6 +29,7 @@ from qvl.passes.attention_fusion import AttentionFusionPass
 from qvl.passes.base import GraphPass, PassReport, TargetCapabilities
 from qvl.passes.device_argmax import DeviceArgmaxPass
 from qvl.passes.float16_activations import Float16ActivationsPass
+from qvl.passes.linear_fusion import SiblingLinearFusionPass
 from qvl.passes.norm_fusion import NormFusionPass
 from qvl.passes.opset_lowering import OpsetLoweringPass
 from qvl.passes.precision import PrecisionConfig, PrecisionPass
@@ -37,7 +39,7 @@ from qvl.passes.sparsity import MlpChannelSparsityPass, SparsityConfig
 from qvl.passes.vision_attention_fusion import VisionAttentionFusionPass
 from qvl.toolchain.compile.targets import get_target
 
-STAGES = ("fusion", "lowering", "sparsity", "weights", "activations")
+STAGES = ("fusion", "lowering", "sparsity", "weights", "packing", "activations")
 
 _FUSIONS = (
     ("fusion", AttentionFusionPass),
@@ -56,8 +58,11 @@ TRT_PIPELINE = (*_FUSIONS, ("lowering", OpsetLoweringPass), ("weights", QdqInt8P
 # ONNX Runtime CUDA: the same fusions (attention_fusion emits the target's KV form: TensorScatter + Attention in
 # fp32 for Pascal, fp16 GroupQueryAttention for SM 7.5+) and weight-only MatMulNBits (fp32 and fp16 CUDA kernels).
 # `device_argmax` adds the decoder's `next_token` output so greedy decoding reads 8 bytes back per token.
+# `packing` merges q/k/v and gate/up into one linear each (exact): at batch 1 every GEMV is a kernel that costs
+# 7-16 us on a GPU whatever its size (benchmarks/matmulnbits-cuda-speed-h200.txt); it runs after the weight
+# steps, which measure and roll back per original layer.
 CUDA_SM61_PIPELINE = (*_FUSIONS, ("fusion", DeviceArgmaxPass), ("sparsity", MlpChannelSparsityPass),
-                      ("weights", PrecisionPass))
+                      ("weights", PrecisionPass), ("packing", SiblingLinearFusionPass))
 # SM 7.5+: the same, then every activation (and the KV cache) in fp16 -- GroupQueryAttention's CUDA kernel.
 CUDA_PIPELINE = (*CUDA_SM61_PIPELINE, ("activations", Float16ActivationsPass))
 
