@@ -14,7 +14,9 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 SHAPES = {"q/o 2048x2048": (2048, 2048), "k/v 2048x1024": (2048, 1024), "gate/up 2048x6144": (2048, 6144),
-          "down 6144x2048": (6144, 2048), "lm_head 2048x151936": (2048, 151936)}
+          "down 6144x2048": (6144, 2048), "lm_head 2048x151936": (2048, 151936),
+          # after the packing stage (passes/linear_fusion.py): q/k/v and gate/up as one linear each
+          "qkv fused 2048x4096": (2048, 4096), "gate_up fused 2048x12288": (2048, 12288)}
 
 
 def graph(K, N, R, dtype, block=128):
