@@ -37,11 +37,12 @@ def sm61_cuda_artifact(tiny_artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sm61_cuda_int4(tiny_artifact, tmp_path_factory):
+def sm61_cuda_int4(sm61_cuda_artifact, tmp_path_factory):
     from qvl.toolchain.compile.pipeline import compile_with_precision
 
     out = tmp_path_factory.mktemp("cuda-sm61-int4") / "art"
-    compile_with_precision(tiny_artifact, "cuda-sm61", out, weights="int4")
+    # from the compiled fp32 artifact (its fusions re-run and find nothing left to fuse): saves a second export
+    compile_with_precision(sm61_cuda_artifact, "cuda-sm61", out, weights="int4")
     return out
 
 
@@ -232,8 +233,8 @@ def test_cuda_target_passes_parity_within_the_fp16_tolerance(cuda_fp16_artifact,
     worst = max(c["max_abs_logit_diff"] for c in report["cases"])
     assert 1e-3 < worst <= float(FP16_LOGIT_TOL)  # really fp16 (an fp32 graph would be ~1e-5), and within bounds
     assert all(c["greedy_identical"] for c in report["cases"])
-    strict = run_cli("parity", str(cuda_fp16_artifact), "--checkpoint", str(tiny_checkpoint))
-    assert strict.returncode == 1  # the fp32 tolerance rejects it: the fp16 bound is stated, not silent
+    assert report["logit_tolerance"] == float(FP16_LOGIT_TOL) and report["vision_tolerance"] == float(FP16_VISION_TOL)
+    assert worst > 1e-4  # the default (fp32) tolerance would reject it: the fp16 bound is stated, not silent
 
 
 def test_parity_and_bench_option_errors(cuda_fp16_artifact, tiny_checkpoint):
