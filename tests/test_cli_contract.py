@@ -18,8 +18,19 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, run_cli
+from fs_helpers import EarlyRuns, finish
 
 ENTRY = [sys.executable, "-c", "from qvl.cli import main; main()"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early(tiny_artifact, tiny_checkpoint_seed1, tmp_path_factory):
+    """The parity run (~10 s) starts with the module's first test and overlaps the quick ones
+    (fs_helpers.EarlyRuns); test_parity_failed_exits_1 takes it."""
+    runs = EarlyRuns(tmp_path_factory.mktemp("early-cli-contract"))
+    runs.add("parity", "parity", str(tiny_artifact), "--checkpoint", str(tiny_checkpoint_seed1), "--steps", "2")
+    yield runs
+    runs.close()
 
 
 def _run_bytes(*args: bytes, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -152,11 +163,9 @@ def test_extreme_aspect_ratio_image_is_one_line_error(tiny_artifact, tmp_path):
 # -- 1: a failed check exits 1 -------------------------------------------------------------------------
 
 
-def test_parity_failed_exits_1(tiny_artifact, tmp_path):
-    other = tmp_path / "other-ckpt"
-    made = run_cli("make-checkpoint", "--preset", "tiny", "--seed", "1", "--out", str(other))
-    assert made.returncode == 0, made.stderr
-    proc = run_cli("parity", str(tiny_artifact), "--checkpoint", str(other), "--steps", "2")
+def test_parity_failed_exits_1(early):
+    # `parity ART --checkpoint OTHER --steps 2`, OTHER a different checkpoint (tiny, seed 1): started by `early`
+    proc = finish(early.take("parity"))
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert "FAILED" in proc.stdout
     assert "Traceback" not in proc.stderr

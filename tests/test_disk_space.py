@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from fs_helpers import resume, scratch, siblings, start_cli, wait_stopped
+from fs_helpers import EarlyRuns, resume, run_cli_concurrently, scratch, siblings, wait_stopped
+
+
+def _mount(d: Path, size: str) -> str | None:
+    """Mount a `size` tmpfs at `d` (created); None, or why it cannot be done here."""
+    d.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): see the module docstring"
+    return None
 
 
 @pytest.fixture
@@ -27,16 +36,50 @@ def small_fs(tmp_path):
 
     def mount(size: str) -> Path:
         d = tmp_path / f"fs{len(mounted)}"
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): see the module docstring")
+        why = _mount(d, size)
+        if why:
+            pytest.skip(why)
         mounted.append(d)
         return d
 
     yield mount
     for d in mounted:
         subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+PAUSE_AT = {"QVL_FAULT_SIGNAL": "SIGSTOP"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early(tiny_checkpoint, tmp_path_factory):
+    """The two mid-write cases export the checkpoint up to a pause point (~20 s each): their runs start with the
+    module's first test, one at a time, and pause themselves there (fs_helpers.EarlyRuns); the test named in the
+    comment takes its run, fills the file system and resumes it. Each has its own 400 MB tmpfs (mounted here:
+    passes the up-front check, weights + 256 MB margin; then filled behind the run's back)."""
+    runs = EarlyRuns(tmp_path_factory.mktemp("early-disk-space"), lanes=1)
+    runs.skip = {}
+    mounted = []
+    for key in ("out-fills", "tmpdir-fills"):
+        fs = runs.dir(key) / "fs"
+        runs.skip[key] = _mount(fs, "400m")
+        if runs.skip[key] is None:
+            mounted.append(fs)
+    if runs.skip["out-fills"] is None:  # test_out_fills_mid_write
+        runs.add("out-fills", "export", str(tiny_checkpoint), "--out", str(runs.dir("out-fills") / "fs" / "art"),
+                 env={**PAUSE_AT, "QVL_FAULT_AT": "weights:write"})
+    if runs.skip["tmpdir-fills"] is None:  # test_tmpdir_fills_mid_export
+        runs.add("tmpdir-fills", "compile", str(tiny_checkpoint), "--out", str(runs.dir("tmpdir-fills") / "art"),
+                 env={**PAUSE_AT, "QVL_FAULT_AT": "export:traced", "TMPDIR": str(runs.dir("tmpdir-fills") / "fs")})
+    yield runs
+    runs.close()
+    for fs in mounted:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def _take(early, key: str):
+    if early.skip[key]:
+        pytest.skip(early.skip[key])
+    return early.dir(key) / "fs", early.take(key)
 
 
 def _fill(fs: Path, leave: int = 256 << 10) -> None:
@@ -68,11 +111,9 @@ def test_small_tmpdir_is_blamed_not_out(small_fs, tiny_checkpoint, tmp_path):
     assert _contents(fs) == [] and not out.exists() and siblings(out) == []
 
 
-def test_out_fills_mid_write(small_fs, tiny_checkpoint):
-    fs = small_fs("400m")  # passes the up-front check (weights + 256 MB margin); then filled behind its back
-    out = fs / "art"
-    proc = start_cli("export", str(tiny_checkpoint), "--out", str(out),
-                     env={"QVL_FAULT_AT": "weights:write", "QVL_FAULT_SIGNAL": "SIGSTOP"})
+def test_out_fills_mid_write(early):
+    # `export CKPT --out FS/art` paused at weights:write, FS a 400 MB tmpfs: started by `early`
+    fs, proc = _take(early, "out-fills")
     wait_stopped(proc)  # vision graph's weights are in the store, the decoder's are next
     _fill(fs)
     res = resume(proc)
@@ -80,11 +121,10 @@ def test_out_fills_mid_write(small_fs, tiny_checkpoint):
     assert _contents(fs) == []
 
 
-def test_tmpdir_fills_mid_export(small_fs, tiny_checkpoint, tmp_path):
-    fs = small_fs("400m")
-    out = tmp_path / "art"
-    proc = start_cli("compile", str(tiny_checkpoint), "--out", str(out),
-                     env={"TMPDIR": str(fs), "QVL_FAULT_AT": "export:traced", "QVL_FAULT_SIGNAL": "SIGSTOP"})
+def test_tmpdir_fills_mid_export(early):
+    # `TMPDIR=FS compile CKPT --out OUT` paused at export:traced, FS a 400 MB tmpfs: started by `early`
+    fs, proc = _take(early, "tmpdir-fills")
+    out = early.dir("tmpdir-fills") / "art"
     wait_stopped(proc)  # the export into $TMPDIR has traced the vision tower and will write its weights next
     _fill(fs)
     res = resume(proc)
@@ -101,17 +141,20 @@ def test_unwritable_out_is_one_line_error(tmp_path, tiny_checkpoint):
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or r.returncode})")
+    afile = tmp_path / "afile"
+    afile.write_text("user data")
     try:
-        for out in (ro / "art", ro / "sub" / "art"):
-            res = run_cli("export", str(tiny_checkpoint), "--out", str(out))
+        # four independent refusals (different places, nothing shared): run side by side
+        *ro_results, in_file, in_proc = run_cli_concurrently(
+            *(("export", str(tiny_checkpoint), "--out", str(out)) for out in (ro / "art", ro / "sub" / "art")),
+            ("make-checkpoint", "--preset", "tiny", "--out", str(afile / "x" / "ck")),
+            ("export", str(tiny_checkpoint), "--out", "/proc/qvl-art"),
+        )
+        for res in ro_results:
             assert_one_line_error(res, "Read-only file system", str(ro))
         assert list(ro.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
-    afile = tmp_path / "afile"
-    afile.write_text("user data")
-    res = run_cli("make-checkpoint", "--preset", "tiny", "--out", str(afile / "x" / "ck"))
-    assert_one_line_error(res, f"{afile} is a file, not a directory")
+    assert_one_line_error(in_file, f"{afile} is a file, not a directory")
     assert afile.read_text() == "user data"
-    res = run_cli("export", str(tiny_checkpoint), "--out", "/proc/qvl-art")
-    assert_one_line_error(res, "cannot write in /proc")
+    assert_one_line_error(in_proc, "cannot write in /proc")

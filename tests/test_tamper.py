@@ -10,6 +10,18 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_cli
+from fs_helpers import EarlyRuns, finish
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early(tiny_cpu_artifact, tiny_checkpoint_seed1, tmp_path_factory):
+    """The parity run (~12 s) starts with the module's first test and overlaps the quick ones
+    (fs_helpers.EarlyRuns); test_parity_against_another_checkpoint_warns takes it."""
+    runs = EarlyRuns(tmp_path_factory.mktemp("early-tamper"))
+    runs.add("parity", "parity", str(tiny_cpu_artifact), "--checkpoint", str(tiny_checkpoint_seed1), "--steps", "2",
+             "--json", env={"QVL_CACHE": str(runs.dir("parity") / "qvl-cache")})
+    yield runs
+    runs.close()
 
 
 @pytest.fixture
@@ -260,11 +272,11 @@ def test_source_check_matches_own_checkpoint(tiny_checkpoint, tiny_cpu_artifact)
     assert matches is True and expected == actual and not warnings
 
 
-def test_parity_against_another_checkpoint_warns(tiny_cpu_artifact, tmp_path, cache):
-    other = tmp_path / "other-ckpt"
-    proc = cli(cache, "make-checkpoint", "--preset", "tiny", "--seed", "1", "--out", str(other))
-    assert proc.returncode == 0, proc.stderr
-    proc = cli(cache, "parity", str(tiny_cpu_artifact), "--checkpoint", str(other), "--steps", "2", "--json")
+def test_parity_against_another_checkpoint_warns(tiny_checkpoint_seed1, early):
+    # `parity CPU_ART --checkpoint OTHER --steps 2 --json`, OTHER = `make-checkpoint --preset tiny --seed 1` (not
+    # the artifact's source): started by `early`
+    other = tiny_checkpoint_seed1
+    proc = finish(early.take("parity"))
     assert "Traceback" not in proc.stderr, proc.stderr
     warnings = [l for l in proc.stderr.splitlines() if l.startswith("warning: checkpoint")]
     assert len(warnings) == 1, proc.stderr
