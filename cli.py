@@ -178,6 +178,7 @@ def compile_cmd(
     no_budget: bool = typer.Option(False, "--no-budget", help="quantize every eligible layer without measuring"),
     threads: Optional[int] = typer.Option(None, help="threads for the budget measurements"),
     sparsity: Optional[float] = typer.Option(None, help="opt-in MLP channel sparsity: fraction of SwiGLU channels to remove per layer (budgeted)"),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="int8/int4 with per-block zero points (refused for int4 on cpu-avx2: onnxruntime #29853)"),
 ):
     """Export (if needed), run the target's pass pipeline and write a compiled artifact (or, for the
     TensorRT targets sm61 / sm75+, an engine kit to build on the user's GPU with `build-engine`)."""
@@ -191,6 +192,9 @@ def compile_cmd(
                            hint="TensorRT kits are FP32, or INT8 through explicit Q/DQ: use --weights fp32 or int8")
         if sparsity is not None:
             raise QvlError("--sparsity is not available for TensorRT engine kits", hint="compile for --target cpu")
+        if asymmetric:
+            raise QvlError("--asymmetric is not available for TensorRT engine kits",
+                           hint="TensorRT 8.6 takes symmetric INT8 Q/DQ only: drop --asymmetric")
         from qvl.toolchain.tensorrt.command import kit_command
 
         budget = None
@@ -205,6 +209,8 @@ def compile_cmd(
 
     from qvl.toolchain.compile.pipeline import post_stages
 
+    if asymmetric and weights == "fp32":
+        raise QvlError("--asymmetric needs --weights int8 or int4", hint="add --weights int4 (or drop --asymmetric)")
     if weights != "fp32" or sparsity is not None or post_stages(get_target(target)):
         from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
 
@@ -212,7 +218,8 @@ def compile_cmd(
         with err.status("compiling") as status:
             compile_with_precision(source, target, out, weights=weights, block_size=block_size,
                                              budget=budget, overwrite=overwrite, threads=threads,
-                                             step=lambda m: status.update(m), sparsity=sparsity)
+                                             step=lambda m: status.update(m), sparsity=sparsity,
+                                             symmetric=not asymmetric)
         from qvl.artifacts.manifest import read_manifest
 
         written = read_manifest(out, verify_graphs=False)

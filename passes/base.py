@@ -36,6 +36,9 @@ class TargetCapabilities:
     kv_cache: str = "gqa-shared"
     activation_dtype: str = "float32"  # the dtype decoder/vision activations are computed in
     provider: str = "cpu"  # "cpu" | "cuda" (ONNX Runtime) | "tensorrt": where the artifact is meant to run
+    # Asymmetric int4 (per-block zero points) in MatMulNBits with accuracy_level 4: onnxruntime issue #29853 reports
+    # ~46 % error in that decode kernel on AVX2-only CPUs, so the AVX2 target refuses it (symmetric int4 is fine).
+    asymmetric_int4_int8_compute: bool = True
 
 
 @dataclass

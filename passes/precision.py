@@ -143,6 +143,15 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
 # -- the pass -----------------------------------------------------------------------------------------------
 
 
+def refusal(config: PrecisionConfig, target: TargetCapabilities) -> str | None:
+    """Why `config` must not be compiled for `target` (a wrong answer, not a slow one), or None."""
+    if (config.weight_bits == 4 and not config.symmetric and config.accuracy_level == 4
+            and not target.asymmetric_int4_int8_compute):
+        return (f"asymmetric int4 with accuracy_level 4 is refused for target {target.name}: ONNX Runtime's AVX2 int4 "
+                "decode kernel with zero points is reported wrong on AVX2-only CPUs (onnxruntime issue #29853)")
+    return None
+
+
 class PrecisionPass(GraphPass):
     """Replace constant-weight MatMul/Gemm linear layers by MatMulNBits int8/int4 block-quantized weights."""
 
@@ -154,6 +163,9 @@ class PrecisionPass(GraphPass):
 
     def applies_to(self, target: TargetCapabilities, graph: str) -> str | None:
         reason = super().applies_to(target, graph)
+        refused = refusal(self.config, target)
+        if refused is not None:  # not a skip: leaving the layers fp32 would silently ignore what was asked
+            raise ValueError(refused)
         if reason is None and self.config.weight_bits not in target.int_weight_bits:
             reason = (f"target {target.name} has no fast int{self.config.weight_bits} weight kernels "
                       f"(int_weight_bits={list(target.int_weight_bits)})")

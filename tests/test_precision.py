@@ -375,3 +375,49 @@ def test_budget_full_search_vision_and_decoder(tiny_artifact, tmp_path):
           f"final agreement {result.measured.greedy_agreement:.3f}, KL {result.measured.mean_kl:.3g}, {result.seconds:.0f}s")
     assert result.within_budget
     assert len(result.decisions) == 4 + 1 + 6 + 1 + 3
+
+
+# -- asymmetric int4 on AVX2 (onnxruntime issue #29853) ------------------------------------------------------
+
+
+def test_asymmetric_int4_with_int8_compute_is_refused_on_avx2_and_allowed_elsewhere():
+    """ORT's AVX2 int4 decode kernel with zero points and accuracy_level 4 is reported ~46 % wrong on AVX2-only CPUs:
+    the cpu-avx2 target refuses that one combination (not a skip: fp32 layers would silently ignore the request)."""
+    asym4 = PrecisionConfig(weight_bits=4, block_size=32, accuracy_level=4, symmetric=False)
+    with pytest.raises(ValueError, match="#29853"):
+        PrecisionPass(asym4, target=CPU, graph="decoder")(fixture_model())
+    assert not CPU.asymmetric_int4_int8_compute and get_target("cpu-avx512").asymmetric_int4_int8_compute
+    # Everything else on cpu-avx2 still compiles: symmetric int4 at level 4, asymmetric int4 at level 0, asymmetric int8.
+    for cfg in (PrecisionConfig(weight_bits=4, block_size=32, accuracy_level=4),
+                PrecisionConfig(weight_bits=4, block_size=32, accuracy_level=0, symmetric=False),
+                PrecisionConfig(weight_bits=8, block_size=32, accuracy_level=4, symmetric=False)):
+        model = fixture_model()
+        assert PrecisionPass(cfg, target=CPU, graph="decoder")(model).report.counts["matmulnbits"] == 4
+    # On an AVX-512 target the asymmetric level-4 graph is built and computes what its dequantized weights say.
+    model, fp32 = fixture_model(seed=3), fixture_model(seed=3)
+    PrecisionPass(asym4, target=get_target("cpu-avx512"), graph="decoder")(model)
+    assert [n.op_type for n in model.graph] == LINEAR_OPS and "embed_tokens.weight.zp" in model.graph.initializers
+    x = np.random.default_rng(4).standard_normal((1, 3, H)).astype(np.float32)
+    got, exact = _session(model).run(None, {"x": x})[0], _session(fp32).run(None, {"x": x})[0]
+    assert np.abs(got - exact).max() <= 0.3 * np.abs(exact).max()
+
+
+def test_cli_refuses_asymmetric_int4_for_cpu_avx2_before_writing(tiny_artifact, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    out = tmp_path / "asym"
+    proc = run_cli("compile", str(tiny_artifact), "--weights", "int4", "--asymmetric", "--no-budget", "--out", str(out))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "#29853", "cpu-avx2")
+    assert "--asymmetric" in proc.stderr and not out.exists()
+    proc = run_cli("compile", str(tiny_artifact), "--asymmetric", "--out", str(out))
+    assert proc.returncode == 2 and not out.exists()
+    assert_one_line_error(proc, "--asymmetric needs --weights")
+    # The same request for cpu-avx512 compiles, records the zero points and answers.
+    proc = run_cli("compile", str(tiny_artifact), "--target", "cpu-avx512", "--weights", "int4", "--asymmetric",
+                   "--no-budget", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"]["config"]["symmetric"] is False and manifest["embedding"]["zero_points"] is not None
+    proc = run_cli("run", str(out), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr

@@ -15,6 +15,7 @@ from qvl.artifacts import manifest as mf
 from qvl.artifacts.writer import embedding_entry, load_graphs, save_graphs, write_artifact
 from qvl.errors import QvlError
 from qvl.passes.precision import PrecisionConfig
+from qvl.passes.precision import refusal as precision_refusal
 from qvl.passes.sparsity import SparsityConfig
 from qvl.toolchain.compile.pipelines import PipelineOptions, has_stage, pass_names, pipeline_for, run_pipeline
 from qvl.toolchain.quant.accuracy_budget import apply_with_budget, derive_artifact, quantize_artifact
@@ -163,8 +164,10 @@ def compile_with_precision(
     threads: int | None = None,
     step: Callable[[str], None] | None = None,
     sparsity: float | None = None,
+    symmetric: bool = True,
 ) -> dict:
-    """compile -> optional MLP channel sparsity -> optional weight-only int8/int4. Both approximate steps are
+    """compile -> optional MLP channel sparsity -> optional weight-only int8/int4 (`symmetric=False`: per-block zero
+    points). Both approximate steps are
     opt-in and, with a `budget`, measured against the fp32 compiled artifact (itself parity-checked against
     eager) and rolled back per layer when over it. Returns {"sparsity": record, "precision": record}."""
     target = get_target(target_name)
@@ -181,6 +184,16 @@ def compile_with_precision(
                        hint="use --weights fp32, or the TensorRT kit's INT8 path for sm61")
     if sparsity is not None and not 0.0 < sparsity < 1.0:
         raise QvlError(f"--sparsity must be a fraction in (0, 1), got {sparsity}")
+    # accuracy_level 4 (int8 activations in the GEMM) is a CPU kernel choice: ORT's CUDA MatMulNBits ignores
+    # it and computes in the activation dtype, and the CPU provider running a CUDA artifact (tests, the
+    # budget search) should compute what the GPU computes -- exactly, as level 0 does.
+    level = 4 if target.provider == "cpu" else 0
+    if nbits is not None:
+        refused = precision_refusal(PrecisionConfig(weight_bits=nbits, accuracy_level=level, symmetric=symmetric),
+                                    target)
+        if refused is not None:  # before any export or quantization work
+            raise QvlError(refused, hint="drop --asymmetric (symmetric int4 is the default), or compile for "
+                                         "--target cpu-avx512 on an AVX-512 host")
     if nbits is None and sparsity is None and not post:
         compile_artifact(source, target_name, out, overwrite=overwrite, step=step)
         return {}
@@ -212,11 +225,8 @@ def compile_with_precision(
         if nbits is not None:
             if block_size is None:
                 block_size = default_block_size(nbits, mf.read_manifest(current).source.config)
-            # accuracy_level 4 (int8 activations in the GEMM) is a CPU kernel choice: ORT's CUDA MatMulNBits ignores
-            # it and computes in the activation dtype, and the CPU provider running a CUDA artifact (tests, the
-            # budget search) should compute what the GPU computes -- exactly, as level 0 does.
-            level = 4 if target.provider == "cpu" else 0
-            config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=level)
+            config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=level,
+                                     symmetric=symmetric)
             if budget is None:
                 (step or (lambda m: None))(f"quantizing weights to int{nbits}")
                 records["precision"] = quantize_artifact(current, out, config, target, overwrite=overwrite)
