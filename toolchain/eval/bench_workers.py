@@ -282,7 +282,21 @@ def _gpubw_worker(spec: dict) -> dict:
     return measure_device_bandwidth()
 
 
-_WORKERS = {"qvl": _qvl_worker, "eager": _eager_worker, "membw": _membw_worker, "gpubw": _gpubw_worker}
+def _decode_bound_worker(spec: dict) -> dict:
+    from qvl.toolchain.eval.decode_bound import decode_compute_bound
+
+    return decode_compute_bound(Path(spec["artifact"]), spec["threads"], samples=spec.get("samples", 5))
+
+
+def _gemm_rates_worker(spec: dict) -> dict:
+    from qvl.toolchain.eval.gemm_rates import gemm_rates
+
+    shapes = {k: tuple(v) for k, v in spec["shapes"].items()} if spec.get("shapes") else None
+    return gemm_rates(spec["threads"], shapes=shapes, samples=spec.get("samples", 5))
+
+
+_WORKERS = {"qvl": _qvl_worker, "eager": _eager_worker, "membw": _membw_worker, "gpubw": _gpubw_worker,
+            "decode_bound": _decode_bound_worker, "gemm_rates": _gemm_rates_worker}
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -1,0 +1,96 @@
+"""GEMM rates of the ORT CPU kernels the artifacts can use, at the shapes of each phase, in GFLOP/s.
+
+Prefill and the vision encoder are compute-bound GEMMs (M = prompt tokens, or patches), decode is M = 1. Which
+weight form is fastest differs per phase and per ISA, so the bench measures them side by side in the same run:
+
+| kernel               | graph form                                               |
+|----------------------|----------------------------------------------------------|
+| `sgemm`              | fp32 `MatMul` with a constant `[K, N]` weight (MLAS SGEMM) |
+| `nbits8_int8`        | `MatMulNBits` bits 8, accuracy_level 4 (int8 activations x int8 weights) |
+| `nbits4_int8`        | `MatMulNBits` bits 4, accuracy_level 4 |
+| `nbits4_fp32`        | `MatMulNBits` bits 4, accuracy_level 0 (dequantize, fp32 compute) |
+| `dynamic_int8`       | `com.microsoft.DynamicQuantizeMatMul` (per-row int8 activations, int8 weights per column) |
+
+`sgemm` at the vision shape is the host's SGEMM peak the vision encoder's GFLOP/s is reported against.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+MS = "com.microsoft"
+KERNELS = ("sgemm", "nbits8_int8", "nbits4_int8", "nbits4_fp32", "dynamic_int8")
+
+
+def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qvl.passes.precision import quantize_blockwise
+
+    if kernel == "sgemm":
+        inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")]
+        node = helper.make_node("MatMul", ["A", "W"], ["Y"])
+    elif kernel.startswith("nbits"):
+        bits = 8 if kernel.startswith("nbits8") else 4
+        q = quantize_blockwise(w, bits, block_size, True)
+        inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales.reshape(-1), "S")]
+        node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain=MS, K=k, N=n, bits=bits,
+                                block_size=block_size, accuracy_level=0 if kernel.endswith("fp32") else 4)
+    elif kernel == "dynamic_int8":
+        scale = np.abs(w).max(axis=1) / 127.0  # per output column of the [K, N] weight
+        codes = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+        inits = [numpy_helper.from_array(np.ascontiguousarray(codes.T), "B"),
+                 numpy_helper.from_array(scale.astype(np.float32), "S")]
+        node = helper.make_node("DynamicQuantizeMatMul", ["A", "B", "S"], ["Y"], domain=MS)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    graph = helper.make_graph([node], kernel, [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = None, kernels=KERNELS,
+               samples: int = 5, min_sample_s: float = 0.05, seed: int = 0) -> dict:
+    """{shape name: {kernel: {"gflops": median, "spread": [min, max], "seconds": median}}} for (M, K, N) shapes.
+
+    Default shapes are the 2B model's: `decode` (M 1, the MLP's K 2048 x N 6144), `prefill` (M 128), `vision`
+    (M 784 = one 448^2 image's patches, the vision MLP's K 1024 x N 4096)."""
+    import onnxruntime as ort
+
+    shapes = shapes or {"decode": (1, 2048, 6144), "prefill": (128, 2048, 6144), "vision": (784, 1024, 4096)}
+    rng = np.random.default_rng(seed)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    out: dict = {}
+    for name, (m, k, n) in shapes.items():
+        a = {"A": rng.standard_normal((m, k), dtype=np.float32)}
+        w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
+        exact = a["A"].astype(np.float64) @ w.T.astype(np.float64)
+        row = out.setdefault(name, {"M": m, "K": k, "N": n})
+        for kernel in kernels:
+            s = ort.InferenceSession(_model(kernel, k, n, w), so, providers=["CPUExecutionProvider"])
+            got = s.run(None, a)[0]
+            s.run(None, a)
+            t = time.perf_counter()
+            s.run(None, a)
+            reps = max(1, int(min_sample_s / max(time.perf_counter() - t, 1e-6)))
+            per = []
+            for _ in range(samples):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    s.run(None, a)
+                per.append((time.perf_counter() - t) / reps)
+            flops = 2.0 * m * k * n
+            row[kernel] = {"seconds": statistics.median(per), "gflops": flops / statistics.median(per) / 1e9,
+                           # what the kernel computes, vs float64 A @ W: int8/int4 weights cost ~1e-2 / ~1e-1
+                           "rel_error": float(np.abs(got - exact).max() / np.abs(exact).max()),
+                           "spread_gflops": [flops / max(per) / 1e9, flops / min(per) / 1e9]}
+        best = max(kernels, key=lambda kk: row[kk]["gflops"])
+        row["fastest"] = best
+    return {"threads": threads, "shapes": out}
