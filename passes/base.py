@@ -39,6 +39,9 @@ class TargetCapabilities:
     # Asymmetric int4 (per-block zero points) in MatMulNBits with accuracy_level 4: onnxruntime issue #29853 reports
     # ~46 % error in that decode kernel on AVX2-only CPUs, so the AVX2 target refuses it (symmetric int4 is fine).
     asymmetric_int4_int8_compute: bool = True
+    # Graphs whose weight-only linears the `weights` stage lowers to DynamicQuantizeMatMul (MLAS int8 GEMM) instead of
+    # MatMulNBits: the compute-bound phases (many rows per call) where it measures faster (`toolchain/eval/gemm_rates.py`)
+    dynamic_int8_graphs: tuple[str, ...] = ()
 
 
 @dataclass

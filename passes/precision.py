@@ -42,6 +42,7 @@ from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
 from qvl.passes.linear_sites import LM_HEAD_LAYER, add_initializer, as_linear, layer_key, matches_keep, module_path, skip_site
 
 MS_DOMAIN = "com.microsoft"
+QUANTIZED_OPS = ("MatMulNBits", "DynamicQuantizeMatMul")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class PrecisionConfig:
     keep_fp32: frozenset = frozenset()
     include_lm_head: bool = True  # quantize the tied lm_head / embedding matrix
     graphs: tuple[str, ...] = ("vision", "decoder")
+    # Graphs whose linears become `DynamicQuantizeMatMul` (int8 weights, one scale per output column, activations
+    # quantized per call) instead of MatMulNBits, whatever `weight_bits`: at M >> 1 (the vision tower's patches) MLAS's
+    # int8 GEMM outruns MatMulNBits (`toolchain/eval/gemm_rates.py`); the target's capability table picks them.
+    # The tied lm_head stays MatMulNBits (its codes also serve the embedding lookup).
+    dynamic_int8_graphs: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.weight_bits not in (4, 8):
@@ -64,11 +70,13 @@ class PrecisionConfig:
         if self.accuracy_level not in (0, 1, 4):
             raise ValueError(f"accuracy_level must be 0, 1 (fp32) or 4 (int8 activations), not {self.accuracy_level}")
         object.__setattr__(self, "keep_fp32", frozenset(self.keep_fp32))
+        object.__setattr__(self, "dynamic_int8_graphs", tuple(self.dynamic_int8_graphs))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["keep_fp32"] = sorted(self.keep_fp32)
         d["graphs"] = list(self.graphs)
+        d["dynamic_int8_graphs"] = list(self.dynamic_int8_graphs)
         return d
 
 
@@ -143,6 +151,15 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
 # -- the pass -----------------------------------------------------------------------------------------------
 
 
+def quantize_columns_int8(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes `[K, N]` and one float32 scale per output column `[N]` (DynamicQuantizeMatMul's B and
+    b_scale): scale = max|w[:, n]| / 127 (1 for an all-zero column), codes = round(w / scale) in [-127, 127]."""
+    amax = np.abs(w_kn).max(axis=0).astype(np.float32)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w_kn / scale[None, :]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
 def refusal(config: PrecisionConfig, target: TargetCapabilities) -> str | None:
     """Why `config` must not be compiled for `target` (a wrong answer, not a slow one), or None."""
     if (config.weight_bits == 4 and not config.symmetric and config.accuracy_level == 4
@@ -159,7 +176,7 @@ class PrecisionPass(GraphPass):
     config_type = PrecisionConfig
     scope = "precision assignment"
     contrib_ops_note = " (MatMulNBits); TensorRT quantization needs Q/DQ calibration instead"
-    count_keys = ("matmulnbits", "from_matmul", "from_gemm", "lm_head")
+    count_keys = ("matmulnbits", "dynamic_int8", "from_matmul", "from_gemm", "lm_head")
 
     def applies_to(self, target: TargetCapabilities, graph: str) -> str | None:
         reason = super().applies_to(target, graph)
@@ -183,8 +200,9 @@ class PrecisionPass(GraphPass):
         graph_name = self.graph
         details = report.details
         graph = model.graph
-        details["already_quantized"] = sum(1 for n in graph if n.domain == MS_DOMAIN and n.op_type == "MatMulNBits")
+        details["already_quantized"] = sum(1 for n in graph if n.domain == MS_DOMAIN and n.op_type in QUANTIZED_OPS)
         done: dict[int, tuple[QuantizedWeight, ir.Value, ir.Value, ir.Value | None]] = {}  # per weight Value id
+        dyn_done: dict[int, tuple[ir.Value, ir.Value, int]] = {}  # dynamic int8: per weight Value id
         layers: dict[str, dict] = details["layers"]
 
         for node in list(graph):
@@ -206,7 +224,7 @@ class PrecisionPass(GraphPass):
             elif layer == LM_HEAD_LAYER and not cfg.include_lm_head:
                 reason = "include_lm_head=False"
                 details["kept_fp32"] += 1
-            elif lin.k % cfg.block_size:
+            elif lin.k % cfg.block_size and not (graph_name in cfg.dynamic_int8_graphs and layer != LM_HEAD_LAYER):
                 reason = f"K={lin.k} not divisible by block_size={cfg.block_size}"
             if reason is not None:
                 skip_site(report, entry, node, layer, reason)
@@ -216,6 +234,9 @@ class PrecisionPass(GraphPass):
                 details["bytes_after"] += fp32_bytes
                 continue
 
+            if graph_name in cfg.dynamic_int8_graphs and layer != LM_HEAD_LAYER:
+                self._to_dynamic_int8(graph, node, lin, layer, weight_name, entry, fp32_bytes, report, dyn_done)
+                continue
             key = id(lin.weight)
             first_use = key not in done
             if first_use:
@@ -277,12 +298,45 @@ class PrecisionPass(GraphPass):
             if entry.get("reasons"):
                 entry["decision"] = "mixed" if entry["nodes"] else "fp32"
         for node in graph:  # layers already quantized by an earlier run keep their decision visible
-            if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits" and node.metadata_props.get("qvl.layer"):
+            if node.domain == MS_DOMAIN and node.op_type in QUANTIZED_OPS and node.metadata_props.get("qvl.layer"):
                 layers.setdefault(node.metadata_props["qvl.layer"],
                                   {"decision": "quantized", "nodes": [], "bytes_before": 0, "bytes_after": 0})
-        if report.counts["matmulnbits"]:
+        if report.counts["matmulnbits"] or report.counts["dynamic_int8"]:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             graph.opset_imports.setdefault(MS_DOMAIN, 1)
+
+    def _to_dynamic_int8(self, graph, node, lin, layer, weight_name, entry, fp32_bytes, report, dyn_done) -> None:
+        """One linear -> DynamicQuantizeMatMul(x, int8 [K, N], scales [N], no zero point, bias)."""
+        details = report.details
+        key = id(lin.weight)
+        first_use = key not in dyn_done
+        if first_use:
+            w = lin.weight.const_value.numpy()
+            codes, scale = quantize_columns_int8(w.T if lin.w_nk else w)
+            del w
+            release = getattr(lin.weight.const_value, "release", None)
+            if release is not None:
+                release()
+            base = self._base_name(node, weight_name, layer)
+            dyn_done[key] = (add_initializer(graph, f"{base}.qi8", codes), add_initializer(graph, f"{base}.qi8_scale",
+                                                                                         scale), codes.nbytes + scale.nbytes)
+        b_val, s_val, q_bytes = dyn_done[key]
+        inputs = [lin.activation, b_val, s_val] + ([None, lin.bias] if lin.bias is not None else [])
+        new = ir.Node(MS_DOMAIN, "DynamicQuantizeMatMul", inputs, name=node.name,
+                      metadata_props={**node.metadata_props, "qvl.layer": layer})
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
+        if not lin.weight.uses() and lin.weight.name in graph.initializers:
+            graph.initializers.pop(lin.weight.name)
+        after = (q_bytes if first_use else 0) + (lin.bias.const_value.nbytes if lin.bias is not None else 0)
+        entry["nodes"].append(node.name)
+        entry["kernel"] = "dynamic_int8"
+        for d in (entry, details):
+            d["bytes_before"] += fp32_bytes if first_use else 0
+            d["bytes_after"] += after
+        details["nodes"][node.name] = {"layer": layer, "op": node.op_type, "K": lin.k, "N": lin.n,
+                                       "weight": weight_name, "B": b_val.name, "kernel": "dynamic_int8"}
+        report.counts["dynamic_int8"] += 1
+        report.counts["from_matmul" if node.op_type == "MatMul" else "from_gemm"] += 1
 
     @staticmethod
     def _base_name(node: ir.Node, weight_name: str, layer: str) -> str:

@@ -96,7 +96,7 @@ def test_converts_linear_layers_and_the_tied_lm_head():
     r = result.report
     assert [n.op_type for n in model.graph] == LINEAR_OPS
     assert [n.domain for n in model.graph if n.op_type == "MatMulNBits"] == ["com.microsoft"] * 4
-    assert r.counts == {"matmulnbits": 4, "from_matmul": 2, "from_gemm": 2, "lm_head": 1}
+    assert r.counts == {"matmulnbits": 4, "dynamic_int8": 0, "from_matmul": 2, "from_gemm": 2, "lm_head": 1}
     assert r.skipped == []
     head = next(n for n in model.graph if n.name == "node_lm_head")
     attrs = {k: a.value for k, a in head.attributes.items()}
@@ -421,3 +421,44 @@ def test_cli_refuses_asymmetric_int4_for_cpu_avx2_before_writing(tiny_artifact, 
     assert manifest["precision"]["config"]["symmetric"] is False and manifest["embedding"]["zero_points"] is not None
     proc = run_cli("run", str(out), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
+
+
+# -- DynamicQuantizeMatMul for the graphs the target picks (M >> 1) ---------------------------------------------
+
+
+def test_dynamic_int8_graph_uses_dynamic_quantize_matmul_and_keeps_lm_head_nbits():
+    from qvl.passes.precision import quantize_columns_int8
+
+    fp32, model = fixture_model(seed=5), fixture_model(seed=5)
+    cfg = PrecisionConfig(weight_bits=4, block_size=32, dynamic_int8_graphs=("decoder",))
+    r = PrecisionPass(cfg, target=CPU, graph="decoder")(model).report
+    assert [n.op_type for n in model.graph] == ["DynamicQuantizeMatMul", "Relu", "DynamicQuantizeMatMul", "Add",
+                                                "Reshape", "DynamicQuantizeMatMul", "MatMulNBits"]
+    assert r.counts["dynamic_int8"] == 3 and r.counts["matmulnbits"] == 1 and r.counts["lm_head"] == 1
+    gemm = next(n for n in model.graph if n.name == "node_gemm")
+    assert gemm.inputs[3] is None and gemm.inputs[4].name == "proj.bias"  # no zero point, the bias kept
+    assert r.details["layers"]["decoder.layers.0"]["kernel"] == "dynamic_int8"
+    # Codes and scales are the per-column symmetric int8 of the [K, N] weight.
+    up = next(n for n in model.graph if n.name == "node_linear")
+    codes, scale = quantize_columns_int8(fp32.graph.initializers["val_10"].const_value.numpy())
+    assert np.array_equal(up.inputs[1].const_value.numpy(), codes) and np.array_equal(up.inputs[2].const_value.numpy(), scale)
+    # ORT computes within int8 error of the fp32 graph (activations quantized per tensor at run time).
+    x = np.random.default_rng(6).standard_normal((2, 5, H)).astype(np.float32)
+    got, exact = _session(model).run(None, {"x": x})[0], _session(fp32).run(None, {"x": x})[0]
+    assert np.abs(got - exact).max() <= 0.15 * np.abs(exact).max(), np.abs(got - exact).max() / np.abs(exact).max()
+    # Idempotent: a second run finds nothing to convert.
+    again = PrecisionPass(cfg, target=CPU, graph="decoder")(model)
+    assert not again.modified and again.report.details["already_quantized"] == 4
+
+
+def test_dynamic_int8_only_in_the_listed_graphs_and_k_block_rule_does_not_apply():
+    model = fixture_model(seed=7, k=48)  # K=48: not a multiple of block 32 -> MatMulNBits sites skip, dynamic ones don't
+    r = PrecisionPass(PrecisionConfig(weight_bits=8, block_size=32, dynamic_int8_graphs=("vision",)), target=CPU,
+                      graph="decoder")(model).report
+    assert r.counts["dynamic_int8"] == 0 and any("not divisible by block_size" in s.reason for s in r.skipped)
+    model = fixture_model(seed=7, k=48)
+    r = PrecisionPass(PrecisionConfig(weight_bits=8, block_size=32, dynamic_int8_graphs=("decoder",)), target=CPU,
+                      graph="decoder")(model).report
+    # up (K=48), down (K=128) and proj (K=48) convert; the lm_head stays MatMulNBits and K=48 skips it, with the reason
+    assert r.counts["dynamic_int8"] == 3 and r.counts["matmulnbits"] == 0
+    assert [s.reason for s in r.skipped] == ["decoder.lm_head: K=48 not divisible by block_size=32"]

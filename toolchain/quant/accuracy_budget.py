@@ -101,7 +101,8 @@ def layer_totals(reports: dict, entry: Callable[[dict], dict]) -> tuple[dict, in
 def precision_record(config: PrecisionConfig, target: TargetCapabilities, reports: dict) -> dict:
     """Per-layer decisions and byte counts over all graphs (what the manifest records)."""
     layers, before, after, skipped = layer_totals(reports, lambda d: {
-        "decision": f"int{config.weight_bits}" if d["decision"] == "quantized" else d["decision"],
+        "decision": ("int8-dynamic" if d.get("kernel") == "dynamic_int8" else f"int{config.weight_bits}")
+        if d["decision"] == "quantized" else d["decision"],
         "bytes_before": d["bytes_before"], "bytes_after": d["bytes_after"]})
     return {
         "config": config.to_dict(),
@@ -109,7 +110,7 @@ def precision_record(config: PrecisionConfig, target: TargetCapabilities, report
         "layers": layers,
         "linear_weight_bytes_before": before,
         "linear_weight_bytes_after": after,
-        "converted": sum(r.counts.get("matmulnbits", 0) for r in reports.values()),
+        "converted": sum(r.counts.get("matmulnbits", 0) + r.counts.get("dynamic_int8", 0) for r in reports.values()),
         "skipped": skipped,
     }
 
