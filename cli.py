@@ -67,6 +67,23 @@ def _load(artifact: Path, device: str, threads: int | None):
     return model
 
 
+MAX_IMAGE_TOKENS_HELP = ("image tokens one image may become (default 4096, runtime/image_preprocess.DEFAULT_MAX_IMAGE_TOKENS): "
+                         "a larger image is refused with the numbers, not shrunk (see --max-pixels); vision memory "
+                         "grows with it (~0.13 MB per patch, 4 patches per token, at 2B size)")
+MIN_PIXELS_HELP = "resize bound: an image smaller than this many pixels is scaled up (default: the artifact's preprocessor_config.json)"
+MAX_PIXELS_HELP = "resize bound: an image larger than this many pixels is scaled down (default: the artifact's preprocessor_config.json)"
+
+
+def _check_image_limits(max_image_tokens, min_pixels, max_pixels) -> None:
+    """--max-image-tokens / --min-pixels / --max-pixels: integers >= 1, min <= max; checked before any work."""
+    from qvl.runtime.image_preprocess import check_image_limits
+
+    check_image_limits(flags=True, max_image_tokens=max_image_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise QvlError(f"--min-pixels ({min_pixels}) is larger than --max-pixels ({max_pixels})",
+                       hint="give --min-pixels <= --max-pixels")
+
+
 def _messages(images: list[Path], prompt: str) -> list[dict]:
     content = [{"type": "image", "image": str(p)} for p in images]
     content.append({"type": "text", "text": prompt})
@@ -130,21 +147,50 @@ def reference_cmd(
         typer.echo(res.text)
 
 
+CACHE_HELP = ("write the weights into the content-addressed weight cache: artifacts from one checkpoint share every "
+              "identical tensor through hard links (`qvl-compile cache ls`); the artifact stays a self-contained "
+              "directory (`qvl-compile pack` makes a format-1 copy)")
+CACHE_DIR_HELP = "weight cache directory (implies --cache; default $QVL_CACHE/weights, else ~/.cache/qvl-compile/weights)"
+
+
+def _open_weight_cache(cache: bool, cache_dir: Optional[Path], create: bool = True):
+    """The weight cache a command writes into (None without --cache / --cache-dir); checked before any work."""
+    if not cache and cache_dir is None:
+        return None
+    from qvl.artifacts.content_store import WeightCache
+
+    return WeightCache.open(cache_dir, create=create)
+
+
+def _into_weight_cache(out: Path, weight_cache) -> None:
+    if weight_cache is None:
+        return
+    from qvl.artifacts.content_store import intern
+
+    with err.status("weight cache") as status:
+        report = intern(out, weight_cache, step=lambda m: status.update(m))
+    err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="Hugging Face Qwen3-VL checkpoint directory"),
     out: Path = typer.Option(..., help="artifact directory to write (atomically)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    cache: bool = typer.Option(False, "--cache", help=CACHE_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
 ):
     """Export a checkpoint to an fp32 ONNX artifact (vision encoder + KV-cached decoder)."""
     from qvl.toolchain.export.exporter import export_artifact
 
+    weight_cache = _open_weight_cache(cache, cache_dir)
     with err.status("exporting") as status:
         report = export_artifact(checkpoint, out, overwrite=overwrite, step=lambda m: status.update(m))
     err.print(
         f"wrote {report.out}: {report.weight_bytes / 1e9:.3f} GB of weights "
         f"({report.dedup_bytes / 1e6:.1f} MB deduplicated), {report.seconds:.1f} s"
     )
+    _into_weight_cache(out, weight_cache)
 
 
 def _print_parity(report) -> None:
@@ -179,12 +225,16 @@ def compile_cmd(
     threads: Optional[int] = typer.Option(None, help="threads for the budget measurements"),
     sparsity: Optional[float] = typer.Option(None, help="opt-in MLP channel sparsity: fraction of SwiGLU channels to remove per layer (budgeted)"),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="int8/int4 with per-block zero points (refused for int4 on cpu-avx2: onnxruntime #29853)"),
+    cache: bool = typer.Option(False, "--cache", help=CACHE_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
 ):
     """Export (if needed), run the target's pass pipeline and write a compiled artifact (or, for the
     TensorRT targets sm61 / sm75+, an engine kit to build on the user's GPU with `build-engine`)."""
     _check_options(threads=threads)
     from qvl.toolchain.compile.pipeline import compile_artifact, compile_with_precision
     from qvl.toolchain.compile.targets import get_target
+
+    weight_cache = _open_weight_cache(cache, cache_dir)
 
     if not get_target(target).ort_contrib_ops:
         if weights not in ("fp32", "int8"):
@@ -205,6 +255,7 @@ def compile_cmd(
         with err.status("building engine kit") as status:
             kit_command(source, target, out, overwrite=overwrite, echo=lambda m: err.print(m, highlight=False),
                         step=lambda m: status.update(m), weights=weights, budget=budget, threads=threads)
+        _into_weight_cache(out, weight_cache)
         return
 
     from qvl.toolchain.compile.pipeline import post_stages
@@ -235,6 +286,7 @@ def compile_cmd(
         if gain:
             err.print(f"sparsity: {gain['statement']}")
         err.print(f"wrote {out} ({weights} weights{'' if sparsity is None else f', MLP sparsity {sparsity:g}'})")
+        _into_weight_cache(out, weight_cache)
         return
     with err.status("compiling") as status:
         report = compile_artifact(source, target, out, overwrite=overwrite, dump_after=dump_after,
@@ -243,6 +295,7 @@ def compile_cmd(
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if v) or "no change"
         err.print(f"  {r['name']:<24} {r['graph']:<8} {counts}" + (f"  ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
     err.print(f"wrote {report.out} for {report.target} in {report.seconds:.1f} s")
+    _into_weight_cache(out, weight_cache)
 
 
 @app.command("bench")
@@ -256,9 +309,18 @@ def bench_cmd(
     repeats: int = typer.Option(3, help="timed runs per case (medians reported)"),
     device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit); with cuda eager runs on the GPU too"),
     eager_cache: Optional[str] = typer.Option(None, help="eager KV cache: dynamic (default) | static"),
+    peer: List[str] = typer.Option([], "--peer", help="also run this CPU runtime on the same inputs and threads: llama.cpp (built once and cached, the checkpoint converted to GGUF; see benchmarks/README.md)"),
+    llamacpp_dir: Optional[Path] = typer.Option(None, "--llamacpp-dir", envvar="QVL_LLAMACPP_DIR", help="an existing llama.cpp build (llama-bench, llama-mtmd-cli, llama-quantize) instead of building one"),
 ):
-    """Artifact (runtime) vs eager PyTorch on the same inputs: decode tok/s, TTFT, RSS, roofline."""
+    """Artifact (runtime) vs eager PyTorch (and --peer llama.cpp) on the same inputs: decode tok/s, TTFT, RSS, roofline."""
     _check_options(threads=threads, repeats=repeats)
+    from qvl.toolchain.eval.peer_run import check_peer_names
+
+    peers = check_peer_names(peer)
+    if peers and llamacpp_dir:
+        from qvl.toolchain.eval.peer_llamacpp import existing_build
+
+        existing_build(llamacpp_dir)  # a wrong --llamacpp-dir / QVL_LLAMACPP_DIR is a one-line error before any work
     from qvl.runtime.backends.select import resolve
     from qvl.toolchain.eval.bench import bench_command
 
@@ -267,10 +329,13 @@ def bench_cmd(
         raise QvlError(f"unknown --eager-dtype {eager_dtype!r}", hint="fp32 | bf16 | bf16,fp32")
     if eager_cache not in (None, "dynamic", "static"):
         raise QvlError(f"unknown --eager-cache {eager_cache!r}", hint="dynamic | static")
-    sel = resolve(artifact, device)  # the runtime worker loads the artifact on the resolved device
+    if peers and device not in ("auto", "cpu"):
+        raise QvlError(f"--peer runs llama.cpp on the CPU, not next to --device {device}", hint="use --device cpu with --peer")
+    sel = resolve(artifact, "cpu" if peers else device)  # the runtime worker loads the artifact on the resolved device
     _device_note(sel.note)
     bench_command(artifact, checkpoint, dtypes[0], threads, repeats, as_json, plot, device=sel.device,
-                  extra_eager_dtypes=tuple(dtypes[1:]), eager_cache=None if eager_cache == "dynamic" else eager_cache)
+                  extra_eager_dtypes=tuple(dtypes[1:]), eager_cache=None if eager_cache == "dynamic" else eager_cache,
+                  peers=peers, llamacpp_dir=llamacpp_dir)
 
 
 @app.command("build-engine")
@@ -388,8 +453,122 @@ def verify_cmd(artifact: Path = typer.Argument(..., help="artifact directory")):
     from qvl.artifacts.integrity import verify_artifact
 
     r = verify_artifact(artifact)
+    weights = (f"weights: {r['objects']} blake3-named payloads" if r["format_version"] == 2
+               else f"weight store: {r['chunks']} blake3 chunks")
     typer.echo(f"OK {artifact}: {r['files']} files, {r['bytes'] / 1e6:.1f} MB verified in {r['seconds']:.2f} s "
-               f"(weight store: {r['chunks']} blake3 chunks, digest {r['digest'][:16]})")
+               f"({weights}, digest {r['digest'][:16]})")
+
+
+@app.command("pack")
+def pack_cmd(
+    artifact: Path = typer.Argument(..., help="artifact directory (format 1, or format 2 from --cache)"),
+    out: Path = typer.Option(..., help="directory to write (atomically)"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+):
+    """Write a standalone copy of an artifact for another machine: verified, format 1 (one weights.bin), real
+    copies of every file, nothing linked to the weight cache. Engines (machine-specific) are not copied."""
+    from qvl.artifacts.content_store import pack
+
+    with err.status("packing") as status:
+        report = pack(artifact, out, overwrite=overwrite, step=lambda m: status.update(m))
+    err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+
+
+cache_app = typer.Typer(help="The content-addressed weight cache that `export` / `compile --cache` write into.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@cache_app.command("ls")
+def cache_ls_cmd(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print everything (every payload, its size, links and users) as JSON"),
+    objects: bool = typer.Option(False, "--objects", help="also list every payload"),
+):
+    """List the cached payloads: sizes, and which registered artifacts reference what."""
+    from qvl.artifacts.content_store import WeightCache, listing
+
+    info = listing(WeightCache.open(cache_dir))
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    t = info["totals"]
+    typer.echo(f"weight cache {info['cache']}: {t['objects']} payloads, {_mb(t['bytes'])} "
+               f"({_mb(t['disk_bytes'])} on disk), {t['artifacts']} artifacts")
+    for a in info["artifacts"]:
+        state = "" if a["state"] == "ok" else f"  [{a['state']}]"
+        missing = f", {a['not_in_cache']} payloads only in the artifact" if a["not_in_cache"] else ""
+        typer.echo(f"  {a['path']}  {a['target'] or '?'}: {a['objects']} payloads, {_mb(a['bytes'])}: "
+                   f"{_mb(a['unique_bytes'])} unique, {_mb(a['shared_bytes'])} shared{missing}{state}")
+    typer.echo(f"unreferenced: {t['unreferenced_objects']} payloads, {_mb(t['unreferenced_bytes'])} "
+               f"(`qvl-compile cache gc` deletes them)")
+    if t["linked_elsewhere_objects"]:
+        typer.echo(f"linked from unregistered paths (moved artifacts?): {t['linked_elsewhere_objects']} payloads, "
+                   f"{_mb(t['linked_elsewhere_bytes'])} (kept by gc)")
+    if objects:
+        for o in info["objects"]:
+            users = ", ".join(o["artifacts"]) or ("-" if o["links"] == 1 else f"{o['links'] - 1} unregistered link(s)")
+            typer.echo(f"  {o['digest'][:16]}  {o['bytes']:>12}  {users}")
+
+
+@cache_app.command("verify")
+def cache_verify_cmd(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP)):
+    """Re-hash every cached payload against its name (blake3), regardless of any verified record."""
+    from qvl.artifacts.content_store import WeightCache, verify_cache
+
+    r = verify_cache(WeightCache.open(cache_dir))
+    typer.echo(f"OK {r['cache']}: {r['objects']} payloads, {_mb(r['bytes'])} verified in {r['seconds']:.2f} s")
+
+
+@cache_app.command("gc")
+def cache_gc_cmd(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would be deleted, delete nothing"),
+):
+    """Delete the payloads that no registered, still-existing artifact needs (and nothing else links)."""
+    from qvl.artifacts.content_store import WeightCache, gc
+
+    r = gc(WeightCache.open(cache_dir), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"{verb} {r['deleted_objects']} payloads ({_mb(r['freed_bytes'])}), kept {r['kept_objects']} "
+               f"({_mb(r['kept_bytes'])}); {'would forget' if dry_run else 'forgot'} {len(r['pruned_artifacts'])} "
+               f"deleted or uncached artifacts")
+
+
+@cache_app.command("add")
+def cache_add_cmd(
+    artifacts: List[Path] = typer.Argument(..., help="artifact directories to move into the cache"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+):
+    """Move existing artifacts' weights into the cache (format 2, hard links), so they share identical payloads."""
+    from qvl.artifacts.content_store import WeightCache
+
+    weight_cache = WeightCache.open(cache_dir, create=True)
+    for art in artifacts:
+        _into_weight_cache(art, weight_cache)
+
+
+SPECULATIVE_HELP = ("exact speculative decoding (greedy only): tokens drafted from the prompt and the answer so far "
+                    "are verified in one decoder step; same output, fewer steps on copy-heavy answers")
+DRAFT_TOKENS_HELP = "tokens drafted per step with --speculative, 1-64 (default 8; implies --speculative)"
+
+
+def _draft_config(speculative: bool, draft_tokens: Optional[int], temperature: Optional[float]):
+    """--speculative / --draft-tokens -> a DraftConfig or None, checked before any work."""
+    if draft_tokens is None and not speculative:
+        return None
+    if draft_tokens is not None and not 1 <= draft_tokens <= 64:
+        raise QvlError(f"--draft-tokens must be an integer in [1, 64], got {draft_tokens!r}")
+    if temperature is not None and temperature > 0:
+        raise QvlError("--speculative is greedy only: it cannot be combined with --temperature > 0",
+                       hint="drop --temperature, or --speculative")
+    from qvl.runtime.speculative import DraftConfig
+
+    return DraftConfig() if draft_tokens is None else DraftConfig(max_draft=draft_tokens)
 
 
 @app.command("run")
@@ -406,18 +585,26 @@ def run_cmd(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)"),
     device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
+    max_image_tokens: Optional[int] = typer.Option(None, help=MAX_IMAGE_TOKENS_HELP),
+    min_pixels: Optional[int] = typer.Option(None, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
+    speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help=DRAFT_TOKENS_HELP),
 ):
     """Answer an image+text prompt from an artifact (torch-free), streaming the answer."""
     _check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    seed=seed, threads=threads)
+    draft = _draft_config(speculative, draft_tokens, temperature)
+    _check_image_limits(max_image_tokens, min_pixels, max_pixels)
     _check_text("--prompt", prompt)
     _check_text("--stop", *stop)
     from qvl.runtime import GenerationStats
 
     model = _load(artifact, device, threads)
+    model.prompts.set_image_limits(max_image_tokens, min_pixels, max_pixels, flags=True)
     stats = GenerationStats()
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                  seed=seed, stop=list(stop) or None, stats=stats)
+                  seed=seed, stop=list(stop) or None, stats=stats, speculative=draft)
     messages = _messages(image, prompt)
     if as_json:
         text = "".join(model.stream(messages, **kwargs))
@@ -427,7 +614,9 @@ def run_cmd(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    err.print(_stats_line(stats), highlight=False)
+    if stats.speculation_note:
+        err.print(f"note: {stats.speculation_note}", highlight=False, soft_wrap=True)
+    err.print(_stats_line(stats), highlight=False, soft_wrap=True)
 
 
 def _stats_dict(stats) -> dict:
@@ -439,12 +628,27 @@ def _stats_dict(stats) -> dict:
         "vision_s": round(stats.vision_seconds, 4),
         "prefill_s": round(stats.prefill_seconds, 4),
         "stop_reason": stats.stop_reason,
+        **({"speculation": stats.speculation.to_dict()} if stats.speculation is not None else {}),
+        **({"speculation_note": stats.speculation_note} if stats.speculation_note else {}),
     }
 
 
 def _stats_line(stats) -> str:
-    return (f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
+    line = (f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
             f"time to first token {stats.time_to_first_token:.3f} s, decode {stats.decode_tokens_per_second:.1f} tok/s]")
+    spec = stats.speculation
+    if spec is not None:  # decode steps after the prefill, drafted tokens the verify steps accepted
+        line = line[:-1] + (f"; speculative: {spec.steps} steps, {spec.accepted} of {spec.drafted} drafted tokens "
+                            f"accepted, {spec.tokens_per_step:.2f} tokens/step]")
+    return line
+
+
+def _chat_stats_line(stats) -> str:
+    """`_stats_line` plus what the session's caches saved: reused prompt tokens, images not encoded again."""
+    extra = f"{stats.reused_tokens} of {stats.prompt_tokens} prompt tokens reused from the prefix cache"
+    if stats.images_encoded or stats.image_cache_hits:
+        extra += f", images: {stats.images_encoded} encoded, {stats.image_cache_hits} from the image cache"
+    return _stats_line(stats)[:-1] + f"; {extra}]"
 
 
 @app.command("chat")
@@ -453,14 +657,30 @@ def chat_cmd(
     max_new_tokens: int = typer.Option(256),
     threads: Optional[int] = typer.Option(None),
     device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache",
+                                      help="keep the conversation's KV cache and encoded images between turns"),
+    max_image_tokens: Optional[int] = typer.Option(None, help=MAX_IMAGE_TOKENS_HELP),
+    min_pixels: Optional[int] = typer.Option(None, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
+    speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help=DRAFT_TOKENS_HELP),
 ):
-    """Interactive multi-turn chat. Attach an image with `/image PATH`; `/reset` clears; Ctrl-D quits."""
+    """Interactive multi-turn chat. Attach an image with `/image PATH`; `/reset` clears; Ctrl-D quits.
+
+    Each turn prefills only what the previous turns have not (the prefix cache); `--no-prefix-cache` re-runs
+    the whole conversation every turn."""
     _check_options(max_new_tokens=max_new_tokens, threads=threads)
+    draft = _draft_config(speculative, draft_tokens, None)
+    _check_image_limits(max_image_tokens, min_pixels, max_pixels)
     from qvl.runtime import GenerationStats
 
     model = _load(artifact, device, threads)
+    model.prompts.set_image_limits(max_image_tokens, min_pixels, max_pixels, flags=True)
+    session = model.session() if prefix_cache else None
+    generate = session.stream if session is not None else model.stream
     history: list[dict] = []
     pending: list[dict] = []
+    noted = False
     err.print("chat: type a message; /image PATH attaches an image; /reset; Ctrl-D to quit")
     while True:
         try:
@@ -475,6 +695,8 @@ def chat_cmd(
             continue
         if line.strip() == "/reset":
             history, pending = [], []
+            if session is not None:
+                session.reset()  # frees the KV cache and forgets the encoded images
             continue
         if not line.strip():
             continue
@@ -483,7 +705,7 @@ def chat_cmd(
         stats = GenerationStats()
         try:
             pieces = []
-            for piece in model.stream(history, max_new_tokens=max_new_tokens, stats=stats):
+            for piece in generate(history, max_new_tokens=max_new_tokens, stats=stats, speculative=draft):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -493,7 +715,13 @@ def chat_cmd(
             continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(pieces)})
-        err.print(_stats_line(stats), highlight=False)
+        if stats.speculation_note and not noted:  # once per chat: the artifact does not change
+            noted = True
+            err.print(f"note: {stats.speculation_note}", highlight=False, soft_wrap=True)
+        err.print(_chat_stats_line(stats) if session is not None else _stats_line(stats), highlight=False,
+                  soft_wrap=True)
+    if session is not None:
+        session.close()
 
 
 @app.command("demo")

@@ -12,10 +12,19 @@
   st_mtime_ns, st_ctime_ns) and the manifest's whole-file digest. A later load with all of these equal skips
   the re-hash; any write to the file changes its mtime/ctime and the next load hashes it again. An
   unwritable cache only means verifying every time.
+* **Weight objects** (format 2, `artifacts/content_store.py`): one file per distinct tensor payload,
+  `weights/<blake3 hex>`, the name being the blake3 of the whole file; `manifest["weights"]` lists
+  `objects` {hex: bytes} and `digest`, the set's digest (`objects_digest`). Their verified records are per
+  inode, not per path -- `verified/objects/<hex[:2]>/<hex>.<st_dev>.<st_ino>.<size>.<mtime_ns>.<ctime_ns>`,
+  empty files -- so every artifact hard-linking one cached payload shares one record, and a warm start costs a
+  stat of the payload and one of its record. Making a hard link changes the inode's ctime: the writer that
+  links refreshes the record afterwards (`write_object_record`), and any other change makes the next load
+  hash that payload (only that one) again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -30,7 +39,7 @@ CHUNK_BYTES = 64 << 20
 _ROOT_TAG = b"qvl-weights-v1\0"
 RECORD_VERSION = 1
 # Counts whole weight-store hashes in this process (tests use it to see that a warm start did not re-hash).
-STATS = {"weight_store_hashes": 0}
+STATS = {"weight_store_hashes": 0, "weight_objects_hashed": 0}
 
 
 def _blake3(data=b""):
@@ -175,6 +184,136 @@ def verify_sha256(path: Path, sha256: str, what: str) -> str:
     return "verified"
 
 
+# -- weight objects (format 2) ------------------------------------------------------------------------------
+
+OBJECTS_LAYOUT = "objects"
+OBJECTS_DIR = "weights"
+_SET_TAG = b"qvl-weight-objects-v1\0"
+
+
+def hash_file(path: Path) -> str:
+    """blake3 of a whole file of any size, from a read-only memory map (multi-threaded, no copy into Python)."""
+    h = _blake3()
+    with Path(path).open("rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    h.update(view)
+                finally:
+                    view.release()
+    return h.hexdigest()
+
+
+def hash_bytes(data) -> str:
+    return _blake3(data).hexdigest()
+
+
+def objects_digest(objects: dict) -> str:
+    """The digest of a set of weight objects {hex: bytes} (order-independent)."""
+    h = _blake3(_SET_TAG)
+    for name in sorted(objects):
+        h.update(f"{name}:{objects[name]}\n".encode())
+    return h.hexdigest()
+
+
+def object_file(name: str) -> str:
+    """The artifact-relative path of the weight object `name` (its blake3 hex)."""
+    return f"{OBJECTS_DIR}/{name}"
+
+
+def objects_section(out_dir: Path) -> dict:
+    """`manifest["weights"]` of a format-2 artifact: every file in `out_dir/weights` (each named by the blake3 of
+    its bytes: the writers put only verified payloads there), its size, the total and the set's digest."""
+    import re
+
+    objects = {}
+    for e in sorted(os.scandir(Path(out_dir) / OBJECTS_DIR), key=lambda e: e.name):
+        if not re.fullmatch(r"[0-9a-f]{64}", e.name) or not e.is_file(follow_symlinks=False):
+            raise QvlError(f"{OBJECTS_DIR}/{e.name} is not a weight object (a blake3-named regular file)")
+        objects[e.name] = e.stat(follow_symlinks=False).st_size
+    return {"layout": OBJECTS_LAYOUT, "dir": OBJECTS_DIR, "algorithm": ALGORITHM, "bytes": sum(objects.values()),
+            "objects": objects, "digest": objects_digest(objects)}
+
+
+def _object_record_dir(name: str) -> Path:
+    return cache_dir() / "verified" / "objects" / name[:2]
+
+
+def _object_record_name(name: str, st: os.stat_result) -> str:
+    return f"{name}.{st.st_dev}.{st.st_ino}.{st.st_size}.{st.st_mtime_ns}.{st.st_ctime_ns}"
+
+
+def has_object_record(name: str, st: os.stat_result) -> bool:
+    """A verified record for exactly this inode (device, inode, size, times) holding the payload `name`."""
+    return (_object_record_dir(name) / _object_record_name(name, st)).is_file()
+
+
+def write_object_record(name: str, st: os.stat_result) -> bool:
+    """Record that the inode `st` describes holds the payload `name` (replacing that inode's older records);
+    False if the cache is unwritable."""
+    d = _object_record_dir(name)
+    rec = _object_record_name(name, st)
+    stale = f"{name}.{st.st_dev}.{st.st_ino}."
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(d / rec, os.O_WRONLY | os.O_CREAT, 0o644))  # empty: complete as soon as it exists
+        for e in os.scandir(d):
+            if e.name.startswith(stale) and e.name != rec:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+    except OSError:
+        return False
+    return True
+
+
+def forget_object_records(name: str, st: os.stat_result | None = None) -> None:
+    """Drop the records of payload `name` (of one inode if `st` is given), e.g. when the cache deletes it."""
+    d = _object_record_dir(name)
+    prefix = f"{name}.{st.st_dev}.{st.st_ino}." if st is not None else f"{name}."
+    with contextlib.suppress(OSError):
+        for e in os.scandir(d):
+            if e.name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+
+
+def verify_object(path: Path, name: str, size: int, use_record: bool = True) -> str:
+    """One weight object against its name (blake3 hex) and size: 'cached' or 'verified' (then recorded)."""
+    path = Path(path)
+    shown = f"{path.parent.name}/{name[:16]}"
+    try:
+        before = path.stat()
+    except FileNotFoundError:
+        raise QvlError(f"artifact weight object missing: {shown}",
+                       hint="the artifact is incomplete: copy it again, or re-compile it") from None
+    if before.st_size != size:
+        raise QvlError(f"artifact weight object {shown} has {before.st_size} bytes, manifest says {size}",
+                       hint="it is truncated or modified: re-compile the artifact (it may be shared through the weight cache: "
+                            "`qvl-compile cache verify`)")
+    if use_record and has_object_record(name, before):
+        return "cached"
+    STATS["weight_objects_hashed"] += 1
+    if hash_file(path) != name:
+        raise QvlError(f"artifact weight object {shown} does not match its blake3 digest (corrupt or modified)",
+                       hint="re-compile the artifact or copy it again from a good source (a payload shared through the "
+                            "weight cache is damaged for every artifact using it: `qvl-compile cache verify`)")
+    after = path.stat()
+    if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == (before.st_mtime_ns, before.st_ctime_ns, before.st_size):
+        write_object_record(name, after)
+    return "verified"
+
+
+def verify_objects(artifact: Path, section: dict, use_record: bool = True) -> str:
+    """Every weight object of a format-2 artifact: 'cached' (every payload's record matched) or 'verified'."""
+    states = {verify_object(Path(artifact) / section["dir"] / name, name, size, use_record)
+              for name, size in section["objects"].items()}
+    if "verified" in states:
+        STATS["weight_store_hashes"] += 1
+        return "verified"
+    return "cached"
+
+
 # -- paths -------------------------------------------------------------------------------------------------
 
 
@@ -213,4 +352,6 @@ def verify_artifact(artifact: Path) -> dict:
     summary["seconds"] = time.perf_counter() - t0
     summary["digest"] = manifest.weights.digest
     summary["chunks"] = len(manifest.weights.chunks)
+    summary["objects"] = len(manifest.weights.objects)
+    summary["format_version"] = manifest.format_version
     return summary

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from qvl.artifacts import integrity
 from qvl.artifacts.onnx_refs import scan_graph
-from qvl.artifacts.schema import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SIDE_FILES, WEIGHTS,  # noqa: F401 (re-exported)
-                                  Manifest)
+from qvl.artifacts.schema import (FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_OBJECTS, MANIFEST,  # noqa: F401 (re-exported)
+                                  SIDE_FILES, WEIGHTS, Manifest)
 from qvl.errors import QvlError
 
 
@@ -76,9 +76,14 @@ def write_manifest(out_dir: Path, manifest: "dict | Manifest") -> Manifest:
     out_dir = Path(out_dir)
     if isinstance(manifest, Manifest):
         manifest = manifest.derive()
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest}
-    name = (manifest.get("weights") or {}).get("file", WEIGHTS)
-    manifest["weights"] = {"file": name, **integrity.weights_digests(out_dir / name)}
+    if (manifest.get("weights") or {}).get("layout") == integrity.OBJECTS_LAYOUT:
+        # format 2: content-addressed objects in weights/ (artifacts/content_store.py)
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION_OBJECTS, **manifest}
+        manifest["weights"] = integrity.objects_section(out_dir)
+    else:
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest}
+        name = (manifest.get("weights") or {}).get("file", WEIGHTS)
+        manifest["weights"] = {"file": name, **integrity.weights_digests(out_dir / name)}
     manifest["side_files"] = side_file_digests(out_dir)
     manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     text = json.dumps(manifest, indent=2, sort_keys=False)
@@ -108,6 +113,7 @@ def _verify_files(m: Manifest, weights: str, summary: dict) -> None:
             raise QvlError(f"artifact side file {name} does not match its manifest hash (corrupt or modified)")
         files, nbytes = files + 1, nbytes + s.bytes
     optimized = m.ort_optimized.graphs if m.ort_optimized is not None else {}
+    weight_files = m.weights.files
     for name, g in [*m.graphs.items(), *optimized.items()]:
         f = artifact / g.file
         if not f.is_file():
@@ -115,17 +121,42 @@ def _verify_files(m: Manifest, weights: str, summary: dict) -> None:
         if sha256_file(f) != g.sha256:
             raise QvlError(f"artifact graph {g.file} does not match its manifest hash (corrupt or modified)")
         refs = scan_graph(f)
-        bad = {loc for loc in refs.external.values() if loc != m.weights.file}
+        bad = {loc for loc in refs.external.values() if loc not in weight_files}
         if bad:
-            raise QvlError(f"artifact graph {g.file} reads weights from {sorted(map(str, bad))[0]!r}, "
-                           f"not the manifest's weight store {m.weights.file!r}")
+            raise QvlError(f"artifact graph {g.file} reads weights from {sorted(map(str, bad))[0]!r}, " + (
+                "not one of the manifest's weight objects" if m.weights.is_objects
+                else f"not the manifest's weight store {m.weights.file!r}"))
         sig = m.graphs[name]  # an optimized graph has its plain graph's I/O
         if refs.inputs != sig.input_names or refs.outputs != sig.output_names:
             raise QvlError(f"artifact graph {g.file} does not have the inputs/outputs its manifest entry records")
         files, nbytes = files + 1, nbytes + f.stat().st_size
-    store = artifact / m.weights.file
-    summary["weights"] = integrity.verify_weights(store, m.weights.record, use_record=weights != "full")
-    summary.update(files=files + 2, bytes=nbytes + m.weights.bytes + (artifact / MANIFEST).stat().st_size)
+    if m.weights.is_objects:
+        summary["weights"] = integrity.verify_objects(artifact, m.weights.record, use_record=weights != "full")
+        files += len(m.weights.objects)
+    else:
+        summary["weights"] = integrity.verify_weights(artifact / m.weights.file, m.weights.record, use_record=weights != "full")
+        files += 1
+    summary.update(files=files + 1, bytes=nbytes + m.weights.bytes + (artifact / MANIFEST).stat().st_size)
+
+
+def _check_objects_present(m: Manifest) -> None:
+    """Format 2: every weight object is a regular file (no symlink: a hard link into the cache is one) of its size."""
+    import stat
+
+    d = m.artifact_dir / m.weights.dir
+    for name, size in m.weights.objects.items():
+        shown = f"{m.weights.dir}/{name[:16]}"
+        try:
+            st = os.lstat(d / name)
+        except FileNotFoundError:
+            raise QvlError(f"artifact weight object missing: {shown}",
+                           hint="the artifact is incomplete: copy it again (e.g. `cp -r`), or re-compile it") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise QvlError(f"artifact weight object {shown} is not a regular file (a symlink?)",
+                           hint="copy the file into the artifact instead of linking to it")
+        if st.st_size != size:
+            raise QvlError(f"artifact weight object {shown} has {st.st_size} bytes, manifest says {size}",
+                           hint="it is truncated or modified: re-compile the artifact")
 
 
 def read_manifest(artifact: Path, verify_graphs: bool = True, weights: str = "cached", summary: dict | None = None) -> Manifest:
@@ -147,6 +178,11 @@ def read_manifest(artifact: Path, verify_graphs: bool = True, weights: str = "ca
     except (OSError, ValueError, RecursionError) as exc:
         raise QvlError(f"corrupt manifest {path}: {str(exc)[:200]}") from None
     manifest = Manifest.from_json(raw, artifact, where=str(path))
+    if manifest.weights.is_objects:
+        _check_objects_present(manifest)
+        if verify_graphs:
+            _verify_files(manifest, weights, summary if summary is not None else {})
+        return manifest
     store = artifact / manifest.weights.file
     if not store.is_file():
         raise QvlError(f"artifact weight store missing: {manifest.weights.file}")

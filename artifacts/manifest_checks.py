@@ -11,7 +11,11 @@ from qvl.artifacts import integrity
 from qvl.errors import QvlError
 
 FORMAT_NAME = "qvl-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one `weights.bin` per artifact: what every writer produces, the self-contained deliverable
+# Format 2: the weights are content-addressed objects `weights/<blake3>`, one per distinct tensor payload, hard
+# links into the weight cache when written through it (`artifacts/content_store.py`). Readers take both.
+FORMAT_VERSION_OBJECTS = 2
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_OBJECTS)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 # Files the runtime needs besides graphs and weights, copied from the checkpoint.
@@ -78,9 +82,23 @@ def _check_graph_entries(graphs, where: str, signature: bool) -> None:
             _check_signature(name, g)
 
 
+def _weight_file_bytes(weights: dict, file) -> int | None:
+    """Size of the weight file `file` names (the store, or a format-2 object), None if it is none of them."""
+    if weights.get("layout") == integrity.OBJECTS_LAYOUT:
+        prefix = weights["dir"] + "/"
+        if isinstance(file, str) and file.startswith(prefix):
+            return weights["objects"].get(file[len(prefix):])
+        return None
+    return weights["bytes"] if file == weights["file"] else None
+
+
 def _check_tensor_ref(t, weights: dict, what: str, shape_len: int | None = None) -> None:
     _need(isinstance(t, dict), f"{what} is not an object")
-    _need(t.get("file", weights["file"]) == weights["file"], f"{what} reads {t.get('file')!r}, not the weight store {weights['file']!r}")
+    objects = weights.get("layout") == integrity.OBJECTS_LAYOUT
+    file = t.get("file") if objects else t.get("file", weights["file"])
+    size = _weight_file_bytes(weights, file)
+    _need(size is not None, f"{what} reads {file!r}, not " + (
+        "one of the artifact's weight objects" if objects else f"the weight store {weights['file']!r}"))
     shape = t.get("shape")
     _need(isinstance(shape, list) and all(_is_int(d, 0, 1 << 40) for d in shape) and (shape_len is None or len(shape) == shape_len),
           f"{what} has a malformed shape")
@@ -89,7 +107,7 @@ def _check_tensor_ref(t, weights: dict, what: str, shape_len: int | None = None)
     n = _ITEMSIZE[t["dtype"]]
     for d in shape:
         n *= d
-    _need(t["offset"] + n <= weights["bytes"], f"{what} reaches past the end of the weight store")
+    _need(t["offset"] + n <= size, f"{what} reaches past the end of the weight " + ("object" if objects else "store"))
 
 
 def _check_kit(kit: dict, graphs: dict) -> None:
@@ -108,6 +126,29 @@ def _check_kit(kit: dict, graphs: dict) -> None:
     _need(isinstance(fit, dict) and isinstance(fit.get("selected", {}), dict), "kit.memory_fit is not an object")
 
 
+def _check_weights(w: dict, version: int) -> None:
+    _need(w.get("algorithm") == integrity.ALGORITHM,
+          f"weights are not digested with {integrity.ALGORITHM} (written by an older qvl-compile?)")
+    if version == FORMAT_VERSION_OBJECTS:
+        _need(w.get("layout") == integrity.OBJECTS_LAYOUT and w.get("dir") == integrity.OBJECTS_DIR,
+              f"format {version} weights must be layout {integrity.OBJECTS_LAYOUT!r} in {integrity.OBJECTS_DIR!r}")
+        objects = w.get("objects")
+        _need(isinstance(objects, dict) and all(isinstance(k, str) and _HEX64.fullmatch(k) and _is_int(v) for k, v in objects.items()),
+              "weights.objects is not a map of blake3 digests to sizes")
+        _need(_is_int(w.get("bytes")) and w["bytes"] == sum(objects.values()), "weights.bytes is not the objects' total")
+        _need(isinstance(w.get("digest"), str) and w["digest"] == integrity.objects_digest(objects),
+              "weights.digest does not match weights.objects")
+        return
+    _need("layout" not in w, f"format {version} weights have no layout (format {FORMAT_VERSION_OBJECTS} has)")
+    _need(isinstance(w.get("file"), str), "weights has no file")
+    _need(_is_int(w.get("bytes")) and _is_int(w.get("chunk_bytes"), 4096, 1 << 40), "weights has a malformed size or chunk size")
+    chunks = w.get("chunks")
+    _need(isinstance(chunks, list) and len(chunks) == -(-w["bytes"] // w["chunk_bytes"])
+          and all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks), "weights.chunks does not cover the store")
+    _need(isinstance(w.get("digest"), str) and w["digest"] == integrity.root_digest(w["bytes"], w["chunk_bytes"], chunks),
+          "weights.digest does not match weights.chunks")
+
+
 def check_schema(m) -> None:
     """Types of every manifest field the toolchain and runtime read (format and version checked before)."""
     graphs = _section(m, "graphs")
@@ -118,15 +159,7 @@ def check_schema(m) -> None:
         _check_graph_entries(opt.get("graphs", {}), "ort_optimized.graphs", signature=False)
         _need(set(opt.get("graphs", {})) <= set(graphs), "ort_optimized names a graph the artifact does not have")
     w = _section(m, "weights")
-    _need(isinstance(w.get("file"), str), "weights has no file")
-    _need(w.get("algorithm") == integrity.ALGORITHM,
-          f"weights are not digested with {integrity.ALGORITHM} (written by an older qvl-compile?)")
-    _need(_is_int(w.get("bytes")) and _is_int(w.get("chunk_bytes"), 4096, 1 << 40), "weights has a malformed size or chunk size")
-    chunks = w.get("chunks")
-    _need(isinstance(chunks, list) and len(chunks) == -(-w["bytes"] // w["chunk_bytes"])
-          and all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks), "weights.chunks does not cover the store")
-    _need(isinstance(w.get("digest"), str) and w["digest"] == integrity.root_digest(w["bytes"], w["chunk_bytes"], chunks),
-          "weights.digest does not match weights.chunks")
+    _check_weights(w, m["format_version"])
     side = _section(m, "side_files")
     for name, s in side.items():
         _need(name in SIDE_FILES, f"side_files names {name!r}, not a side file")
@@ -143,7 +176,11 @@ def check_schema(m) -> None:
     _need(isinstance(source.get("sha256", ""), str), "source.sha256 is not a string")
     emb = _section(m, "embedding")
     if emb.get("format") == EMBEDDING_MATMULNBITS:
-        _need(emb.get("file", w["file"]) == w["file"], f"embedding reads {emb.get('file')!r}, not the weight store")
+        if w.get("layout") == integrity.OBJECTS_LAYOUT:  # format 2: every part names its own object
+            _need(emb.get("file") is None or _weight_file_bytes(w, emb["file"]) is not None,
+                  f"embedding reads {emb.get('file')!r}, not one of the artifact's weight objects")
+        else:
+            _need(emb.get("file", w["file"]) == w["file"], f"embedding reads {emb.get('file')!r}, not the weight store")
         _need(isinstance(emb.get("shape"), list) and len(emb["shape"]) == 2 and all(_is_int(d, 1, 1 << 40) for d in emb["shape"]),
               "embedding has a malformed shape")
         _need(_is_int(emb.get("bits"), 1, 8) and _is_int(emb.get("block_size"), 1, 1 << 20), "embedding has malformed bits/block_size")
@@ -197,7 +234,10 @@ def check_model(m: dict) -> None:
 def check_paths(artifact: Path, m: dict) -> None:
     """Every path the manifest names stays inside the artifact directory; no unrecorded side file."""
     w = m["weights"]
-    integrity.contained(artifact, w["file"], "weight store")
+    if w.get("layout") == integrity.OBJECTS_LAYOUT:  # each object is checked to be a regular file when read
+        integrity.contained(artifact, w["dir"], "weight object directory")
+    else:
+        integrity.contained(artifact, w["file"], "weight store")
     for where, graphs in (("graph", m["graphs"]), ("optimized graph", (m.get("ort_optimized") or {}).get("graphs", {}))):
         for g in graphs.values():
             integrity.contained(artifact, g["file"], where)
@@ -213,9 +253,10 @@ def check_manifest(raw, where: str = MANIFEST) -> None:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise QvlError(f"{where} is not a qvl-compile manifest")
     version = raw.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READ_VERSIONS:
         raise QvlError(
-            f"artifact format version {str(version)[:40]} is not supported (this qvl-compile reads {FORMAT_VERSION})",
+            f"artifact format version {str(version)[:40]} is not supported (this qvl-compile reads "
+            f"{' and '.join(map(str, READ_VERSIONS))})",
             hint="re-export the checkpoint with this qvl-compile version",
         )
     try:

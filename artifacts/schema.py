@@ -8,7 +8,8 @@ keys of every section are kept in `extra`), so the on-disk format does not depen
 
 Sections (keys of the top-level object):
 
-* `format` / `format_version` -- `"qvl-artifact"`, `FORMAT_VERSION`;
+* `format` / `format_version` -- `"qvl-artifact"`, `FORMAT_VERSION` (1: one `weights.bin`) or
+  `FORMAT_VERSION_OBJECTS` (2: content-addressed weight objects `weights/<blake3>`, see `artifacts/content_store.py`);
 * `target`, `created`, `tool_versions`, `steps` -- strings / opaque reports;
 * `source` (`Source`), `model` (`ModelInfo`), `graphs` (`GraphEntry` per name), `weights` (`Weights`),
   `embedding` (`Embedding`: dense, or `format: "matmulnbits"` with `TensorRef` parts), `side_files`
@@ -31,7 +32,7 @@ from typing import Mapping
 from qvl.errors import QvlError
 
 from qvl.artifacts.manifest_checks import (  # noqa: F401 (the format's constants are re-exported here)
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, SIDE_FILES, KIT_FORMAT, KIT_VERSION, EMBEDDING_MATMULNBITS, check_paths, check_manifest, _need, _Bad, _check_kit,
+    FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_OBJECTS, READ_VERSIONS, MANIFEST, WEIGHTS, SIDE_FILES, KIT_FORMAT, KIT_VERSION, EMBEDDING_MATMULNBITS, check_paths, check_manifest, _need, _Bad, _check_kit,
 )
 
 
@@ -128,22 +129,40 @@ class GraphEntry(_Json):
 
 @dataclass(frozen=True)
 class Weights(_Json):
-    """`weights`: the shared weight store and its blake3 chunk digests (`integrity.weights_digests`)."""
+    """`weights`. Format 1: the shared weight store `file` and its blake3 chunk digests (`integrity.weights_digests`).
+    Format 2 (`layout: "objects"`): the content-addressed objects in `dir`, `objects` {blake3 hex: bytes}, each
+    file named by the digest of its bytes; `digest` is the set's (`integrity.objects_digest`)."""
 
-    file: str
     bytes: int
+    file: str | None = None
     algorithm: str | None = None
     chunk_bytes: int | None = None
     chunks: tuple = ()
     digest: str | None = None
+    layout: str | None = None
+    dir: str | None = None
+    objects: Mapping = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d):
         return cls._load(d, chunks=tuple)
 
     @property
+    def is_objects(self) -> bool:
+        return self.layout == "objects"
+
+    @property
+    def files(self) -> dict[str, int]:
+        """Every weight file of the artifact (relative path -> bytes): the store, or each object."""
+        if self.is_objects:
+            return {f"{self.dir}/{name}": size for name, size in self.objects.items()}
+        return {self.file: self.bytes}
+
+    @property
     def record(self) -> dict:
-        """What `integrity.verify_weights` checks against."""
+        """What `integrity.verify_weights` (format 1) / `verify_objects` (format 2) checks against."""
+        if self.is_objects:
+            return {"dir": self.dir, "objects": dict(self.objects), "bytes": self.bytes, "digest": self.digest}
         return {"bytes": self.bytes, "chunk_bytes": self.chunk_bytes, "chunks": list(self.chunks), "digest": self.digest}
 
 
@@ -418,7 +437,7 @@ def load_kit(kit) -> Kit:
 
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "SIDE_FILES", "KIT_FORMAT", "KIT_VERSION",
+    "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_VERSION_OBJECTS", "READ_VERSIONS", "MANIFEST", "WEIGHTS", "SIDE_FILES", "KIT_FORMAT", "KIT_VERSION",
     "Manifest", "Source", "ModelInfo", "GraphEntry", "IOValue", "Weights", "SideFile", "TensorRef", "Embedding",
     "DecoderInfo", "OrtOptimized", "OptimizedGraph", "Kit", "KitGraph", "KitBuild", "MemoryFit", "load_kit",
     "check_manifest", "check_paths",

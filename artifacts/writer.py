@@ -18,12 +18,14 @@ Writers need onnx_ir (graphs); nothing here imports torch or transformers, and t
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from qvl.artifacts import manifest as mf
+from qvl.artifacts.integrity import OBJECTS_LAYOUT
 from qvl.artifacts.schema import WEIGHTS, Manifest
 from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers
 from qvl.passes.precision import LM_HEAD_LAYER  # `qvl.layer` of the tied lm_head
@@ -91,10 +93,38 @@ def save_graphs_in_place(graphs: dict, out_dir: Path, files: dict, ir_version_ca
 
 
 def load_graphs(manifest: Manifest) -> dict:
-    """The artifact's graphs as onnx-ir models (external weights stay references into the store)."""
+    """The artifact's graphs as onnx-ir models (external weights stay references into the store; a format-2
+    artifact's cached payloads are memory-mapped, see `_map_weight_objects`)."""
     import onnx_ir as ir
 
-    return {name: ir.load(str(manifest.graph_path(name))) for name in manifest.graphs}
+    graphs = {name: ir.load(str(manifest.graph_path(name))) for name in manifest.graphs}
+    if manifest.weights.is_objects:
+        for model in graphs.values():
+            _map_weight_objects(model, manifest)
+    return graphs
+
+
+def _map_weight_objects(model, manifest: Manifest) -> None:
+    """Replace each initializer that references a format-2 weight object by a read-only memory map of it.
+
+    onnx-ir >= 1.1 (like onnx >= 1.19) refuses external-data files with more than one hard link (a guard against
+    a hard-linked secret passing its path checks), and a cached payload is such a link by design (the weight
+    cache and every artifact using it). `read_manifest` has checked each object's bytes against the blake3 its
+    name and the manifest record -- content the writer chose, so nothing unknown is read -- and numpy maps them
+    without the guard. The models are re-saved through `save_graphs` (a new store); no copy is made here."""
+    import numpy as np
+    import onnx_ir as ir
+
+    files = manifest.weights.files
+    for name, value in model.graph.initializers.items():
+        t = value.const_value
+        if not isinstance(t, ir.ExternalTensor) or t.location not in files:
+            continue
+        if t.dtype.bitwidth % 8:
+            raise RuntimeError(f"{name}: {t.dtype} payloads are not byte-aligned; cannot map them")
+        arr = np.memmap(manifest.path(t.location), dtype=t.dtype.numpy(), mode="r", offset=int(t.offset or 0),
+                        shape=tuple(int(d) for d in t.shape))
+        value.const_value = ir.Tensor(arr, dtype=t.dtype, name=name)
 
 
 # -- the embedding entry ---------------------------------------------------------------------------------------
@@ -161,9 +191,28 @@ def write_artifact(out_dir: Path, fields: dict, *, side_files_from: Path | None 
     out_dir = Path(out_dir)
     if side_files_from is not None:
         mf.copy_side_files(side_files_from, out_dir)
-    name = (fields.get("weights") or {}).get("file", WEIGHTS)
+    w = fields.get("weights") or {}
+    if w.get("layout") == OBJECTS_LAYOUT and not (out_dir / WEIGHTS).is_file():
+        # format 2 (a copy of a cached artifact whose weight objects were linked in: `link_weight_files`);
+        # a writer that saved a new `weights.bin` gets format 1 whatever its source was
+        return mf.write_manifest(out_dir, {**fields, "weights": {"layout": OBJECTS_LAYOUT}})
+    name = w.get("file") or WEIGHTS
     fields = {**fields, "weights": {"file": name, "bytes": (out_dir / name).stat().st_size}}
     return mf.write_manifest(out_dir, fields)
+
+
+def link_weight_files(manifest: Manifest, dst_dir: Path) -> None:
+    """Hard-link (else copy) every weight file of `manifest` (its `weights.bin`, or each format-2 object) into
+    `dst_dir` under the same relative path, for a scratch artifact whose graphs keep the same references."""
+    for rel in manifest.weights.files:
+        dst = Path(dst_dir) / rel
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(manifest.path(rel), dst)  # ONNX Runtime refuses external data outside the model's folder, and symlinks
+        except OSError:
+            shutil.copyfile(manifest.path(rel), dst)
 
 
 def step_record(name: str, t0: float, store: WeightStoreWriter | None = None, reports: dict | None = None, **more) -> dict:

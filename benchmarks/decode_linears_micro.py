@@ -25,6 +25,14 @@ H, KV, F = 2048, 1024, 6144  # hidden, k/v width (8 heads x 128), MLP
 
 
 def _nbits(name, x, w, bits, blk, acc, inits, nodes):
+    if bits == 0:  # DynamicQuantizeMatMul: int8 [K, N] weights, per-column scales, activations quantized per call
+        scale = (np.abs(w).max(axis=1) / 127.0).astype(np.float32)
+        codes = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+        inits += [numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{name}.B"),
+                  numpy_helper.from_array(scale, f"{name}.S")]
+        nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"{name}.B", f"{name}.S"], [name],
+                                      domain="com.microsoft"))
+        return codes.nbytes + scale.nbytes
     q = quantize_blockwise(w, bits, blk, True)
     inits += [numpy_helper.from_array(q.packed, f"{name}.B"),
               numpy_helper.from_array(q.scales.reshape(-1).astype(np.float32), f"{name}.S")]
@@ -70,7 +78,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--configs", default="4:32:4,4:64:4,4:128:4,8:32:4,8:128:4,4:128:0")
+    # bits:block:level; bits 0 = DynamicQuantizeMatMul (int8 weights per column)
+    ap.add_argument("--configs", default="4:32:4,4:64:4,4:128:4,8:32:4,8:128:4,4:128:0,0:0:0")
+    ap.add_argument("--packed", default="0,1", help="0 separate, 1 packed, or both")
     ap.add_argument("--json")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -81,7 +91,7 @@ def main() -> None:
     variants = {}
     for cfg in a.configs.split(","):
         bits, blk, acc = map(int, cfg.split(":"))
-        for packed in (False, True):
+        for packed in [bool(int(p)) for p in a.packed.split(",")]:
             for ws, layers in (("resident", 1), ("streamed", a.layers)):
                 model, nbytes = build(layers, bits, blk, acc, packed, rng)
                 s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])

@@ -1,26 +1,33 @@
-"""Vision attention fusion: the vision tower's packed block-diagonal attention -> `com.microsoft.MultiHeadAttention`.
+"""Vision attention fusion: every vision block's attention -> `com.microsoft.MultiHeadAttention`.
 
-`VisionEncoderAdapter` (toolchain/export/adapters.py) exports every vision block's attention over all
-packed patches of all images as (N patches, H heads, Dh head size, D = H * Dh):
+`VisionEncoderAdapter` (toolchain/export/adapters.py) exports every vision block's attention over the
+patches of one call as (N patches, H heads, Dh head size, D = H * Dh):
 
     q, k, v = Squeeze(Slice(Transpose(Reshape(qkv, [-1, 3, H, Dh]), [1, 0, 2, 3])))    each [N, H, Dh]
     q, k    = rotate-half rotary with the host cos/sin tables                            (stays as is)
-    scores  = MatMul(Transpose(q, [1, 0, 2]), Transpose(k, [1, 2, 0])) * scale + bias    bias [N, N]
+    scores  = MatMul(Transpose(q, [1, 0, 2]), Transpose(k, [1, 2, 0])) * scale [+ bias]
     out     = Reshape(Transpose(MatMul(Softmax(scores), Transpose(v, [1, 0, 2])), [1, 0, 2]), [-1, D])
 
-`bias` is the block-diagonal image mask built once in the graph from `segment_ids` (0 inside an image,
-finfo.min across images). Every block's subgraph from the three Transposes to the final Reshape
-becomes
+Every block's subgraph from the three Transposes to the final Reshape becomes
 
     out = Reshape(MultiHeadAttention(Reshape(q, [1, -1, D]), Reshape(k, ...), Reshape(v, ...),
-                                     attention_bias=Unsqueeze(bias, [0, 1]), num_heads=H, scale=scale), [-1, D])
+                                     num_heads=H, scale=scale), [-1, D])
 
-with the patches as one batch-1 sequence and the mask as `attention_bias` `[1, 1, N, N]`: ORT's
-contrib spec allows `(batch or 1, heads or 1, S, total_S)` and adds it to `scale * Q K^T` before the
-softmax, which is exactly the exported computation. The Unsqueeze is emitted once per bias value and
-shared by all blocks. Rotary stays outside as ordinary ops: ORT's RotaryEmbedding takes a position-id
-indexed cos/sin cache of `[max_pos, Dh/2]`, while the graph gets per-patch `[N, Dh]` tables whose two
-halves are equal only by construction of the host code, which the graph cannot verify.
+with the patches as one batch-1 sequence. Current exports are one attention segment per call (an image
+or one video frame; the runtime calls the graph once per segment), so there is no bias and the fused
+node has no `attention_bias`: ONNX Runtime's CPU kernel then runs `MlasFlashAttention` (tiled, memory
+linear in N; it is taken only when there is no attention_bias / key_padding_mask / past / present),
+instead of materialising `[1, H, N, N]` scores.
+
+Artifacts exported before that (`export_artifact(..., packed_vision=True)`) carry a `bias`: the
+block-diagonal image mask built once in the graph from `segment_ids` (0 inside an image, finfo.min
+across images). It becomes `attention_bias=Unsqueeze(bias, [0, 1])` `[1, 1, N, N]` (ORT's contrib spec
+allows `(batch or 1, heads or 1, S, total_S)` and adds it to `scale * Q K^T` before the softmax, which is
+exactly the exported computation); the Unsqueeze is emitted once per bias value and shared by all blocks.
+
+Rotary stays outside as ordinary ops: ORT's RotaryEmbedding takes a position-id indexed cos/sin cache of
+`[max_pos, Dh/2]`, while the graph gets per-patch `[N, Dh]` tables whose two halves are equal only by
+construction of the host code, which the graph cannot verify.
 onnxscript's ort_fusions MHA rules are not reusable here: they expect `[B, S, D]` -> `[B, H, S, Dh]`
 layouts with a leading batch axis, not the packed `[N, H, Dh]` head-major layout of this tower.
 
@@ -157,9 +164,10 @@ class _PackedVisionAttention(pattern.RewriteRuleClassBase):
             y = op.Reshape(x, to_bsd)
             y.dtype, y.shape = x.dtype, ir.Shape([1, n, hidden])
             packed.append(y)
-        mask = self._bias4(op, attn_bias) if self._has_bias else None
+        # Without a bias the node takes q, k, v only (no trailing empty inputs): ORT's flash-kernel condition.
+        extra = (None, None, self._bias4(op, attn_bias)) if self._has_bias else ()
         attn = op.MultiHeadAttention(
-            *packed, None, None, mask,
+            *packed, *extra,
             num_heads=heads, scale=scalar_const(scale), _domain="com.microsoft",
         )
         attn.dtype, attn.shape = q.dtype, ir.Shape([1, n, hidden])
@@ -207,7 +215,7 @@ def _softmax_site(softmax: ir.Node) -> str:
 
 
 class VisionAttentionFusionPass(GraphPass):
-    """Fuse every vision block's packed masked attention into ORT MultiHeadAttention (ORT targets)."""
+    """Fuse every vision block's attention (unmasked, or a packed export's masked one) into ORT MultiHeadAttention."""
 
     name = "vision_attention_fusion"
     config_type = VisionAttentionFusionConfig

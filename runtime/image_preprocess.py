@@ -21,6 +21,13 @@ bit for bit. The steps and their dtypes, in transformers' order:
 Image files: `load_image` opens files lazily and rejects anything larger than `MAX_IMAGE_PIXELS`
 before decoding a pixel. Images below that cap but above the checkpoint's `max_pixels` are resized
 down exactly as transformers does, not rejected.
+
+Per request, `min_pixels` / `max_pixels` override the checkpoint's resize bounds exactly as the processor's
+call arguments do (`processor(images=..., min_pixels=..., max_pixels=...)`, or `size={"shortest_edge": ...,
+"longest_edge": ...}`): `ImageProcessorConfig.with_pixels`, `preprocess_images(..., min_pixels=, max_pixels=)`.
+`max_image_tokens` bounds what one image becomes (its `<|image_pad|>` count; the vision encoder runs once
+per image on merge_size**2 times as many patches): an image above it is a QvlError before it is resized,
+with the numbers and how to raise the limit or shrink the image.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import os
 import re
 import struct
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,6 +62,17 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _DEFAULT_MIN_PIXELS = 56 * 56
 _DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 _MAX_ASPECT_RATIO = 200
+
+# Default bound on the image tokens of one image (one vision call of 4x as many patches at merge size 2).
+# The vision graph runs one image at a time with ORT's flash attention, so its activation memory is linear in
+# the patches. Measured on a Qwen3-VL-2B-shaped vision tower (random fp32 weights, ORT 1.32 CPU, 2 threads), the
+# peak RSS of one call grows by 0.59 GB at 4096 patches and 1.18 GB at 8160 (a 1920x1080 photo, 2040 tokens) with
+# all 24 blocks, and by 2.0 GB at 16384 patches with 4 blocks (the peak hardly depends on depth: 0.52 vs 0.59 GB
+# at 4096): ~2.3 GB at this limit, on top of the weights (1.6 GB fp32, less quantized). 4096 tokens admits
+# 2048x2048-pixel (4.2 MP) images at patch 16, keeps one vision call near 2 GB, which an 8 GB laptop holds beside
+# the quantized 2B model, and bounds its O(N^2) compute; the published 2B preprocessor alone would allow 16384
+# tokens (4096x4096 pixels: ~9 GB and minutes per image on a laptop).
+DEFAULT_MAX_IMAGE_TOKENS = 4096
 _BICUBIC = 3  # PILImageResampling.BICUBIC
 
 
@@ -79,6 +98,21 @@ class ImageProcessorConfig:
     def factor(self) -> int:
         """Side lengths are multiples of this (one merged patch)."""
         return self.patch_size * self.merge_size
+
+    def with_pixels(self, min_pixels: int | None = None, max_pixels: int | None = None) -> "ImageProcessorConfig":
+        """This config with the resize bounds of one request (None keeps the checkpoint's): the processor's
+        `min_pixels=` / `max_pixels=` call arguments (`size.shortest_edge` / `size.longest_edge`). Giving both
+        with min > max is refused; one bound that crosses the checkpoint's other one is taken as transformers
+        takes it (`smart_resize` applies max_pixels first)."""
+        check_image_limits(min_pixels=min_pixels, max_pixels=max_pixels)
+        if min_pixels is None and max_pixels is None:
+            return self
+        if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+            raise QvlError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})",
+                           hint="give min_pixels <= max_pixels")
+        lo = self.min_pixels if min_pixels is None else int(min_pixels)
+        hi = self.max_pixels if max_pixels is None else int(max_pixels)
+        return dataclasses.replace(self, min_pixels=lo, max_pixels=hi)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageProcessorConfig":
@@ -447,25 +481,82 @@ def preprocess_image(image: Any, cfg: ImageProcessorConfig) -> tuple[np.ndarray,
     return patches, (1, grid_h, grid_w)
 
 
-def preprocess_images(images: Sequence[Any] | Any, cfg: ImageProcessorConfig) -> tuple[np.ndarray, np.ndarray]:
+def check_image_limits(flags: bool = False, **values) -> None:
+    """QvlError unless each given limit (`max_image_tokens`, `min_pixels`, `max_pixels`) is an integer >= 1;
+    `flags=True` names them as CLI flags. None means not given."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            label = "--" + name.replace("_", "-") if flags else name
+            raise QvlError(f"{label} must be an integer >= 1, got {value!r}")
+
+
+def image_tokens(image: Image.Image | np.ndarray, cfg: ImageProcessorConfig) -> int:
+    """How many `<|image_pad|>` tokens a loaded image becomes (before it is resized)."""
+    height, width = (image.size[1], image.size[0]) if isinstance(image, Image.Image) else image.shape[:2]
+    return num_image_tokens(height, width, cfg)
+
+
+def check_image_tokens(images: Sequence[Image.Image | np.ndarray], cfgs: Sequence[ImageProcessorConfig],
+                       max_image_tokens: int | None) -> None:
+    """QvlError for the first image that becomes more than `max_image_tokens` tokens (None: no limit)."""
+    if max_image_tokens is None:
+        return
+    check_image_limits(max_image_tokens=max_image_tokens)
+    for i, (image, cfg) in enumerate(zip(images, cfgs)):
+        tokens = image_tokens(image, cfg)
+        if tokens > max_image_tokens:
+            height, width = (image.size[1], image.size[0]) if isinstance(image, Image.Image) else image.shape[:2]
+            h, w = target_size(height, width, cfg)
+            patches = tokens * cfg.merge_size**2
+            raise QvlError(
+                f"image {i + 1} ({width}x{height}, resized to {w}x{h}) is {tokens} image tokens ({patches} patches in "
+                f"one vision call), more than the limit of {max_image_tokens} per image",
+                hint="raise the limit (--max-image-tokens / max_image_tokens=; vision memory grows with it) or shrink "
+                     "the image (--max-pixels / max_pixels=, e.g. "
+                     f"{max_image_tokens * cfg.factor**2} for {max_image_tokens} tokens)",
+            )
+
+
+def preprocess_images(images: Sequence[Any] | Any, cfg: ImageProcessorConfig | Sequence[ImageProcessorConfig],
+                      *, min_pixels: int | None = None, max_pixels: int | None = None,
+                      max_image_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images (PIL, uint8 arrays, or anything `load_image` takes) -> (pixel_values float32
-    [sum of grid_h * grid_w, C*T*P*P], image_grid_thw int64 [n_images, 3]), as the processor returns."""
+    [sum of grid_h * grid_w, C*T*P*P], image_grid_thw int64 [n_images, 3]), as the processor returns.
+
+    `cfg` is one config for all images or one per image; `min_pixels` / `max_pixels` override the resize
+    bounds of every image (the processor's call arguments); `max_image_tokens` rejects, before any image is
+    resized, an image that would become more tokens than that."""
     if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, bytes, dict)):
         images = [images]
+    images = list(images)
+    cfgs = [cfg] * len(images) if isinstance(cfg, ImageProcessorConfig) else list(cfg)
+    if len(cfgs) != len(images):
+        raise ValueError(f"{len(cfgs)} image configs for {len(images)} images")
+    cfgs = [c.with_pixels(min_pixels, max_pixels) for c in cfgs]
+    if not images:
+        c = cfg if isinstance(cfg, ImageProcessorConfig) else ImageProcessorConfig()
+        dim = 3 * c.temporal_patch_size * c.patch_size**2
+        return np.zeros((0, dim), np.float32), np.zeros((0, 3), np.int64)
+    loaded = [_loaded(im) if isinstance(im, Image.Image) else _validate_array(im) if isinstance(im, np.ndarray)
+              else load_image(im) for im in images]
+    check_image_tokens(loaded, cfgs, max_image_tokens)
     all_patches, grids = [], []
-    for image in images:
-        patches, thw = preprocess_image(image, cfg)
+    for image, c in zip(loaded, cfgs):
+        patches, thw = preprocess_image(image, c)
         all_patches.append(patches)
         grids.append(thw)
-    if not all_patches:
-        dim = 3 * cfg.temporal_patch_size * cfg.patch_size**2
-        return np.zeros((0, dim), np.float32), np.zeros((0, 3), np.int64)
     return np.concatenate(all_patches, axis=0), np.array(grids, dtype=np.int64)
 
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_TOKENS",
     "MAX_IMAGE_PIXELS",
     "ImageProcessorConfig",
+    "check_image_limits",
+    "check_image_tokens",
+    "image_tokens",
     "convert_to_rgb",
     "load_image",
     "num_image_tokens",

@@ -39,7 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from qvl.errors import QvlError
-from qvl.runtime.image_preprocess import ImageProcessorConfig, load_image, preprocess_images
+from qvl.runtime.image_preprocess import (DEFAULT_MAX_IMAGE_TOKENS, ImageProcessorConfig, check_image_limits,
+                                          load_image, preprocess_images)
 
 # The named special tokens transformers passes to every chat template (`tokenizer.special_tokens_map`).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -55,6 +56,7 @@ _DEFAULT_MM_TOKENS = {
 }
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+_IMAGE_PIXEL_KEYS = ("min_pixels", "max_pixels")  # per-image resize bounds in a content block (qwen-vl-utils' keys)
 
 MM_TEXT, MM_IMAGE, MM_VIDEO = 0, 1, 2
 
@@ -225,6 +227,22 @@ def collect_images(messages: list[dict]) -> list[Any]:
     return images
 
 
+def collect_image_options(messages: list[dict]) -> list[dict[str, int]]:
+    """Per image block, in `collect_images` order: its `min_pixels` / `max_pixels` keys (the per-image resize
+    bounds qwen-vl-utils reads from a content block), checked to be integers >= 1."""
+    options = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "image":
+                opts = {k: block[k] for k in _IMAGE_PIXEL_KEYS if block.get(k) is not None}
+                check_image_limits(**opts)
+                options.append(opts)
+    return options
+
+
 def _plain_template_data(value: Any) -> Any:
     if value is None or type(value) in (str, int, float, bool):
         return value
@@ -364,6 +382,9 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_config = image_config
+        # Image tokens one image may become (one vision call of merge_size**2 as many patches); see
+        # `image_preprocess.DEFAULT_MAX_IMAGE_TOKENS`. `set_image_limits` changes it and the resize bounds.
+        self.max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS
         self.special_tokens = dict(special_tokens or {})
         self._template = compile_chat_template(chat_template)
         tokens = {k: self.special_tokens.get(k, v) for k, v in _DEFAULT_MM_TOKENS.items()}
@@ -396,6 +417,16 @@ class PromptBuilder:
             raise QvlError(f"cannot read {cfg_path}: not a JSON object")
         image_config = ImageProcessorConfig.from_file(d / "preprocessor_config.json")
         return cls(tokenizer, find_chat_template(d), image_config, special_tokens_map(tok_cfg))
+
+    def set_image_limits(self, max_image_tokens: int | None = None, min_pixels: int | None = None,
+                         max_pixels: int | None = None, flags: bool = False) -> None:
+        """Defaults for every later `build`: the image-token limit per image and the resize bounds (what the
+        processor's `min_pixels` / `max_pixels` arguments set). None keeps the current value."""
+        check_image_limits(flags=flags, max_image_tokens=max_image_tokens, min_pixels=min_pixels,
+                           max_pixels=max_pixels)
+        self.image_config = self.image_config.with_pixels(min_pixels, max_pixels)
+        if max_image_tokens is not None:
+            self.max_image_tokens = int(max_image_tokens)
 
     # -- tokens ------------------------------------------------------------------------------------
 
@@ -477,9 +508,17 @@ class PromptBuilder:
         add_generation_prompt: bool = True,
         *,
         tools: list[dict] | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_image_tokens: int | None = None,
         **template_kwargs: Any,
     ) -> PreparedPrompt:
-        """Render, load and preprocess the images, expand placeholders, tokenize."""
+        """Render, load and preprocess the images, expand placeholders, tokenize.
+
+        `min_pixels` / `max_pixels`: this request's resize bounds (the processor's call arguments); an image
+        block's own `min_pixels` / `max_pixels` keys override them for that image. `max_image_tokens`: this
+        request's limit per image (default `self.max_image_tokens`); an image above it is a QvlError."""
+        check_image_limits(min_pixels=min_pixels, max_pixels=max_pixels, max_image_tokens=max_image_tokens)
         normalized = normalize_messages(messages)
         sources = collect_images(normalized)
         text = self._render(normalized, add_generation_prompt, tools, template_kwargs)
@@ -496,8 +535,11 @@ class PromptBuilder:
         pixel_values = image_grid_thw = None
         expanded = text
         if sources:
+            request = self.image_config.with_pixels(min_pixels, max_pixels)
+            cfgs = [request.with_pixels(**o) for o in collect_image_options(normalized)]
             images = [load_image(s) for s in sources]
-            pixel_values, image_grid_thw = preprocess_images(images, self.image_config)
+            limit = self.max_image_tokens if max_image_tokens is None else max_image_tokens
+            pixel_values, image_grid_thw = preprocess_images(images, cfgs, max_image_tokens=limit)
             expanded = self.expand_image_tokens(text, image_grid_thw)
 
         input_ids = self.encode(expanded)
@@ -521,6 +563,7 @@ __all__ = [
     "PreparedPrompt",
     "PromptBuilder",
     "check_utf8",
+    "collect_image_options",
     "collect_images",
     "compile_chat_template",
     "find_chat_template",

@@ -11,8 +11,11 @@ blocks (they are data-dependent, so the exported graph takes their results as in
 * `vision_cu_seqlens`        <- `get_vision_cu_seqlens(grid_thw)`                          int32 `[S + 1]`
 * `vision_segment_ids`       attention segment of every patch (int64 `[N]`): the segment between
                              `cu_seqlens[s]` and `cu_seqlens[s+1]`, i.e. one per image and one per video
-                             frame (transformers attends per frame, not per video). A graph builds the
-                             block-diagonal mask as `segment_ids[:, None] == segment_ids[None, :]`.
+                             frame (transformers attends per frame, not per video). The previous
+                             (packed) vision graph builds its block-diagonal mask from it.
+* `vision_segments` / `encode_per_segment`: the vision graph is run once per attention segment, with that
+                             segment's tables; the outputs concatenate to the packed result (see
+                             `toolchain/export/adapters.py` for why that is exact).
 
 N is the number of patches, `sum(t * h * w)`, in spatial-merge-block order (what the patch embedder gets).
 All float math is done in float32 with the same operation order as torch, so the interpolation weights
@@ -21,9 +24,11 @@ are bit-identical; cos/sin are evaluated in float64 and rounded once (<= 1 ULP f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from qvl.errors import QvlError
 
 
 def _grid(grid_thw) -> np.ndarray:
@@ -174,3 +179,73 @@ def vision_tables(grid_thw, vision_config: Mapping) -> dict[str, np.ndarray]:
         "cu_seqlens": vision_cu_seqlens(grid_thw),
         "segment_ids": vision_segment_ids(grid_thw),
     }
+
+
+# -- one vision call per attention segment ---------------------------------------------------------
+
+# vision graph input -> key of `vision_tables` (besides pixel_values, which is sliced per segment)
+_TABLE_INPUTS = {"pos_interp_indices": "interp_indices", "pos_interp_weights": "interp_weights",
+                 "rotary_cos": "cos", "rotary_sin": "sin"}
+PACKED_INPUT = "segment_ids"  # only the previous (packed, masked) vision graphs have it
+
+
+def vision_segments(grid_thw) -> list[tuple[int, int, int, int]]:
+    """(start, stop, h, w) of every attention segment in patch order: one per image, one per video frame
+    (the rows between consecutive `vision_cu_seqlens`)."""
+    out, start = [], 0
+    for t, h, w in _grid(grid_thw).tolist():
+        for _ in range(t):
+            out.append((start, start + h * w, h, w))
+            start += h * w
+    return out
+
+
+def max_segment_patches(grid_thw) -> int:
+    """Patches of the largest attention segment: what one vision call holds."""
+    g = _grid(grid_thw)
+    return int((g[:, 1] * g[:, 2]).max()) if len(g) else 0
+
+
+def segment_feeds(pixel_values: np.ndarray, start: int, stop: int, h: int, w: int, vision_config: Mapping,
+                  input_names: Sequence[str], cache: dict | None = None) -> dict[str, np.ndarray]:
+    """The vision graph's feeds for the segment of patches [start, stop) with an h x w grid. Its tables are
+    those of a lone `[1, h, w]` image (a video frame's positions and taps equal its first frame's); a packed
+    graph's `segment_ids` are all 0 (one segment: its mask is all zeros, i.e. no mask)."""
+    key = (h, w)
+    tables = cache.get(key) if cache is not None else None
+    if tables is None:
+        tables = vision_tables([[1, h, w]], vision_config)
+        if cache is not None:
+            cache[key] = tables
+    feeds = {}
+    for name in input_names:
+        if name == "pixel_values":
+            feeds[name] = np.ascontiguousarray(pixel_values[start:stop], dtype=np.float32)
+        elif name in _TABLE_INPUTS:
+            feeds[name] = tables[_TABLE_INPUTS[name]]
+        elif name == PACKED_INPUT:
+            feeds[name] = np.zeros(stop - start, dtype=np.int64)
+        else:
+            raise QvlError(f"the vision graph has an input {name!r} the runtime does not know",
+                           hint="re-export the artifact with this version of qvl-compile")
+    return feeds
+
+
+def encode_per_segment(run: Callable[[dict], Sequence[np.ndarray]], pixel_values: np.ndarray, grid_thw,
+                       vision_config: Mapping, input_names: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Run the vision graph (`run(feeds) -> [image_embeds, deepstack_0, ...]`) once per attention segment and
+    concatenate: (image embeddings [N / merge^2, H], DeepStack features, one such array per level)."""
+    pixel_values = np.asarray(pixel_values)
+    segments = vision_segments(grid_thw)
+    if not segments or segments[-1][1] != pixel_values.shape[0]:
+        n = segments[-1][1] if segments else 0
+        raise QvlError(f"{pixel_values.shape[0]} pixel-value rows for image grids of {n} patches")
+    cache: dict = {}
+    parts: list[list[np.ndarray]] = []
+    for start, stop, h, w in segments:
+        outs = run(segment_feeds(pixel_values, start, stop, h, w, vision_config, input_names, cache))
+        parts.append([np.asarray(o) for o in outs])
+    if len(parts) == 1:
+        return parts[0][0], parts[0][1:]
+    merged = [np.concatenate(column, axis=0) for column in zip(*parts)]
+    return merged[0], merged[1:]

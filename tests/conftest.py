@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A test run started in the background by a non-interactive shell (`nohup .ci/run &`) inherits SIGINT *ignored*, and
+# every child it execs would too: the Ctrl-C tests send SIGINT to `qvl-compile` children and need it delivered. A
+# handler (not SIG_IGN) here makes exec'ed children start with the default disposition again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 try:  # hypothesis: reproducible examples in CI (CI=true), fresh random ones on a developer's machine
     from hypothesis import settings as _hyp_settings

@@ -126,21 +126,28 @@ class EarlyRuns:
                 if not self._queue:
                     self._thread = None
                     return
-                key, args, kw = self._queue[0] if self._busy() < self.lanes else (None, None, None)
-                if key is not None:
-                    self._queue.pop(0)
-                    try:
-                        self._procs[key] = start_cli(*args, base_env=self._env, capture_to=self.root / ".logs" / key,
-                                                     **kw)
-                        self._all.append(self._procs[key])
-                    except BaseException as exc:  # reported by take()
-                        self._errors[key] = exc
-                    self._started[key].set()
+                if self._busy() < self.lanes:
+                    self._start(0)
                     continue
             time.sleep(0.05)
 
+    def _start(self, i: int) -> None:
+        """Start queued run `i` (lock held)."""
+        key, args, kw = self._queue.pop(i)
+        try:
+            self._procs[key] = start_cli(*args, base_env=self._env, capture_to=self.root / ".logs" / key, **kw)
+            self._all.append(self._procs[key])
+        except BaseException as exc:  # reported by take()
+            self._errors[key] = exc
+        self._started[key].set()
+
     def take(self, key: str, timeout: float = 900) -> subprocess.Popen:
-        """The run `key` (started, perhaps finished or paused): the calling test owns it from now on."""
+        """The run `key` (started, perhaps finished or paused): the calling test owns it from now on. One still
+        queued starts now, whatever the lanes: the test waits for it anyway (as when it started the run itself)."""
+        with self._lock:
+            queued = [i for i, (k, _, _) in enumerate(self._queue) if k == key]
+            if queued:
+                self._start(queued[0])
         if not self._started[key].wait(timeout):
             raise AssertionError(f"early run {key!r} was not started within {timeout} s")
         if key in self._errors:

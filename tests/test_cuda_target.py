@@ -78,7 +78,7 @@ def _run(model: ir.Model, x: np.ndarray):
 def test_device_argmax_adds_next_token_equal_to_numpy_argmax():
     model = _logits_graph()
     result = DeviceArgmaxPass(target=CUDA, graph="decoder")(model)
-    assert result.report.counts == {"next_token_outputs": 1}
+    assert result.report.counts == {"next_token_outputs": 1, "next_tokens_outputs": 0}  # no logit_positions input
     assert [n.op_type for n in model.graph] == ["Identity", "Gather", "ArgMax"]
     assert [o.name for o in model.graph.outputs] == ["logits", "next_token"]
     rng = np.random.default_rng(0)
@@ -94,11 +94,11 @@ def test_device_argmax_is_idempotent_and_skips_cpu_targets():
     model = _logits_graph()
     DeviceArgmaxPass(target=CUDA, graph="decoder")(model)
     again = DeviceArgmaxPass(target=CUDA, graph="decoder")(model)
-    assert again.report.counts == {"next_token_outputs": 0} and not again.modified
+    assert again.report.counts == {"next_token_outputs": 0, "next_tokens_outputs": 0} and not again.modified
     assert [n.op_type for n in model.graph] == ["Identity", "Gather", "ArgMax"]
     cpu_model = _logits_graph()
     skipped = DeviceArgmaxPass(target=CPU, graph="decoder")(cpu_model)
-    assert skipped.report.counts == {"next_token_outputs": 0}
+    assert skipped.report.counts == {"next_token_outputs": 0, "next_tokens_outputs": 0}
     assert "already on the host" in skipped.report.skipped[0].reason
     assert [o.name for o in cpu_model.graph.outputs] == ["logits"]
 

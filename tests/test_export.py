@@ -80,7 +80,8 @@ def test_manifest_describes_graphs(tiny_artifact):
     dec = m["graphs"]["decoder"]
     ins = [i["name"] for i in dec["inputs"]]
     assert ins[:4] == ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds"]
-    assert ins[4:6] == ["past_key_0", "past_value_0"] and len(ins) == 4 + 2 * m["model"]["num_layers"]
+    assert ins[4:6] == ["past_key_0", "past_value_0"] and len(ins) == 5 + 2 * m["model"]["num_layers"]
+    assert ins[-1] == "logit_positions"  # the last input: which positions get logits (speculative verification)
     assert [o["name"] for o in m["graphs"]["vision"]["outputs"]] == ["image_embeds", "deepstack_0", "deepstack_1", "deepstack_2"]
     assert m["steps"][0]["name"] == "export" and "torch" in m["tool_versions"]
     for f in ("tokenizer.json", "chat_template.json", "preprocessor_config.json", "generation_config.json"):
@@ -117,7 +118,7 @@ def _leftovers(parent, name):
 def test_export_failure_midway_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     from qvl.toolchain.export import exporter as export_mod
 
-    def boom(model):
+    def boom(model, **options):
         raise RuntimeError("simulated failure while exporting the decoder")
 
     monkeypatch.setattr(export_mod, "export_decoder_graph", boom)

@@ -143,6 +143,66 @@ def test_smart_resize_matches_transformers(config):
         assert h * w <= cfg.max_pixels and (h, w) != (4000, 5000)
 
 
+# Per-request resize bounds (the processor's call arguments). The tiny config's own bounds are 128^2..448^2.
+PIXEL_SETTINGS = [
+    {"min_pixels": 32 * 32, "max_pixels": 96 * 96},  # both: shrinks the 517x333 image to 4x6 patches
+    {"max_pixels": 64 * 64 * 4},  # one bound; the checkpoint's min stays
+    {"min_pixels": 300 * 300},  # scales the small images up past the checkpoint's min
+    {"max_pixels": 96 * 96},  # below the checkpoint's min_pixels: transformers applies max first, so do we
+    {"min_pixels": 448 * 448, "max_pixels": 448 * 448},  # one exact area
+]
+
+
+@pytest.mark.parametrize("form", ["call_kwargs", "size_dict"])
+@pytest.mark.parametrize("setting", PIXEL_SETTINGS, ids=str)
+def test_per_request_min_max_pixels_match_transformers(oracles, setting, form):
+    """`preprocess_images(..., min_pixels=, max_pixels=)` == the processor called with the same per-call settings:
+    `min_pixels=` / `max_pixels=` keyword arguments, or `size={"shortest_edge", "longest_edge"}`. Bit-exact."""
+    import warnings
+
+    images = [IMAGES["odd_517x333"], IMAGES["tiny_20x13"], IMAGES["wide_2000x40"], IMAGES["rgba"]]
+    cfg = ImageProcessorConfig.from_dict(CONFIGS["tiny"])
+    if form == "call_kwargs":
+        kwargs = dict(setting)
+    else:
+        kwargs = {"size": {"shortest_edge": setting.get("min_pixels", cfg.min_pixels),
+                           "longest_edge": setting.get("max_pixels", cfg.max_pixels)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers deprecates the call kwargs in favour of `size`
+        ref = oracles["tiny"](images=images, return_tensors="np", **kwargs)
+    pixel_values, grid_thw = preprocess_images(images, cfg, **setting)
+    assert np.array_equal(grid_thw, ref["image_grid_thw"])
+    assert np.array_equal(pixel_values, ref["pixel_values"])  # bit-exact
+    _, default_grid = preprocess_images(images, cfg)
+    assert not np.array_equal(grid_thw, default_grid)  # the setting did change the sizes
+    # the config form gives the same, and it is what a per-image block option applies
+    again, _ = preprocess_images(images, cfg.with_pixels(**setting))
+    assert np.array_equal(again, pixel_values)
+
+
+def test_max_image_tokens_refuses_before_resizing_with_the_numbers():
+    cfg = ImageProcessorConfig.from_dict(CONFIGS["2b"])
+    photo = Image.new("RGB", (1920, 1080))
+    assert ip.image_tokens(photo, cfg) == 2040  # 1920x1088 at patch 16, merge 2: 60 x 34 merged patches
+    with pytest.raises(QvlError) as exc:
+        preprocess_images([IMAGES["square_224"], photo], cfg, max_image_tokens=2000)
+    msg = str(exc.value)
+    assert "image 2 (1920x1080, resized to 1920x1088) is 2040 image tokens (8160 patches" in msg
+    assert "more than the limit of 2000 per image" in msg and "\n" not in msg
+    assert "--max-image-tokens" in exc.value.hint and "max_pixels" in exc.value.hint
+    pv, grid = preprocess_images([photo], cfg, max_image_tokens=2040)  # at the limit: fine
+    assert grid.tolist() == [[1, 68, 120]]
+    # the hint's max_pixels brings it under the limit
+    suggested = 2000 * cfg.factor ** 2
+    assert ip.image_tokens(photo, cfg.with_pixels(max_pixels=suggested)) <= 2000
+    assert ip.DEFAULT_MAX_IMAGE_TOKENS >= 2040  # a 1080p photo passes the default
+    for bad in (0, -3, 2.5, True, "12"):
+        with pytest.raises(QvlError, match="max_image_tokens must be an integer >= 1"):
+            preprocess_images([photo], cfg, max_image_tokens=bad)
+    with pytest.raises(QvlError, match=r"min_pixels \(5000\) is larger than max_pixels \(4000\)"):
+        cfg.with_pixels(min_pixels=5000, max_pixels=4000)
+
+
 def test_aspect_ratio_over_200_is_a_user_error():
     with pytest.raises(ValueError):
         hf_ip.smart_resize(10, 2010, 32, 65536, 16777216)  # transformers refuses it too

@@ -243,7 +243,8 @@ def _decoder_outputs(path, info, seq: int = 5, capacity: int = 8) -> list[np.nda
     feeds = {"inputs_embeds": rng.standard_normal((1, seq, info.hidden_size), dtype=np.float32),
              "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (3, 1, seq)).copy(),
              "attention_mask": np.ones((1, seq), np.int64),
-             "deepstack_embeds": np.zeros((info.num_deepstack, 1, seq, info.hidden_size), np.float32)}
+             "deepstack_embeds": np.zeros((info.num_deepstack, 1, seq, info.hidden_size), np.float32),
+             "logit_positions": np.array([seq - 1], np.int64)}
     for i in range(info.num_layers):
         for kind in ("key", "value"):
             feeds[f"past_{kind}_{i}"] = np.zeros((1, info.num_kv_heads, capacity, info.head_dim), np.float32)

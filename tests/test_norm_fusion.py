@@ -223,15 +223,13 @@ def _fused_copy(artifact, graph: str, tmp_path):
 
 
 def vision_feeds(artifact, grid, seed):
-    from qvl.runtime.vision_tables import vision_tables
+    """One vision call's feeds: one attention segment (`grid` is a single [1, h, w] image)."""
+    from qvl.runtime.vision_tables import segment_feeds
 
-    tables = vision_tables(grid, json.loads((artifact / "config.json").read_text())["vision_config"])
-    n = int(sum(t * h * w for t, h, w in grid))
-    return {
-        "pixel_values": _randn(np.random.default_rng(seed), n, 1536),
-        "pos_interp_indices": tables["interp_indices"], "pos_interp_weights": tables["interp_weights"],
-        "rotary_cos": tables["cos"], "rotary_sin": tables["sin"], "segment_ids": tables["segment_ids"],
-    }
+    vision = json.loads((artifact / "config.json").read_text())["vision_config"]
+    (_, h, w), = grid
+    names = ["pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_cos", "rotary_sin"]
+    return segment_feeds(_randn(np.random.default_rng(seed), h * w, 1536), 0, h * w, h, w, vision, names)
 
 
 def decoder_feeds(text_config, seq, past, seed):
@@ -242,6 +240,7 @@ def decoder_feeds(text_config, seq, past, seed):
         "position_ids": np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (3, 1, seq)).copy(),
         "attention_mask": np.ones((1, past + seq), np.int64),
         "deepstack_embeds": _randn(rng, 3, 1, seq, hidden),
+        "logit_positions": np.arange(seq, dtype=np.int64),  # every position's logits (a verify step's form)
     }
     for i in range(text_config["num_hidden_layers"]):
         feeds[f"past_key_{i}"] = _randn(rng, 1, kv, past, hd)
@@ -261,7 +260,8 @@ def test_tiny_decoder_norms_fuse_with_equal_logits(tiny_artifact, tmp_path):
     ops = [n.op_type for n in model.graph]
     # residual adds absorbed: every post_attention_layernorm, and input_layernorm of layers 1.. (after DeepStack add)
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
-    # left plain: q_norm + k_norm per layer, layer 0's input norm (on inputs_embeds), the final norm (on a slice)
+    # left plain: q_norm + k_norm per layer, layer 0's input norm (on inputs_embeds), the final norm (on the gathered
+    # logit positions)
     assert ops.count("SimplifiedLayerNormalization") == 2 * layers + 2
     assert "Pow" not in ops and "Reciprocal" not in ops
     before, after = _session(tiny_artifact / "decoder.onnx"), _session(path)
@@ -286,7 +286,7 @@ def test_tiny_vision_norms_fuse_with_equal_outputs(tiny_artifact, tmp_path):
     # DeepStack mergers normalize after the 2x2 patch shuffle (a Reshape, not a residual add)
     assert ops.count("LayerNormalization") == len(vision["deepstack_visual_indexes"])
     before, after = _session(tiny_artifact / "vision.onnx"), _session(path)
-    for seed, grid in enumerate(([[1, 4, 6], [1, 6, 4]], [[1, 8, 8]])):
+    for seed, grid in enumerate(([[1, 4, 6]], [[1, 8, 8]])):  # one image per vision call
         feeds = vision_feeds(tiny_artifact, grid, seed)
         for got, ref in zip(after.run(None, feeds), before.run(None, feeds)):
             np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)

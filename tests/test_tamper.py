@@ -180,9 +180,14 @@ def test_edited_signature_disagrees_with_graph(art, cache):
 
 
 def test_unknown_format_version_is_refused(art, cache):
-    edit_manifest(art, lambda m: m.update(format_version=2))
-    assert_one_line_error(run(cache, art), "format version 2 is not supported")
-    assert_one_line_error(cli(cache, "verify", str(art)), "format version 2")
+    edit_manifest(art, lambda m: m.update(format_version=3))  # 1 and 2 (the weight cache's) are read
+    assert_one_line_error(run(cache, art), "format version 3 is not supported", "reads 1 and 2")
+    assert_one_line_error(cli(cache, "verify", str(art)), "format version 3")
+
+
+def test_format_version_must_match_the_weights_layout(art, cache):
+    edit_manifest(art, lambda m: m.update(format_version=2))  # a format-1 weights.bin claiming format 2
+    assert_one_line_error(run(cache, art), "format 2 weights must be layout 'objects'")
 
 
 @pytest.mark.parametrize("edit, needle", [

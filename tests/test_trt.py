@@ -442,7 +442,7 @@ def test_runner_limits_and_profile_selection_come_from_the_kit(sm61_kit):
     kit, _ = sm61_kit
     k = _manifest(kit)["kit"]
     lim = DecoderLimits.from_kit(k)
-    assert lim == DecoderLimits(2048, 512, 2048 - 512, 2047)
+    assert lim == DecoderLimits(2048, 512, 2048 - 512, 2047, verify_positions=16)  # logit_positions 1..16 (prefill)
     dec = k["graphs"]["decoder"]["profiles"]
     m = _manifest(kit)["model"]
     h, kv = m["hidden_size"], (1, m["num_kv_heads"], 0, m["head_dim"])
@@ -452,6 +452,10 @@ def test_runner_limits_and_profile_selection_come_from_the_kit(sm61_kit):
 
     assert select_profile(dec, {"inputs_embeds": (1, 100, h), "attention_mask": (1, 100), "past_key_0": past(0)}) == 0
     assert select_profile(dec, {"inputs_embeds": (1, 1, h), "attention_mask": (1, 2000), "past_key_0": past(1999)}) == 1
+    # a speculative verify step: 9 positions, logits for all of them (the prefill profile takes up to 16)
+    assert select_profile(dec, {"inputs_embeds": (1, 9, h), "past_key_0": past(900), "logit_positions": (9,)}) == 0
+    with pytest.raises(QvlError, match="fit no optimization profile"):
+        select_profile(dec, {"inputs_embeds": (1, 17, h), "past_key_0": past(900), "logit_positions": (17,)})
     vis = k["graphs"]["vision"]["profiles"]
     assert select_profile(vis, {"pixel_values": (64, 1536)}) == 0
     with pytest.raises(QvlError, match="fit no optimization profile"):

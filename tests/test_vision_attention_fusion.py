@@ -1,4 +1,8 @@
-"""VisionAttentionFusionPass: packed block-diagonal vision attention -> com.microsoft.MultiHeadAttention."""
+"""VisionAttentionFusionPass: vision attention -> com.microsoft.MultiHeadAttention.
+
+Current exports run one attention segment (image / video frame) per call: no mask, and the fused node has no
+attention_bias (ORT CPU then takes its flash kernel). Exports of the previous packed form (all images in one
+call, block-diagonal mask from `segment_ids`) still fuse, with the mask as attention_bias."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto as T
@@ -43,27 +48,32 @@ def _rotary(x, p):
     ]
 
 
-def vision_attention_graph(blocks: int = 2, bias: str = "block", scale_is_input: bool = False) -> onnx.ModelProto:
+def vision_attention_graph(blocks: int = 2, bias: str = "none", scale_is_input: bool = False) -> onnx.ModelProto:
     """`blocks` vision attention blocks in the form torch.onnx (dynamo) exports `VisionEncoderAdapter`.
 
-    bias="block": the [N, N] block-diagonal image mask from segment_ids (the export);
+    bias="none":  one attention segment per call, no mask (the current export);
+    bias="block": the [N, N] block-diagonal image mask from segment_ids (the previous, packed export);
     bias="row":   a [1, N] key mask broadcast over the queries (not expressible as MHA attention_bias).
     """
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Unsqueeze", ["rotary_cos", "am2"], ["cos3"]),
         helper.make_node("Unsqueeze", ["rotary_sin", "am2"], ["sin3"]),
-        helper.make_node("Unsqueeze", ["segment_ids", "i1"], ["seg_col"]),
-        helper.make_node("Unsqueeze", ["segment_ids", "i0"], ["seg_row"]),
     ]
+    if bias != "none":
+        nodes += [
+            helper.make_node("Unsqueeze", ["segment_ids", "i1"], ["seg_col"]),
+            helper.make_node("Unsqueeze", ["segment_ids", "i0"], ["seg_row"]),
+        ]
     if bias == "block":
         nodes.append(helper.make_node("Equal", ["seg_col", "seg_row"], ["same"]))
-    else:
+    elif bias == "row":
         nodes.append(helper.make_node("Equal", ["seg_row", "zero_i"], ["same"]))
-    nodes += [
-        helper.make_node("Not", ["same"], ["blocked"]),
-        helper.make_node("Where", ["blocked", "fmin", "zero_f"], ["mask"]),
-    ]
+    if bias != "none":
+        nodes += [
+            helper.make_node("Not", ["same"], ["blocked"]),
+            helper.make_node("Where", ["blocked", "fmin", "zero_f"], ["mask"]),
+        ]
     inits = [
         _i("am2", [-2]), _i("am1", [-1]), _i("i0", [0]), _i("i1", [1]), _i("i2", [2]), _i("i3", [3]),
         _i("half_dh", [DH // 2]), _i("big", [2**62]), _i("qkv_shape", [-1, 3, H, DH]), _i("out_shape", [-1, D]),
@@ -72,7 +82,8 @@ def vision_attention_graph(blocks: int = 2, bias: str = "block", scale_is_input:
     ]
     if not scale_is_input:
         inits.append(_f("scale", DH**-0.5))
-    value_info = [helper.make_tensor_value_info("mask", T.FLOAT, ["N", "N"] if bias == "block" else [1, "N"])]
+    value_info = [] if bias == "none" else [
+        helper.make_tensor_value_info("mask", T.FLOAT, ["N", "N"] if bias == "block" else [1, "N"])]
     x = "hidden"
     for b in range(blocks):
         p, w = f"b{b}_", f"blocks.{b}.attn."
@@ -93,8 +104,8 @@ def vision_attention_graph(blocks: int = 2, bias: str = "block", scale_is_input:
             helper.make_node("Transpose", [f"{p}k_r"], [f"{p}kt"], perm=[1, 2, 0]),
             helper.make_node("MatMul", [f"{p}qt", f"{p}kt"], [f"{p}scores"]),
             helper.make_node("Mul", [f"{p}scores", "scale"], [f"{p}scaled"]),
-            helper.make_node("Add", [f"{p}scaled", "mask"], [f"{p}masked"]),
-            helper.make_node("Softmax", [f"{p}masked"], [f"{p}probs"], axis=-1),
+            *([] if bias == "none" else [helper.make_node("Add", [f"{p}scaled", "mask"], [f"{p}masked"])]),
+            helper.make_node("Softmax", [f"{p}scaled" if bias == "none" else f"{p}masked"], [f"{p}probs"], axis=-1),
             helper.make_node("MatMul", [f"{p}probs", f"{p}vt"], [f"{p}ctx"]),
             helper.make_node("Transpose", [f"{p}ctx"], [f"{p}ctx_t"], perm=[1, 0, 2]),
             helper.make_node("Reshape", [f"{p}ctx_t", "out_shape"], [f"{p}attn"], allowzero=1),
@@ -113,8 +124,9 @@ def vision_attention_graph(blocks: int = 2, bias: str = "block", scale_is_input:
         helper.make_tensor_value_info("hidden", T.FLOAT, ["N", D]),
         helper.make_tensor_value_info("rotary_cos", T.FLOAT, ["N", DH]),
         helper.make_tensor_value_info("rotary_sin", T.FLOAT, ["N", DH]),
-        helper.make_tensor_value_info("segment_ids", T.INT64, ["N"]),
     ]
+    if bias != "none":
+        inputs.append(helper.make_tensor_value_info("segment_ids", T.INT64, ["N"]))
     if scale_is_input:
         inputs.append(helper.make_tensor_value_info("scale", T.FLOAT, []))
     graph = helper.make_graph(
@@ -127,7 +139,7 @@ def vision_attention_graph(blocks: int = 2, bias: str = "block", scale_is_input:
     return model
 
 
-def _feeds(images: list[int], seed: int = 0, scale: float | None = None):
+def _feeds(images: list[int], seed: int = 0, scale: float | None = None, packed: bool = True):
     rng = np.random.default_rng(seed)
     n = sum(images)
     angles = rng.uniform(0, 6.3, (n, DH // 2)).astype(np.float32)
@@ -135,8 +147,9 @@ def _feeds(images: list[int], seed: int = 0, scale: float | None = None):
         "hidden": rng.standard_normal((n, D), dtype=np.float32),
         "rotary_cos": np.cos(np.concatenate([angles, angles], -1)),
         "rotary_sin": np.sin(np.concatenate([angles, angles], -1)),
-        "segment_ids": np.repeat(np.arange(len(images), dtype=np.int64), images),
     }
+    if packed:
+        feeds["segment_ids"] = np.repeat(np.arange(len(images), dtype=np.int64), images)
     if scale is not None:
         feeds["scale"] = np.array(scale, np.float32)
     return feeds
@@ -161,8 +174,30 @@ BLOCK_PREFIX = [  # qkv projection, split, rotary on q and k: all unchanged
 ]
 
 
-def test_fuses_every_block_to_multi_head_attention_with_equal_outputs():
-    proto = vision_attention_graph(blocks=2)
+def test_fuses_every_unmasked_block_to_multi_head_attention_without_bias():
+    """The current export (one segment per call): MultiHeadAttention(q, k, v) only, no attention_bias."""
+    proto = vision_attention_graph(blocks=2, bias="none")
+    model = ir.serde.deserialize_model(proto)
+    result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
+    assert result.report.counts == {"multi_head_attention": 2}
+    assert result.report.details["per_block"] == {"blocks.0.attn": 1, "blocks.1.attn": 1}
+    assert result.report.skipped == []
+    to_bsd = ["Constant", "Reshape", "Reshape", "Reshape"]  # q, k, v [N, H, Dh] -> [1, N, D]
+    tail = ["MultiHeadAttention", "Constant", "Reshape", "Gemm", "Add"]  # -> [N, D]; projection + residual
+    assert _ops(model) == ["Unsqueeze", "Unsqueeze", *BLOCK_PREFIX, *to_bsd, *tail, *BLOCK_PREFIX, *to_bsd, *tail]
+    for node in (n for n in model.graph if n.op_type == "MultiHeadAttention"):
+        assert node.domain == "com.microsoft" and len(node.inputs) == 3  # no key_padding_mask, no attention_bias
+        assert node.attributes["num_heads"].as_int() == H
+        assert node.attributes["scale"].as_float() == np.float32(DH**-0.5)
+    assert [i.name for i in model.graph.inputs] == ["hidden", "rotary_cos", "rotary_sin"]
+    for images in ([5], [12], [1]):  # one segment per call, incl. a single patch
+        feeds = _feeds(images, seed=images[0], packed=False)
+        np.testing.assert_allclose(_run(model, feeds)[0], _run(proto, feeds)[0], atol=1e-5, rtol=0)
+
+
+def test_packed_export_fuses_with_the_block_mask_as_attention_bias():
+    """The previous (packed) export: the [N, N] block-diagonal mask becomes a shared [1, 1, N, N] attention_bias."""
+    proto = vision_attention_graph(blocks=2, bias="block")
     model = ir.serde.deserialize_model(proto)
     result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {"multi_head_attention": 2}
@@ -198,7 +233,7 @@ def test_row_mask_is_skipped_with_reason():
 
 
 def test_runtime_scale_is_skipped_with_reason():
-    model = ir.serde.deserialize_model(vision_attention_graph(blocks=1, scale_is_input=True))
+    model = ir.serde.deserialize_model(vision_attention_graph(blocks=1, bias="block", scale_is_input=True))
     result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {"multi_head_attention": 0}
     skipped = [(s.where, s.reason) for s in result.report.skipped]
@@ -206,8 +241,9 @@ def test_runtime_scale_is_skipped_with_reason():
     assert "Softmax" in _ops(model)
 
 
-def test_is_idempotent():
-    model = ir.serde.deserialize_model(vision_attention_graph(blocks=2))
+@pytest.mark.parametrize("bias", ["none", "block"])
+def test_is_idempotent(bias):
+    model = ir.serde.deserialize_model(vision_attention_graph(blocks=2, bias=bias))
     VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     ops = _ops(model)
     again = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
@@ -236,35 +272,36 @@ def _session(path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _vision_feeds(artifact, grid, seed):
-    from qvl.runtime.vision_tables import vision_tables
+def _vision_feeds(artifact, grid, seed, input_names):
+    """One vision call's feeds (one attention segment: `grid` is one [t=1, h, w] image)."""
+    from qvl.runtime.vision_tables import segment_feeds
 
-    tables = vision_tables(grid, json.loads((artifact / "config.json").read_text())["vision_config"])
-    n = int(sum(t * h * w for t, h, w in grid))
-    return {
-        "pixel_values": np.random.default_rng(seed).standard_normal((n, 1536), dtype=np.float32),
-        "pos_interp_indices": tables["interp_indices"], "pos_interp_weights": tables["interp_weights"],
-        "rotary_cos": tables["cos"], "rotary_sin": tables["sin"], "segment_ids": tables["segment_ids"],
-    }
+    vision = json.loads((artifact / "config.json").read_text())["vision_config"]
+    (_, h, w), = grid
+    pixels = np.random.default_rng(seed).standard_normal((h * w, 1536), dtype=np.float32)
+    return segment_feeds(pixels, 0, h * w, h, w, vision, input_names)
 
 
 def test_tiny_vision_every_block_fuses_with_equal_outputs(tiny_artifact, tmp_path):
     vision = json.loads((tiny_artifact / "config.json").read_text())["vision_config"]
     depth = vision["depth"]
     model = ir.load(tiny_artifact / "vision.onnx")  # weights stay memory-mapped; the artifact is not modified
+    names = [i.name for i in model.graph.inputs]
+    assert "segment_ids" not in names  # the export is one attention segment per call
     result = VisionAttentionFusionPass(target=CPU, graph="vision")(model)
     assert result.report.counts == {"multi_head_attention": depth}
     assert result.report.details["per_block"] == {f"visual.blocks.{i}.attn": 1 for i in range(depth)}
     assert result.report.skipped == []
     ops = [n.op_type for n in model.graph]
     assert ops.count("MultiHeadAttention") == depth and "Softmax" not in ops and "MatMul" not in ops
+    assert all(len(n.inputs) == 3 for n in model.graph if n.op_type == "MultiHeadAttention")  # no attention_bias
     # norm fusion composes with it (SkipLayerNormalization around every block)
     norms = NormFusionPass(target=CPU, graph="vision")(model).report
     assert norms.counts["skip_layer_normalization"] == 2 * depth + 1
     # `ir.save` without external_data would keep the artifact's relative `weights.bin` paths: give the copy its own.
     ir.save(model, tmp_path / "vision.onnx", external_data="vision.data")
     before, after = _session(tiny_artifact / "vision.onnx"), _session(tmp_path / "vision.onnx")
-    for seed, grid in enumerate(([[1, 4, 6], [1, 6, 4]], [[1, 8, 8]], [[2, 4, 4], [1, 2, 2]])):
-        feeds = _vision_feeds(tiny_artifact, grid, seed)
+    for seed, grid in enumerate(([[1, 4, 6]], [[1, 8, 8]], [[1, 2, 2]], [[1, 12, 10]])):
+        feeds = _vision_feeds(tiny_artifact, grid, seed, names)
         for got, ref in zip(after.run(None, feeds), before.run(None, feeds)):
             np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)

@@ -34,7 +34,8 @@ _HELD: dict[str, int] = {}  # locks this process holds: nested writers of the sa
 def fault_point(name: str) -> None:
     """Test-only fault injection (tests/test_fault_injection.py): `QVL_FAULT_AT=<name>` makes the process send
     itself `QVL_FAULT_SIGNAL` (default SIGKILL; SIGINT, SIGSTOP for pauses) on reaching this point. Points:
-    export:traced, weights:write, passes:start, rename, swap. The only place that reads these variables."""
+    export:traced, weights:write, passes:start, rename, swap, cache:object (artifacts/content_store.py). The only
+    place that reads these variables."""
     if os.environ.get("QVL_FAULT_AT") != name:
         return
     os.kill(os.getpid(), getattr(signal, os.environ.get("QVL_FAULT_SIGNAL", "SIGKILL")))

@@ -19,8 +19,8 @@ import onnxruntime as ort
 from qvl.artifacts.manifest import read_manifest
 from qvl.artifacts.weight_store import map_embedding
 from qvl.errors import QvlError
-from qvl.runtime.backends.ort_cache import CacheBinder, KVCache
-from qvl.runtime.vision_tables import vision_tables
+from qvl.runtime.backends.ort_cache import LOGIT_POSITIONS, CacheBinder, KVCache
+from qvl.runtime.vision_tables import encode_per_segment
 
 _ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.NotImplemented,
@@ -76,6 +76,8 @@ class Engine:
         self.cuda_graph_note: str | None = None
         try:
             self.vision = ort.InferenceSession(str(self.artifact / files["vision"]), so, providers=providers)
+            # One call per image / video frame; a previous (packed) graph also takes `segment_ids`.
+            self.vision_inputs = [i.name for i in self.vision.get_inputs()]
             self.decoder, cuda_graph = self._decoder_session(self.artifact / files["decoder"], so, providers)
         except _ORT_ERRORS as exc:
             raise QvlError(f"cannot load artifact graphs from {self.artifact}: {str(exc).splitlines()[0]}") from None
@@ -96,6 +98,9 @@ class Engine:
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.caches = CacheBinder(self.decoder, self, device)
         self.caches.cuda_graph = cuda_graph
+        # Speculative decoding needs logits of several positions per step: graphs with `logit_positions` (0: an
+        # artifact exported before that input existed, which returns the last position's logits only).
+        self.max_verify_positions = self.context_length if self.caches.has_logit_positions else 0
 
     def _decoder_session(self, path: Path, so: ort.SessionOptions, providers: list):
         """(session, captures CUDA graphs). Graph capture is asked for on CUDA for in-place-cache artifacts
@@ -151,19 +156,9 @@ class Engine:
         return np.asarray(self.embedding[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     def encode_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        t = vision_tables(image_grid_thw, self.vision_config)
-        outs = self.vision.run(
-            None,
-            {
-                "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
-                "pos_interp_indices": t["interp_indices"],
-                "pos_interp_weights": t["interp_weights"],
-                "rotary_cos": t["cos"],
-                "rotary_sin": t["sin"],
-                "segment_ids": t["segment_ids"],
-            },
-        )
-        return outs[0], list(outs[1:])
+        """One vision call per attention segment (image / video frame), outputs concatenated in order."""
+        return encode_per_segment(lambda feeds: self.vision.run(None, feeds), pixel_values, image_grid_thw,
+                                  self.vision_config, self.vision_inputs)
 
     # -- decoder ---------------------------------------------------------------------------------
 
@@ -171,19 +166,26 @@ class Engine:
         """An empty cache able to hold `capacity` positions (prompt + new tokens), on this engine's device."""
         return self.caches.new_cache(capacity, batch)
 
-    def _feeds(self, cache: KVCache, inputs_embeds, position_ids, deepstack) -> dict:
+    def _feeds(self, cache: KVCache, inputs_embeds, position_ids, deepstack, all_positions: bool = False) -> dict:
         bsz, seq, _ = inputs_embeds.shape
         total = cache.length + seq
         if total > self.context_length:
             raise QvlError(f"sequence of {total} tokens exceeds the model context of {self.context_length}")
         if deepstack is None:
             deepstack = np.zeros((self.num_deepstack, bsz, seq, self.hidden_size), dtype=np.float32)
-        return {
+        feeds = {
             "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
             "attention_mask": self.caches.mask(cache, bsz, total, seq),
             "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32),
         }
+        if self.caches.has_logit_positions:  # logits for the last position only, or all (a verify step)
+            feeds[LOGIT_POSITIONS] = np.arange(seq, dtype=np.int64) if all_positions else np.array([seq - 1], np.int64)
+        elif all_positions:
+            raise QvlError(f"the decoder graph of {self.artifact} returns the last position's logits only: "
+                           "speculative decoding cannot verify drafts with it",
+                           hint="re-compile it from the checkpoint with this qvl-compile version")
+        return feeds
 
     def step(
         self,
@@ -199,6 +201,17 @@ class Engine:
                     deepstack: np.ndarray | None = None) -> np.ndarray:
         """`step`, returning the argmax ids [B] of the last position (on the device when the graph has it)."""
         return self.caches.run(cache, self._feeds(cache, inputs_embeds, position_ids, deepstack), "token")
+
+    def verify_step(self, cache: KVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                    deepstack: np.ndarray | None = None) -> np.ndarray:
+        """`step`, returning the argmax ids [B, S] after every one of the S positions (speculative verification;
+        on the device when the graph has `next_tokens`)."""
+        feeds = self._feeds(cache, inputs_embeds, position_ids, deepstack, all_positions=True)
+        return self.caches.run(cache, feeds, "tokens")
+
+    def truncate(self, cache: KVCache, length: int, capacity: int) -> KVCache:
+        """Keep the first `length` positions, with room for `capacity` (see `ort_cache.CacheBinder.truncate`)."""
+        return self.caches.truncate(cache, length, capacity)
 
     def free(self, cache: KVCache) -> None:
         """Release a cache's buffers; the cache is empty after. On CUDA the last freed in-place cache is kept

@@ -16,9 +16,18 @@ cache (for `shared`, GroupQueryAttention then reads the held length from the mas
 total sequence length, as onnxruntime-genai binds it for graph capture), so both layouts replay CUDA graphs.
 Prefill chunks (and the CPU) use the variable-width mask described above.
 
+`CacheBinder.truncate` cuts a cache back to a prefix for the prefix cache (`runtime/prefix_cache.py`): `concat`
+arrays are sliced; the in-place layouts just hold fewer positions (the mask decides what is read), or are copied
+into a larger cache when the next prompt needs more room.
+
 On CUDA nothing but the new positions' embeddings, their position ids and the mask crosses PCIe per step
 (kilobytes); logits stay on the device unless asked for, and greedy decoding reads only the graph's
 `next_token` (an on-device ArgMax, added at compile time for CUDA targets) back: 8 bytes per token.
+
+Which positions get logits is the decoder's `logit_positions` input (graphs exported before it existed have
+none and return the last position's): a step asks for its last position, a speculative verify step
+(`want="tokens"`) for all of them and reads back the argmax after each one -- the graph's `next_tokens`
+(`[B, P]`, on the device) when it has it, else the logits, argmax-ed on the host.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import onnxruntime as ort
 from qvl.errors import QvlError
 
 NEXT_TOKEN = "next_token"
+NEXT_TOKENS = "next_tokens"  # [B, P]: argmax of every requested position's logits (CUDA targets)
+LOGIT_POSITIONS = "logit_positions"  # decoder input [P]: which of the step's positions get logits
 
 
 @dataclass
@@ -52,9 +63,10 @@ class KVCache:
 class DecodeBuffers:
     """Device OrtValues for a one-token step of a fixed-capacity cache, allocated once per cache."""
 
-    inputs: dict  # name -> OrtValue (inputs_embeds, position_ids, attention_mask, deepstack_embeds)
+    inputs: dict  # name -> OrtValue (inputs_embeds, position_ids, attention_mask, deepstack_embeds[, logit_positions])
     logits: ort.OrtValue
     next_token: ort.OrtValue | None
+    next_tokens: ort.OrtValue | None = None
 
 
 def ortvalue(arr: np.ndarray, device: str) -> ort.OrtValue:
@@ -76,6 +88,8 @@ class CacheBinder:
         self.kv_dtype = np.float16 if types.get("past_key_0") == "tensor(float16)" else np.float32
         self.outputs = [o.name for o in session.get_outputs()]
         self.has_next_token = NEXT_TOKEN in self.outputs
+        self.has_next_tokens = NEXT_TOKENS in self.outputs
+        self.has_logit_positions = LOGIT_POSITIONS in types
         self.vocab = engine.vocab_size
         self.cuda_graph = False  # set by the engine when the session was created with graph capture
         self._pool: list[KVCache] = []  # freed device caches, reused (their buffers and captured graph) as-is
@@ -130,15 +144,64 @@ class CacheBinder:
             "attention_mask": ortvalue(np.zeros((batch, cap), np.int64), d),
             "deepstack_embeds": ortvalue(np.zeros((self.num_deepstack, batch, 1, self.hidden), np.float32), d),
         }
+        if self.has_logit_positions:
+            inputs[LOGIT_POSITIONS] = ortvalue(np.zeros((1,), np.int64), d)
         logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab), np.float32, d, 0)
         token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, d, 0) if self.has_next_token else None
-        return DecodeBuffers(inputs, logits, token)
+        tokens = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.int64, d, 0) if self.has_next_tokens else None
+        return DecodeBuffers(inputs, logits, token, tokens)
 
     def free(self, cache: KVCache) -> None:
         if self.device == "cuda" and self.mode != "concat" and cache.capacity and not self._pool:
             self._pool.append(KVCache(0, cache.tensors, cache.capacity, [], cache.decode, cache.graph_id, cache.batch))
+        self._release(cache)
+
+    @staticmethod
+    def _release(cache: KVCache) -> None:
         cache.tensors, cache.buffers, cache.decode = [], [], None
         cache.length = cache.capacity = 0
+
+    def truncate(self, cache: KVCache, length: int, capacity: int) -> KVCache:
+        """Keep the first `length` positions of `cache`, with room for `capacity` positions in all.
+
+        * `concat`: the held arrays are sliced to `length` (copies: numpy on the CPU; on CUDA through the host,
+          device OrtValues cannot be sliced in place), so the next step's presents grow from there.
+        * `shared`, `scatter`: only the held length changes when the buffers have the room: positions past it are
+          masked out and written over by the next steps (GroupQueryAttention writes at the mask's held length,
+          TensorScatter at the write index the mask gives). Without the room, a cache of the new capacity is
+          allocated and the prefix copied into it (numpy on the CPU; on CUDA through the host), the old one is
+          released (not pooled: it is too small)."""
+        length = int(length)
+        if not 0 <= length <= cache.length:
+            raise QvlError(f"cannot truncate a KV cache of {cache.length} positions to {length}")
+        if self.mode == "concat":
+            if length < cache.length:
+                cache.tensors = [self._prefix(t, length) for t in cache.tensors]
+            cache.length = length
+            return cache
+        if self.capacity_for(capacity) <= cache.capacity:
+            cache.length = length
+            return cache
+        grown = self.new_cache(capacity, cache.batch)
+        try:
+            for i, (src, dst) in enumerate(zip(cache.tensors, grown.tensors)):
+                if self.device == "cpu":  # the OrtValues wrap these host arrays
+                    grown.buffers[i][:, :, :length] = cache.buffers[i][:, :, :length]
+                else:
+                    host = np.zeros(tuple(dst.shape()), dtype=self.kv_dtype)
+                    host[:, :, :length] = src.numpy()[:, :, :length]
+                    dst.update_inplace(host)
+        except BaseException:
+            self._release(grown)
+            raise
+        self._release(cache)
+        grown.length = length
+        return grown
+
+    def _prefix(self, tensor, length: int):
+        if self.device == "cpu":
+            return np.ascontiguousarray(tensor[:, :, :length])
+        return ortvalue(tensor.numpy()[:, :, :length], self.device)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -151,7 +214,8 @@ class CacheBinder:
 
     def run(self, cache: KVCache, feeds: dict, want: str) -> np.ndarray:
         """Run one step with `feeds` (host arrays); return the last position's logits [B, V] (fp32) when
-        `want` is "logits", its argmax ids [B] (int64) when "token"."""
+        `want` is "logits", its argmax ids [B] (int64) when "token", the argmax ids [B, P] (int64) of every
+        position `feeds["logit_positions"]` names when "tokens" (a speculative verify step)."""
         seq = feeds["inputs_embeds"].shape[1]
         total = cache.length + seq
         if self.mode != "concat" and total > cache.capacity:
@@ -169,12 +233,11 @@ class CacheBinder:
         for i in range(self.layers):
             feeds[f"past_key_{i}"] = cache.tensors[2 * i]
             feeds[f"past_value_{i}"] = cache.tensors[2 * i + 1]
-        names = [n for n in self.outputs if n != NEXT_TOKEN]
+        names = [n for n in self.outputs if n not in (NEXT_TOKEN, NEXT_TOKENS)]
         outs = dict(zip(names, self.session.run(names, feeds)))
         cache.tensors = [outs[f"present_{kind}_{i}"] for i in range(self.layers) for kind in ("key", "value")]
         cache.length += feeds["inputs_embeds"].shape[1]
-        logits = outs["logits"][:, -1, :]
-        return logits if want == "logits" else np.argmax(logits, axis=-1)
+        return _pick(outs["logits"], want)
 
     def _bind_cache(self, io, cache: KVCache) -> None:
         for i in range(self.layers):
@@ -191,23 +254,26 @@ class CacheBinder:
         io = self.session.io_binding()
         for name, arr in feeds.items():
             io.bind_cpu_input(name, arr)
-        io.bind_output("logits", self.device if want == "token" and self.has_next_token else "cpu")
+        on_device = (want == "token" and self.has_next_token) or (want == "tokens" and self.has_next_tokens)
+        io.bind_output("logits", self.device if on_device else "cpu")
         if self.has_next_token:
             io.bind_output(NEXT_TOKEN, "cpu")
+        if self.has_next_tokens:
+            io.bind_output(NEXT_TOKENS, "cpu")
         self._bind_cache(io, cache)
         self.session.run_with_iobinding(io, self._run_options(-1))
         outs = dict(zip(self.outputs_bound(), io.get_outputs()))
         if self.mode == "concat":
             cache.tensors = [outs[f"present_{kind}_{i}"] for i in range(self.layers) for kind in ("key", "value")]
-        if want == "token":
-            if self.has_next_token:
-                return outs[NEXT_TOKEN].numpy()
-            return np.argmax(outs["logits"].numpy()[:, -1, :], axis=-1)
-        return outs["logits"].numpy()[:, -1, :].astype(np.float32, copy=False)
+        if want == "token" and self.has_next_token:
+            return outs[NEXT_TOKEN].numpy()
+        if want == "tokens" and self.has_next_tokens:
+            return outs[NEXT_TOKENS].numpy()
+        return _pick(outs["logits"].numpy(), want)
 
     def outputs_bound(self) -> list[str]:
         """Output names in the order `_run_bound` binds them (io.get_outputs() follows binding order)."""
-        head = ["logits"] + ([NEXT_TOKEN] if self.has_next_token else [])
+        head = ["logits"] + [n for n, has in ((NEXT_TOKEN, self.has_next_token), (NEXT_TOKENS, self.has_next_tokens)) if has]
         return head + [f"present_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
 
     def _run_decode(self, cache: KVCache, feeds: dict, want: str) -> np.ndarray:
@@ -223,6 +289,8 @@ class CacheBinder:
         io.bind_ortvalue_output("logits", dec.logits)
         if dec.next_token is not None:
             io.bind_ortvalue_output(NEXT_TOKEN, dec.next_token)
+        if dec.next_tokens is not None:
+            io.bind_ortvalue_output(NEXT_TOKENS, dec.next_tokens)
         self._bind_cache(io, cache)
         if self.cuda_graph and cache.graph_id < 0:
             self._graph_ids += 1
@@ -230,10 +298,12 @@ class CacheBinder:
         t_run = time.perf_counter()
         self.session.run_with_iobinding(io, self._run_options(cache.graph_id if self.cuda_graph else -1))
         t_ran = time.perf_counter()
-        if want == "token":
-            out = dec.next_token.numpy() if dec.next_token is not None else np.argmax(dec.logits.numpy()[:, -1, :], axis=-1)
+        if want == "token" and dec.next_token is not None:
+            out = dec.next_token.numpy()
+        elif want == "tokens" and dec.next_tokens is not None:
+            out = dec.next_tokens.numpy()
         else:
-            out = dec.logits.numpy()[:, -1, :]
+            out = _pick(dec.logits.numpy(), want)
         timing = self.decode_timing
         timing["steps"] += 1
         timing["run_s"] += t_ran - t_run
@@ -249,3 +319,12 @@ class CacheBinder:
             ro.add_run_config_entry("gpu_graph_id", str(graph_id))
             self._options[graph_id] = ro
         return self._options[graph_id]
+
+
+def _pick(logits: np.ndarray, want: str) -> np.ndarray:
+    """From a step's logits [B, P, V] (host): the last row's logits [B, V] ("logits"), its argmax [B] ("token"),
+    or every row's argmax [B, P] ("tokens"). numpy's argmax takes the first index on ties, as ONNX ArgMax does."""
+    if want == "tokens":
+        return np.argmax(logits, axis=-1)
+    last = logits[:, -1, :]
+    return last.astype(np.float32, copy=False) if want == "logits" else np.argmax(last, axis=-1)

@@ -7,7 +7,7 @@ host dtype mapping, buffer sizing -- and that engines built for another GPU (Ten
 are refused. Treat `TrtEngine` as a reviewed sketch until it has been run against `qvl-compile parity`
 on an SM 6.1 machine.
 
-Design: the runner protocol (`embed`, `encode_images`, `new_cache`, `step`, `free`), so `runtime.model.Model`
+Design: the runner protocol (`embed`, `encode_images`, `new_cache`, `step`, `truncate`, `free`), so `runtime.model.Model`
 can drive it. The decoder engine is the kit's concat-form graph: `past_*` in, `present_* = concat(past,
 new)` out. A cache is two preallocated device buffers of `context_length` positions per layer and K/V;
 each step binds one as `past` and the other as `present` and then swaps them (ping-pong), so nothing is
@@ -67,6 +67,9 @@ class DecoderLimits:
     prefill_seq: int
     prefill_past: int
     decode_past: int
+    # most `logit_positions` of one prefill-profile call (a speculative verify step); 0: kits made before the
+    # decoder had that input
+    verify_positions: int = 0
 
     @classmethod
     def from_kit(cls, kit) -> "DecoderLimits":
@@ -74,8 +77,9 @@ class DecoderLimits:
         kit = load_kit(kit)
         profiles = {p["name"]: p["dims"] for p in kit.graphs["decoder"].profiles}
         pre, dec = profiles["prefill"], profiles["decode"]
+        verify = int(pre["positions"][2]) if "positions" in pre else 0
         return cls(context=int(kit.context_length), prefill_seq=int(pre["seq"][2]), prefill_past=int(pre["past"][2]),
-                   decode_past=int(dec["past"][2]))
+                   decode_past=int(dec["past"][2]), verify_positions=verify)
 
 
 def plan_step(past: int, seq: int, limits: DecoderLimits) -> list[tuple[str, int, int]]:
@@ -98,6 +102,28 @@ def plan_step(past: int, seq: int, limits: DecoderLimits) -> list[tuple[str, int
             plan.append(("decode", off, 1))
         off += take
     return plan
+
+
+@dataclass(frozen=True)
+class Copy2D:
+    """One `cudaMemcpy2D`: `height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes apart."""
+
+    width: int
+    height: int
+    src_pitch: int
+    dst_pitch: int
+
+
+def truncation_copy(heads: int, head_dim: int, itemsize: int, held: int, keep: int) -> Copy2D | None:
+    """The copy that turns a ping-pong buffer holding `[1, heads, held, head_dim]` (contiguous: the layout depends on
+    the held length) into one holding its first `keep` positions as `[1, heads, keep, head_dim]`: one row per head,
+    `keep * head_dim` elements of every `held * head_dim`. None when nothing needs to move (keep is 0, or all)."""
+    if not 0 <= keep <= held:
+        raise QvlError(f"cannot truncate a KV cache of {held} positions to {keep}")
+    if keep == 0 or keep == held:
+        return None
+    row = head_dim * itemsize
+    return Copy2D(width=keep * row, height=heads, src_pitch=held * row, dst_pitch=keep * row)
 
 
 def select_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> int:
@@ -157,6 +183,11 @@ class _Cuda:
     def h2d(self, dst: int, arr: np.ndarray) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self._ok(self.rt.cudaMemcpyAsync(dst, arr.ctypes.data, arr.nbytes, kind, self.stream))
+
+    def d2d_2d(self, dst: int, src: int, copy: "Copy2D") -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self._ok(self.rt.cudaMemcpy2DAsync(dst, copy.dst_pitch, src, copy.src_pitch, copy.width, copy.height, kind,
+                                           self.stream))
 
     def d2h(self, arr: np.ndarray, src: int) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -293,7 +324,10 @@ class TrtEngine:
             self._vision_ort = None
             self.vision = _EngineIO(trt, runtime, engines / build["engines"]["vision"]["file"], list(graphs["vision"].profiles), self.cuda)
         vocab = m.vocab_size
-        self._logits = np.empty((1, 1, vocab), dtype=np.float32)
+        # Speculative verify steps: one call of up to `verify_positions` positions returns that many logits rows.
+        self._logit_positions = "logit_positions" in self.decoder.inputs
+        self.max_verify_positions = self.limits.verify_positions if self._logit_positions else 0
+        self._logits = np.empty((1, max(1, self.max_verify_positions), vocab), dtype=np.float32)
         self._logits_dev = self.cuda.malloc(self._logits.nbytes)
 
     # -- runner protocol ---------------------------------------------------------------------------
@@ -302,15 +336,16 @@ class TrtEngine:
         return np.asarray(self.embedding[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     def encode_images(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        from qvl.runtime.vision_tables import vision_tables
+        """One vision call per attention segment (image / video frame), outputs concatenated in order."""
+        from qvl.runtime.vision_tables import encode_per_segment
 
-        t = vision_tables(image_grid_thw, self.vision_config)
-        feeds = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
-                 "pos_interp_indices": t["interp_indices"], "pos_interp_weights": t["interp_weights"],
-                 "rotary_cos": t["cos"], "rotary_sin": t["sin"], "segment_ids": t["segment_ids"]}
+        names = self.manifest.graphs["vision"].input_names
+        return encode_per_segment(self._run_vision, pixel_values, image_grid_thw, self.vision_config, names)
+
+    def _run_vision(self, feeds: dict) -> list[np.ndarray]:
+        """[image_embeds, deepstack_0, ...] of one vision call."""
         if self._vision_ort is not None:
-            outs = self._vision_ort.run(None, feeds)
-            return outs[0], list(outs[1:])
+            return self._vision_ort.run(None, feeds)
         v = self.vision
         v.use_profile(select_profile(v.profiles, {k: a.shape for k, a in feeds.items()}))
         for name, arr in feeds.items():
@@ -332,7 +367,7 @@ class TrtEngine:
             for ptr in ptrs:
                 self.cuda.free(ptr)
         by_name = dict(zip(v.outputs, outs))
-        return by_name["image_embeds"], [by_name[f"deepstack_{k}"] for k in range(self.num_deepstack)]
+        return [by_name["image_embeds"], *(by_name[f"deepstack_{k}"] for k in range(self.num_deepstack))]
 
     def new_cache(self, capacity: int, batch: int = 1) -> TrtKVCache:
         if batch != 1:
@@ -341,6 +376,36 @@ class TrtEngine:
         nbytes = self.num_kv_heads * cap * self.head_dim * 4
         bufs = [(self.cuda.malloc(nbytes), self.cuda.malloc(nbytes)) for _ in range(2 * self.num_layers)]
         return TrtKVCache(0, cap, bufs, 0)
+
+    def truncate(self, cache: TrtKVCache, length: int, capacity: int) -> TrtKVCache:
+        """Keep the first `length` positions, with room for `capacity`. The held `[1, kv_heads, L, head_dim]` tensors'
+        layout depends on L, so each is compacted (`truncation_copy`, one device-to-device 2D copy per layer and
+        K/V) into the other ping-pong buffer, or into a new cache's buffers when more room is needed."""
+        length = int(length)
+        copy = truncation_copy(self.num_kv_heads, self.head_dim, 4, cache.length, length)
+        cap = min(int(capacity), self.context_length)
+        if cap <= cache.capacity:
+            if copy is not None:
+                for bufs in cache.buffers:
+                    self.cuda.d2d_2d(bufs[1 - cache.current], bufs[cache.current], copy)
+                cache.current = 1 - cache.current
+                self.cuda.sync()
+            cache.length = length
+            return cache
+        grown = self.new_cache(cap)
+        try:
+            if length:
+                whole = Copy2D(width=length * self.head_dim * 4, height=self.num_kv_heads,
+                               src_pitch=cache.length * self.head_dim * 4, dst_pitch=length * self.head_dim * 4)
+                for old, new in zip(cache.buffers, grown.buffers):
+                    self.cuda.d2d_2d(new[grown.current], old[cache.current], whole)
+                self.cuda.sync()
+        except BaseException:
+            self.free(grown)
+            raise
+        self.free(cache)
+        grown.length = length
+        return grown
 
     def free(self, cache: TrtKVCache) -> None:
         """Release a cache's device buffers (`Model` calls it when a generation is done)."""
@@ -355,14 +420,31 @@ class TrtEngine:
     def step(self, cache: TrtKVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
              deepstack: np.ndarray | None = None) -> np.ndarray:
         """Run the new positions through the decoder engine, extend `cache`; return last-position logits [1, V]."""
+        return self._run_decoder(cache, inputs_embeds, position_ids, deepstack, every=False)
+
+    def verify_step(self, cache: TrtKVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                    deepstack: np.ndarray | None = None) -> np.ndarray:
+        """`step`, returning the argmax ids [1, S] after every position (each engine call's logits rows are read
+        back and argmax-ed on the host, as `greedy_step` does)."""
+        return self._run_decoder(cache, inputs_embeds, position_ids, deepstack, every=True)
+
+    def _run_decoder(self, cache: TrtKVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                     deepstack: np.ndarray | None, every: bool) -> np.ndarray:
         bsz, seq, _ = inputs_embeds.shape
         if bsz != 1:
             raise QvlError("the TensorRT decoder engine is built for batch 1")
+        if every and seq > self.max_verify_positions:
+            if not self.max_verify_positions:
+                raise QvlError(f"the engine kit {self.artifact} returns the last position's logits only: "
+                               "speculative decoding cannot verify drafts with it",
+                               hint="re-make the kit from the checkpoint (and its engines) with this qvl-compile version")
+            raise QvlError(f"a verify step of {seq} positions exceeds the engine's {self.max_verify_positions}")
         if cache.length + seq > cache.capacity:
             raise QvlError(f"sequence of {cache.length + seq} tokens exceeds the preallocated cache of {cache.capacity}")
         if deepstack is None:
             deepstack = np.zeros((self.num_deepstack, 1, seq, self.hidden_size), dtype=np.float32)
         d = self.decoder
+        ids: list[np.ndarray] = []
         for profile, off, n in plan_step(cache.length, seq, self.limits):
             past = cache.length
             d.use_profile(self._profile_index[profile])
@@ -370,6 +452,8 @@ class TrtEngine:
             d.stage("position_ids", position_ids[:, :, off:off + n])
             d.stage("attention_mask", np.ones((1, past + n), dtype=np.int64))
             d.stage("deepstack_embeds", deepstack[:, :, off:off + n])
+            if self._logit_positions:  # every position of a verify step, else the call's last
+                d.stage("logit_positions", np.arange(n, dtype=np.int64) if every else np.array([n - 1], np.int64))
             for i in range(self.num_layers):
                 for j, kind in enumerate(("key", "value")):
                     bufs = cache.buffers[2 * i + j]
@@ -380,9 +464,17 @@ class TrtEngine:
             d.run()
             cache.current = 1 - cache.current
             cache.length = past + n
-        self.cuda.d2h(self._logits, self._logits_dev)
+            if every:
+                rows = self._logits[:, :n]  # [1, n, V], contiguous
+                self.cuda.d2h(rows, self._logits_dev)
+                self.cuda.sync()
+                ids.append(np.argmax(rows, axis=-1))
+        if every:
+            return np.concatenate(ids, axis=1)
+        last = self._logits[:, :1]
+        self.cuda.d2h(last, self._logits_dev)
         self.cuda.sync()
-        return self._logits[:, -1, :].copy()
+        return last[:, -1, :].copy()
 
     def greedy_step(self, cache: TrtKVCache, inputs_embeds: np.ndarray, position_ids: np.ndarray,
                     deepstack: np.ndarray | None = None) -> np.ndarray:

@@ -21,10 +21,15 @@ from qvl.passes.base import TargetCapabilities
 GiB = 1 << 30
 
 TARGETS: dict[str, TargetCapabilities] = {
+    # Vision linears as DynamicQuantizeMatMul (MLAS int8 GEMM; 784 patch rows per 448^2 image): 2.5x MatMulNBits' GEMM
+    # rate, vision encoder -27 % at 2B, +0.14 GB peak RSS for an int4 artifact; sentinel accuracy unchanged
+    # (benchmarks/README.md, "Prefill and vision GEMMs"). The decoder stays MatMulNBits: at M = 1 it is as fast or faster.
     "cpu-avx2": TargetCapabilities("cpu-avx2", ("float32",), (8, 4), ort_contrib_ops=True, memory_bytes=8 * GiB,
-                                   asymmetric_int4_int8_compute=False),  # ORT issue #29853
+                                   asymmetric_int4_int8_compute=False,  # ORT issue #29853
+                                   dynamic_int8_graphs=("vision",)),
     # bf16 is not listed: no pass assigns bf16 activations yet (issue #16 measures AVX-512 hosts and decides).
-    "cpu-avx512": TargetCapabilities("cpu-avx512", ("float32",), (8, 4), ort_contrib_ops=True),
+    "cpu-avx512": TargetCapabilities("cpu-avx512", ("float32",), (8, 4), ort_contrib_ops=True,
+                                     dynamic_int8_graphs=("vision",)),
     "sm61": TargetCapabilities("sm61", ("float32",), (8,), ort_contrib_ops=False, max_opset=17, memory_bytes=2 * GiB,
                                kv_cache="concat", provider="tensorrt"),
     "sm75+": TargetCapabilities("sm75+", ("float32", "float16"), (8, 4), ort_contrib_ops=False, kv_cache="concat",

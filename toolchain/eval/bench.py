@@ -48,6 +48,8 @@ from qvl.toolchain.eval.bench_inputs import IMAGE_SIZE, QUESTION_TOKENS, TEXT_TO
 from qvl.toolchain.eval.bench_report import format_bench, plot_bench
 from qvl.toolchain.eval.bench_workers import run_child
 from qvl.toolchain.eval.hardware import BANDWIDTH_BYTES, BANDWIDTH_SAMPLES, cpu_info, llc_bytes, spread
+from qvl.toolchain.eval.peer_run import check_peer_names
+from qvl.toolchain.eval.peers import peer_ratios, peer_steps, prepare_peers, run_peers
 from qvl.toolchain.export.checkpoint_io import validate_checkpoint
 from qvl.toolchain.staging import scratch_dir
 
@@ -151,6 +153,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _loadavg() -> list[float] | None:
+    """/proc/loadavg's 1, 5 and 15 minute averages (the bench host may be shared), None where unavailable."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
 def run_bench(
     artifact: str | Path,
     checkpoint: str | Path,
@@ -171,11 +181,15 @@ def run_bench(
     device: str = "cpu",
     extra_eager_dtypes: tuple[str, ...] = (),
     eager_cache: str | None = None,
+    peers: tuple[str, ...] = (),
+    llamacpp_dir: str | Path | None = None,
+    peer_cache: str | Path | None = None,
 ) -> dict:
     """Benchmark `artifact` (runtime) against `checkpoint` (eager transformers) on identical inputs.
 
     `progress(message, steps_done, steps_total)` is called as each step starts. Returns the JSON-able
-    report documented in benchmarks/README.md.
+    report documented in benchmarks/README.md. `peers=("llama.cpp",)` also runs llama.cpp (built or found, and
+    the checkpoint converted to GGUF, by `peers.prepare_peers`) on the same inputs and threads.
     """
     for dt in (eager_dtype, *extra_eager_dtypes):
         if dt not in ("fp32", "bf16"):
@@ -184,6 +198,10 @@ def run_bench(
     extra_eager_dtypes = tuple(dt for dt in dict.fromkeys(extra_eager_dtypes) if dt != eager_dtype)
     if repeats < 1 or new_tokens < 2 or text_tokens < 1:
         raise QvlError("repeats must be >= 1 and new tokens >= 2")
+    peers = check_peer_names(peers)
+    if peers and device != "cpu":
+        raise QvlError(f"--peer runs llama.cpp on the CPU, not next to --device {device}", hint="use --device cpu with --peer")
+    loadavg = {"before": _loadavg()}
     artifact, checkpoint = Path(artifact), Path(checkpoint)
     read_manifest(artifact)  # one-line errors for a bad artifact / checkpoint before anything runs
     validate_checkpoint(checkpoint)
@@ -194,6 +212,11 @@ def run_bench(
     n_engines = 2 + len(extra_eager_dtypes)
     total = 2 + n_engines * (1 + int(warmup) + 2 * repeats)  # bandwidth x2; per engine: load, warm-up, runs
     state = {"done": 0}
+    prepared: list = []
+    if peers:  # builds / conversions first (cached; minutes the first time): fail before any engine runs
+        prepared = prepare_peers(peers, artifact, checkpoint, cpu_info(threads)["flags"], llamacpp_dir, peer_cache,
+                                 lambda m: progress and progress(m, 0, total))
+        total += peer_steps(prepared, repeats, warmup)
 
     def step(message: str) -> None:
         if progress:
@@ -221,6 +244,9 @@ def run_bench(
                       "eager_device": "cuda" if on_gpu else "cpu", "eager_cache": eager_cache}
         eager = run_child({**eager_spec, "eager_dtype": eager_dtype}, wd, step, threads)
         others = {dt: run_child({**eager_spec, "eager_dtype": dt}, wd, step, threads) for dt in extra_eager_dtypes}
+        image_path = Path(inputs["image"]["messages"][0]["content"][0]["image"])
+        peer_results = run_peers(prepared, inputs, image_path, threads, repeats, text_tokens, new_tokens, wd, warmup,
+                                 step)
         step("memory bandwidth (after)")
         bw += run_child(bw_spec, wd, lambda m: None, threads)["samples_gbs"]
     if progress:
@@ -236,7 +262,7 @@ def run_bench(
     bandwidth = max(bw)
     bpt = weights["bytes"]
     roofline = bandwidth * 1e9 / bpt
-    for eng in (qvl, eager, *others.values()):
+    for eng in (qvl, eager, *others.values(), *peer_results.values()):
         eng["roofline_decode_tok_s"] = bandwidth * 1e9 / eng["bytes_per_token"]
         eng["decode_efficiency"] = eng["decode_tok_s"] / eng["roofline_decode_tok_s"]
     mi = read_manifest(artifact, verify_graphs=False).model
@@ -263,6 +289,9 @@ def run_bench(
         "ratios": {name: _ratio(qvl[key], eager[key]) for name, key in RATIOS.items()},
         "ratios_vs": {dt: {name: _ratio(qvl[key], o[key]) for name, key in RATIOS.items()}
                       for dt, o in [(eager_dtype, eager), *others.items()]},
+        "peers": peer_results,
+        "ratios_peers": peer_ratios(qvl, peer_results),
+        "loadavg": {**loadavg, "after": _loadavg()},
         "cpu": cpu,
         "artifact": artifact_info(artifact),
         "checkpoint": str(checkpoint),
@@ -279,6 +308,7 @@ def run_bench(
             "new_tokens": new_tokens,
             "image": {k: v for k, v in inputs["image"].items() if k != "messages"},
             "ignore_stop": True,
+            "peers": list(peers),
         },
         "seconds": time.perf_counter() - t_start,
     }

@@ -13,23 +13,28 @@ def plot_bench(result: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     q, e, r = result["engines"]["qvl"], result["engines"]["eager"], result["ratios"]
+    peers = result.get("peers") or {}  # --peer llama.cpp: one more bar per peer build
+    names = ["qvl runtime", "eager", *peers]
+    engines = [q, e, *peers.values()]
     panels = [
-        ("decode tok/s (higher is better)", q["decode_tok_s"], e["decode_tok_s"], r["decode"]),
-        ("TTFT text, s (lower is better)", q["ttft_text_s"], e["ttft_text_s"], r["ttft_text"]),
-        ("TTFT image, s (lower is better)", q["ttft_image_s"], e["ttft_image_s"], r["ttft_image"]),
-        ("peak RSS, GB (lower is better)", q["peak_rss_bytes"] / 1e9, e["peak_rss_bytes"] / 1e9, r["peak_rss"]),
+        ("decode tok/s (higher is better)", [x["decode_tok_s"] for x in engines], r["decode"]),
+        ("TTFT text, s (lower is better)", [x["ttft_text_s"] for x in engines], r["ttft_text"]),
+        ("TTFT image, s (lower is better)", [x["ttft_image_s"] for x in engines], r["ttft_image"]),
+        ("peak RSS, GB (lower is better)", [x["peak_rss_bytes"] / 1e9 for x in engines], r["peak_rss"]),
     ]
-    colors = ("#1f77b4", "#ff7f0e")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
-    for ax, (title, a, b, ratio) in zip(axes, panels):
-        bars = ax.bar(["qvl runtime", "eager"], [a, b], color=colors)
-        for bar, v in zip(bars, (a, b)):
+    colors = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")[: len(names)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + 2 * len(peers), 4))
+    for ax, (title, values, ratio) in zip(axes, panels):
+        bars = ax.bar(names, values, color=colors)
+        if peers:
+            ax.tick_params(axis="x", labelsize=8)
+        for bar, v in zip(bars, values):
             ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9)
         ax.set_title(title + ("" if ratio is None else f"\nqvl/eager = {ratio:.2f}x"), fontsize=10)
         ax.margins(y=0.15)
     roof = result.get("roofline_decode_tok_s")
-    if roof and roof < 4 * max(q["decode_tok_s"], e["decode_tok_s"]):
+    if roof and roof < 4 * max(x["decode_tok_s"] for x in engines):
         axes[0].axhline(roof, ls="--", c="gray", lw=1)
         axes[0].annotate(f"roofline {roof:.1f}", (0.5, roof), xycoords=("axes fraction", "data"),
                          ha="center", va="bottom", fontsize=8, color="gray")
@@ -76,4 +81,40 @@ def format_bench(result: dict) -> str:
         f"artifact {result['artifact']['size_bytes'] / 1e9:.3f} GB on disk",
         result["cpu"]["note"],
     ]
+    if result.get("peers"):
+        lines += ["", format_peers(result)]
     return "\n".join(lines)
+
+
+def format_peers(result: dict) -> str:
+    """The --peer rows: qvl beside each llama.cpp build, the ratio qvl/peer after each, and the kernels each ran."""
+    q, peers, ratios = result["engines"]["qvl"], result["peers"], result["ratios_peers"]
+    labels = list(peers)
+    rows = [("decode tok/s (text)", "decode_tok_s", "decode", "{:.2f}", 1),
+            ("decode tok/s (image)", "decode_tok_s_image", "decode_image", "{:.2f}", 1),
+            ("prefill tok/s (text)", "prefill_tok_s", "prefill", "{:.1f}", 1),
+            ("prefill tok/s (image)", "prefill_tok_s_image", "prefill_image", "{:.1f}", 1),
+            ("TTFT text s", "ttft_text_s", "ttft_text", "{:.3f}", 1),
+            ("TTFT image s", "ttft_image_s", "ttft_image", "{:.3f}", 1),
+            ("vision encoder s", "vision_s", "vision", "{:.3f}", 1),
+            ("peak RSS GB", "peak_rss_bytes", "peak_rss", "{:.3f}", 1e-9),
+            ("load s", "load_s", "load", "{:.2f}", 1),
+            ("weights read/token MB", "bytes_per_token", None, "{:.1f}", 1e-6),
+            ("decode efficiency", "decode_efficiency", None, "{:.1%}", 1)]
+    first = next(iter(peers.values()))
+    out = [f"peers: llama.cpp text GGUF {first['quant']} ({first['gguf']['text']['file_bytes'] / 1e9:.3f} GB) + mmproj "
+           f"F16, same threads and inputs (definitions: benchmarks/README.md, 'Peer: llama.cpp')",
+           f"{'':<26}{'qvl runtime':>14}" + "".join(f"{l:>16}{'qvl/peer':>10}" for l in labels)]
+    for label, key, rname, fmt, scale in rows:
+        line = f"{label:<26}{fmt.format(q[key] * scale):>14}"
+        for l in labels:
+            v, rv = peers[l].get(key), ratios[l].get(rname) if rname else None
+            line += f"{'-' if v is None else fmt.format(v * scale):>16}{'-' if rv is None else f'{rv:.2f}x':>10}"
+        out.append(line)
+    flags = [f for f, on in result["cpu"]["flags"].items() if on]
+    out.append(f"kernels: qvl = ONNX Runtime MLAS {result['cpu']['mlas_isa']} (host flags: {', '.join(flags)})")
+    for l in labels:
+        s = peers[l]["simd"]
+        on = [k for k, v in s.items() if k != "isa" and v]
+        out.append(f"kernels: {l} = {s['isa']} ({' '.join(on)}; AVX512 = {s['AVX512']}), build {peers[l]['build']['flavour']}")
+    return "\n".join(out)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -192,13 +191,12 @@ def inspection_prompt(reference: Path, with_image: bool):
 
 
 def vision_feeds(ref: Manifest, prompt) -> dict:
-    """The vision graph's inputs for the prompt's image, as the ONNX Runtime runner builds them."""
-    from qvl.runtime.vision_tables import vision_tables
+    """The vision graph's inputs for the prompt's one image (one vision call), as the runners build them."""
+    from qvl.runtime.vision_tables import segment_feeds, vision_segments
 
-    t = vision_tables(prompt.image_grid_thw, ref.source.vision_config)
-    return {"pixel_values": np.ascontiguousarray(prompt.pixel_values, dtype=np.float32),
-            "pos_interp_indices": t["interp_indices"], "pos_interp_weights": t["interp_weights"],
-            "rotary_cos": t["cos"], "rotary_sin": t["sin"], "segment_ids": t["segment_ids"]}
+    (start, stop, h, w), = vision_segments(prompt.image_grid_thw)
+    return segment_feeds(prompt.pixel_values, start, stop, h, w, ref.source.vision_config,
+                         ref.graphs["vision"].input_names)
 
 
 def decoder_feeds(ref: Manifest, prompts, prompt, vision_out: list | None) -> dict:
@@ -225,6 +223,8 @@ def decoder_feeds(ref: Manifest, prompts, prompt, vision_out: list | None) -> di
     position_ids, _ = rope_index(ids, prompt.mm_token_type_ids, prompt.image_grid_thw, m.spatial_merge_size)
     feeds = {"inputs_embeds": embeds, "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
              "attention_mask": np.ones((1, len(ids)), dtype=np.int64), "deepstack_embeds": deepstack}
+    if "logit_positions" in ref.graphs["decoder"].input_names:  # graphs exported since: the last position's logits
+        feeds["logit_positions"] = np.array([len(ids) - 1], dtype=np.int64)
     empty = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
     for i in range(m.num_layers):
         feeds[f"past_key_{i}"] = feeds[f"past_value_{i}"] = empty
@@ -260,13 +260,6 @@ def _scratch_base(artifact: Path) -> Path | None:
     return parent
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # ONNX Runtime refuses external data outside the model's folder, and symlinks
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def marked_graph(manifest: Manifest, graph: str, work: Path) -> Path:
     """`work/<graph>.onnx`: the artifact's graph with every node output marked as a graph output (Polygraphy),
     its weights still references into the artifact's store (hard-linked into `work`)."""
@@ -274,9 +267,9 @@ def marked_graph(manifest: Manifest, graph: str, work: Path) -> Path:
     from polygraphy.backend.onnx import ModifyOutputs, OnnxFromPath, SaveOnnx
 
     work.mkdir(parents=True, exist_ok=True)
-    store = work / manifest.weights.file
-    if not store.exists():
-        _link_or_copy(manifest.path(manifest.weights.file), store)
+    from qvl.artifacts.writer import link_weight_files
+
+    link_weight_files(manifest, work)  # weights.bin, or each weight object of a format-2 artifact
     out = work / Path(manifest.graphs[graph].file).name
     with _quiet():
         SaveOnnx(ModifyOutputs(OnnxFromPath(str(manifest.graph_path(graph)), ignore_external_data=True),

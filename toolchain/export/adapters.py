@@ -4,16 +4,28 @@ They reuse every weight-bearing submodule of the Hugging Face model unchanged an
 control flow that the ONNX exporters cannot take as written:
 
 * Vision attention: transformers splits the packed patch sequence with
-  `torch.split(x, cu_seqlens.diff().tolist())` (data-dependent; the dynamo exporter fails on it and the
-  legacy exporter bakes one image grid into the graph). Here it is one masked attention over all patches
-  with a block-diagonal mask built from per-patch `segment_ids`, so any number and size of images works.
-* Vision helper tables (rotary cos/sin, bilinear position-embedding taps, segment ids) depend only on
+  `torch.split(x, cu_seqlens.diff().tolist())` and attends within each piece (one image, or one frame
+  of a video); that split is data-dependent (the dynamo exporter fails on it). Here the vision graph is
+  exported for ONE attention segment: every patch attends to every patch, no mask at all, and the
+  runtime calls it once per segment (`qvl.runtime.vision_tables.encode_per_segment`). That is exactly the
+  packed result, because nothing else in the tower mixes patches: the patch embedder is a Conv3d with
+  stride = kernel (one patch in, one row out; a patch row already holds both frames of temporal patch
+  2), the position embedding, rotary tables, norms and MLPs are per row, and the 2x2 merger and the
+  DeepStack mergers group 4 consecutive rows, which never straddle a segment (h and w are multiples of
+  the merge size). Attention without a mask lets ONNX Runtime's CPU MultiHeadAttention take its flash
+  kernel (memory linear in the patch count, not quadratic).
+  `VisionEncoderAdapter(visual, packed=True)` keeps the previous form reachable (one call for all
+  images, a block-diagonal mask built in the graph from per-patch `segment_ids`): artifacts exported
+  that way still load and run, and the tests compare the two forms.
+* Vision helper tables (rotary cos/sin, bilinear position-embedding taps[, segment ids]) depend only on
   `image_grid_thw`; they are graph *inputs* computed on the host by `qvl.runtime.vision_tables`.
 * Decoder: `DynamicCache` objects are replaced by explicit past/present key/value tensors, the causal +
   padding mask is built in the graph from `attention_mask`, DeepStack features come in as a dense
   `[num_deepstack, batch, seq, hidden]` tensor (zeros at non-visual positions, so adding it is exact),
-  and only the last position's logits are produced (a full-vocabulary projection of every prompt
-  position is never needed for generation and costs 311 M MACs per token at 2B size).
+  and logits are produced only for the positions `logit_positions` names (indices into this step's
+  positions: the runtime asks for the last one on an ordinary step, for all of a speculative verify step's
+  positions there; a full-vocabulary projection of every prompt position is never needed for generation and
+  costs 311 M MACs per token at 2B size). The positions are gathered before the final norm.
 * The tied lm_head is `hidden @ embed_tokens.weight^T` on the one embedding matrix (no second copy).
 """
 
@@ -25,31 +37,40 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb,
 
 
 class VisionEncoderAdapter(nn.Module):
-    """pixel patches + host tables -> merged image embeddings and DeepStack features."""
+    """pixel patches + host tables -> merged image embeddings and DeepStack features.
 
-    def __init__(self, visual: nn.Module):
+    Default: one attention segment per call (an image, or one frame of a video), no mask.
+    `packed=True`: the previous form, all segments in one call with a block-diagonal mask from `segment_ids`.
+    """
+
+    def __init__(self, visual: nn.Module, packed: bool = False):
         super().__init__()
         self.visual = visual
         cfg = visual.config
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.deepstack_indexes = list(cfg.deepstack_visual_indexes)
+        self.packed = packed
 
-    def forward(self, pixel_values, pos_interp_indices, pos_interp_weights, rotary_cos, rotary_sin, segment_ids):
+    def forward(self, pixel_values, pos_interp_indices, pos_interp_weights, rotary_cos, rotary_sin, segment_ids=None):
         v = self.visual
         hidden = v.patch_embed(pixel_values)
         pos = (v.pos_embed(pos_interp_indices) * pos_interp_weights[:, :, None]).sum(1)
         hidden = hidden + pos.to(hidden.dtype)
         n = hidden.shape[0]
-        same_image = segment_ids[:, None] == segment_ids[None, :]
-        bias = torch.zeros((n, n), dtype=hidden.dtype).masked_fill(~same_image, torch.finfo(hidden.dtype).min)
+        bias = None
+        if self.packed:
+            same_image = segment_ids[:, None] == segment_ids[None, :]
+            bias = torch.zeros((n, n), dtype=hidden.dtype).masked_fill(~same_image, torch.finfo(hidden.dtype).min)
         deepstack = []
         for idx, blk in enumerate(v.blocks):
             x = blk.norm1(hidden)
             q, k, val = blk.attn.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).permute(1, 0, 2, 3).unbind(0)
             q, k = apply_rotary_pos_emb_vision(q, k, rotary_cos, rotary_sin)
             q, k, val = (t.transpose(0, 1) for t in (q, k, val))  # [heads, n, d]
-            scores = torch.matmul(q, k.transpose(1, 2)) * blk.attn.scaling + bias
+            scores = torch.matmul(q, k.transpose(1, 2)) * blk.attn.scaling
+            if bias is not None:
+                scores = scores + bias
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             attn = torch.matmul(probs, val).transpose(0, 1).reshape(n, -1)
             hidden = hidden + blk.attn.proj(attn)
@@ -60,10 +81,14 @@ class VisionEncoderAdapter(nn.Module):
 
 
 class DecoderAdapter(nn.Module):
-    """One KV-cached step (prefill, chunked prefill or decode) of the Qwen3-VL text decoder."""
+    """One KV-cached step (prefill, chunked prefill or decode) of the Qwen3-VL text decoder.
 
-    def __init__(self, model: nn.Module):
+    `logit_positions=False`: the previous form (no such input, the last position's logits only), which artifacts
+    exported before it still have; kept reachable for the compatibility tests."""
+
+    def __init__(self, model: nn.Module, logit_positions: bool = True):
         super().__init__()
+        self.logit_positions = logit_positions
         self.lm = model.model.language_model
         cfg = self.lm.config
         self.num_layers = cfg.num_hidden_layers
@@ -72,7 +97,13 @@ class DecoderAdapter(nn.Module):
         self.head_dim = cfg.head_dim
         self.groups = self.num_heads // self.num_kv_heads
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, deepstack_embeds, *past_key_values):
+    def forward(self, inputs_embeds, position_ids, attention_mask, deepstack_embeds, *past_and_positions):
+        """`past_and_positions`: the 2 * num_layers past key/value tensors, then `logit_positions` [P] (int64
+        indices in [0, S) into this step's S positions) -> logits [B, P, V]."""
+        if self.logit_positions:
+            *past_key_values, logit_positions = past_and_positions
+        else:
+            past_key_values, logit_positions = past_and_positions, None
         lm = self.lm
         bsz, seq, _ = inputs_embeds.shape
         past_len = past_key_values[0].shape[2]
@@ -112,6 +143,7 @@ class DecoderAdapter(nn.Module):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if i < deepstack_embeds.shape[0]:
                 hidden = hidden + deepstack_embeds[i]
-        last = lm.norm(hidden[:, -1:, :])
-        logits = torch.matmul(last, lm.embed_tokens.weight.t())
+        picked = hidden[:, -1:, :] if logit_positions is None else torch.index_select(hidden, 1, logit_positions)
+        picked = lm.norm(picked)
+        logits = torch.matmul(picked, lm.embed_tokens.weight.t())
         return (logits, *presents)

@@ -28,7 +28,10 @@ from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, check_outp
 
 OPSET = 20
 
-VISION_INPUTS = ("pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_cos", "rotary_sin", "segment_ids")
+VISION_INPUTS = ("pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_cos", "rotary_sin")
+# The previous vision form (all images in one call, block-diagonal mask from this extra input); the runtime
+# still runs artifacts exported that way, and `export_artifact(..., packed_vision=True)` still writes one.
+PACKED_VISION_INPUT = "segment_ids"
 
 
 @dataclass
@@ -40,14 +43,22 @@ class ExportReport:
     graphs: dict
 
 
-def vision_io_names(num_deepstack: int) -> tuple[list[str], list[str]]:
-    return list(VISION_INPUTS), ["image_embeds"] + [f"deepstack_{k}" for k in range(num_deepstack)]
+def vision_io_names(num_deepstack: int, packed: bool = False) -> tuple[list[str], list[str]]:
+    ins = list(VISION_INPUTS) + ([PACKED_VISION_INPUT] if packed else [])
+    return ins, ["image_embeds"] + [f"deepstack_{k}" for k in range(num_deepstack)]
 
 
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+# int64 [positions]: which of a step's positions get logits (`[S-1]` on an ordinary step, all of a speculative
+# verify step's); the last decoder input, so every earlier input keeps its index. Graphs exported before it
+# existed return the last position's logits only (the runtime reads the graph's inputs).
+LOGIT_POSITIONS = "logit_positions"
+
+
+def decoder_io_names(num_layers: int, logit_positions: bool = True) -> tuple[list[str], list[str]]:
     kv = [f"{p}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value") for p in ("past",)]
     present = [f"present_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds", *kv], ["logits", *present]
+    tail = [LOGIT_POSITIONS] if logit_positions else []
+    return ["inputs_embeds", "position_ids", "attention_mask", "deepstack_embeds", *kv, *tail], ["logits", *present]
 
 
 def _export(module, args, input_names, output_names, dynamic_shapes):
@@ -68,41 +79,47 @@ def _export(module, args, input_names, output_names, dynamic_shapes):
     return program.model
 
 
-def export_vision_graph(model):
-    """The vision tower as an onnx-ir model with a dynamic patch count (any images, any sizes)."""
+def export_vision_graph(model, packed: bool = False):
+    """The vision tower as an onnx-ir model with a dynamic patch count.
+
+    Default: the graph of ONE attention segment (an image, or one frame of a video; no mask), which the
+    runtime calls once per segment. `packed=True`: the previous form (any number of images in one call,
+    block-diagonal mask from a `segment_ids` input), kept for compatibility tests."""
     import torch
 
     from qvl.toolchain.export.adapters import VisionEncoderAdapter
 
     vis_cfg = model.config.vision_config
-    adapter = VisionEncoderAdapter(model.model.visual).eval()
-    grid = [(1, 4, 6), (1, 6, 4)]  # two images: the traced graph must not assume one
+    adapter = VisionEncoderAdapter(model.model.visual, packed=packed).eval()
+    # packed: two images, so the traced graph must not assume one; per segment: one 4x6 image
+    grid = [(1, 4, 6), (1, 6, 4)] if packed else [(1, 4, 6)]
     n = sum(t * h * w for t, h, w in grid)
     patch_dim = vis_cfg.in_channels * vis_cfg.temporal_patch_size * vis_cfg.patch_size**2
     head_dim = vis_cfg.hidden_size // vis_cfg.num_heads
-    seg = torch.cat([torch.full((t * h * w,), i, dtype=torch.int64) for i, (t, h, w) in enumerate(grid)])
     args = (
         torch.randn(n, patch_dim),
         torch.randint(0, vis_cfg.num_position_embeddings, (n, 4)),
         torch.rand(n, 4),
         torch.randn(n, head_dim),
         torch.randn(n, head_dim),
-        seg,
     )
+    if packed:
+        args += (torch.cat([torch.full((t * h * w,), i, dtype=torch.int64) for i, (t, h, w) in enumerate(grid)]),)
     patches = torch.export.Dim("patches", min=4, max=1 << 20)
     dyn = tuple({0: patches} for _ in args)
-    ins, outs = vision_io_names(len(vis_cfg.deepstack_visual_indexes))
+    ins, outs = vision_io_names(len(vis_cfg.deepstack_visual_indexes), packed=packed)
     return _export(adapter, args, ins, outs, dyn)
 
 
-def export_decoder_graph(model):
-    """The KV-cached text decoder: one graph for prefill, chunked prefill and decode."""
+def export_decoder_graph(model, logit_positions: bool = True):
+    """The KV-cached text decoder: one graph for prefill, chunked prefill and decode; logits for the positions
+    the `logit_positions` input names (`logit_positions=False`: the previous form, last position only)."""
     import torch
 
     from qvl.toolchain.export.adapters import DecoderAdapter
 
     tc = model.config.text_config
-    adapter = DecoderAdapter(model).eval()
+    adapter = DecoderAdapter(model, logit_positions=logit_positions).eval()
     n_ds = len(model.config.vision_config.deepstack_visual_indexes)
     b, s, p = 2, 5, 3  # example sizes; batch 2 keeps the batch axis symbolic
     args = (
@@ -112,18 +129,21 @@ def export_decoder_graph(model):
         torch.zeros(n_ds, b, s, tc.hidden_size),
         *(torch.randn(b, tc.num_key_value_heads, p, tc.head_dim) for _ in range(2 * tc.num_hidden_layers)),
     )
+    if logit_positions:
+        args += (torch.tensor([1, s - 1], dtype=torch.int64),)  # 2 of the 5 positions: the axis stays symbolic
     batch = torch.export.Dim("batch", min=1, max=256)
     seq = torch.export.Dim("seq", min=1, max=1 << 20)
     past = torch.export.Dim("past", min=0, max=1 << 20)
     total = torch.export.Dim("total", min=1, max=1 << 21)
+    positions = torch.export.Dim("positions", min=1, max=1 << 20)
     dyn = (
         {0: batch, 1: seq},
         {1: batch, 2: seq},
         {0: batch, 1: total},
         {1: batch, 2: seq},
-        tuple({0: batch, 2: past} for _ in range(2 * tc.num_hidden_layers)),
+        (*({0: batch, 2: past} for _ in range(2 * tc.num_hidden_layers)), *([{0: positions}] if logit_positions else [])),
     )
-    ins, outs = decoder_io_names(tc.num_hidden_layers)
+    ins, outs = decoder_io_names(tc.num_hidden_layers, logit_positions)
     graph = _export(adapter, args, ins, outs, dyn)
     tie_lm_head_to_embedding(graph, model.model.language_model.embed_tokens.weight.detach().numpy())
     return graph
@@ -216,7 +236,12 @@ def export_artifact(
     out: Path,
     overwrite: bool = False,
     step: Callable[[str], None] | None = None,
+    packed_vision: bool = False,
+    logit_positions: bool = True,
 ) -> ExportReport:
+    """`packed_vision=True` writes the previous vision form (one call for all images, block-diagonal mask
+    from `segment_ids`); `logit_positions=False` the previous decoder form (no `logit_positions` input, last
+    position's logits only). Only the compatibility tests ask for them."""
     step = step or (lambda msg: None)
     t0 = time.perf_counter()
     # Config, headers, tensor names/shapes/dtypes, tied lm_head and tokenizer are all checked here,
@@ -245,12 +270,12 @@ def export_artifact(
         timings = {}
         t = time.perf_counter()
         step("exporting vision encoder")
-        vision = export_vision_graph(model)
+        vision = export_vision_graph(model, packed=packed_vision)
         timings["vision"] = time.perf_counter() - t
         fault_point("export:traced")
         t = time.perf_counter()
         step("exporting decoder")
-        decoder = export_decoder_graph(model)
+        decoder = export_decoder_graph(model, logit_positions=logit_positions)
         timings["decoder"] = time.perf_counter() - t
         del model
         step("writing graphs and weight store")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from qvl.artifacts import manifest as mf
-from qvl.artifacts.writer import load_graphs, save_graphs_in_place, write_artifact
+from qvl.artifacts.writer import link_weight_files, load_graphs, save_graphs_in_place, write_artifact
 from qvl.passes.linear_sites import linear_sites
 from qvl.passes.qdq_int8 import stats_key
 from qvl.toolchain.quant.accuracy_budget import calibration_cases
@@ -148,13 +146,6 @@ def calibrate_model(model, graph_name: str, feeds: Iterable[dict], threads: int 
     return dict(sink.values)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def calibrate_artifact(
     artifact: Path,
     cases: list | None = None,
@@ -179,7 +170,7 @@ def calibrate_artifact(
             cases = calibration_cases(Path(work_dir) if work_dir is not None else tmp / "images")
         run_dir = tmp / "tapped"
         run_dir.mkdir()
-        _link_or_copy(manifest.path(manifest.weights.file), run_dir / manifest.weights.file)
+        link_weight_files(manifest, run_dir)  # weights.bin, or each weight object of a format-2 artifact
         taps: dict[str, tuple[int, list[str]]] = {}
         models = load_graphs(manifest)
         for name, model in models.items():

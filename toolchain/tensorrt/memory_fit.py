@@ -38,11 +38,14 @@ CONTEXT_ROUNDING = 256
 MAX_IMAGES_PER_PROMPT = 2  # vision profile max = this many max-size images (the parity suite has two)
 VISION_OPT_PATCHES = 784  # a 448x448 image
 VISION_BUDGET_FRACTION = 0.25  # vision activations may use at most this share of the card
+# Most `logit_positions` one prefill-profile call takes: a speculative verify step of up to 15 drafts. Ordinary
+# steps ask for 1 (the profile's opt); the bound keeps the full-vocabulary logits block small (16 rows).
+VERIFY_POSITIONS = 16
 
 ASSUMPTIONS = {
     "weights": "resident on the GPU at their stored dtype (fp32 unless the kit has explicit Q/DQ)",
     "kv_cache": "concat form: past and present are separate engine tensors -> 2 capacity-sized buffers per layer and K/V (ping-pong)",
-    "activations": "one decoder layer live at a time; attention scores and probabilities materialised (no fused attention on Pascal); repeat_kv-expanded K/V; last-position logits only",
+    "activations": "one decoder layer live at a time; attention scores and probabilities materialised (no fused attention on Pascal); repeat_kv-expanded K/V; logits of at most VERIFY_POSITIONS positions (1 on ordinary steps)",
     "runtime_reserve_bytes": RUNTIME_RESERVE_BYTES,
     "workspace_bytes": f"min({MAX_WORKSPACE_BYTES}, memory / 16)",
     "prefill_chunk": PREFILL_CHUNK,
@@ -135,7 +138,8 @@ class Footprint:
     def decoder_activation_bytes(self, chunk: int, total: int) -> int:
         d = self.dims
         per_row = 6 * d.hidden + (d.heads + 2 * d.kv_heads) * d.head_dim + 3 * d.intermediate + (1 + d.num_deepstack) * d.hidden
-        return 4 * (chunk * per_row + 2 * d.heads * chunk * total + 2 * d.heads * total * d.head_dim + d.vocab)
+        logit_rows = min(chunk, VERIFY_POSITIONS)
+        return 4 * (chunk * per_row + 2 * d.heads * chunk * total + 2 * d.heads * total * d.head_dim + logit_rows * d.vocab)
 
     def vision_activation_bytes(self, patches: int) -> int:
         d = self.dims
@@ -321,14 +325,19 @@ def format_memory_fit(report: dict) -> str:
 
 
 def decoder_profiles(context: int, chunk: int) -> list[dict]:
-    """Symbolic-dim ranges of the decoder's two profiles; every corner is a consistent shape set."""
+    """Symbolic-dim ranges of the decoder's two profiles; every corner is a consistent shape set.
+
+    `positions` (the `logit_positions` input; graphs exported before it have no such dim and ignore it): 1 on
+    ordinary steps, up to `VERIFY_POSITIONS` (at most the chunk) in a speculative verify step's prefill-profile
+    call; one-position decode calls ask for their one position."""
     chunk = max(1, min(chunk, context))
     mid = max(0, context // 2)
+    verify = min(VERIFY_POSITIONS, chunk)
     return [
         {"name": "prefill", "dims": {"batch": [1, 1, 1], "seq": [1, chunk, chunk], "past": [0, 0, context - chunk],
-                                     "total": [1, chunk, context]}},
+                                     "total": [1, chunk, context], "positions": [1, 1, verify]}},
         {"name": "decode", "dims": {"batch": [1, 1, 1], "seq": [1, 1, 1], "past": [0, mid, context - 1],
-                                    "total": [1, mid + 1, context]}},
+                                    "total": [1, mid + 1, context], "positions": [1, 1, 1]}},
     ]
 
 
