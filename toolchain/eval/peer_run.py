@@ -25,8 +25,9 @@ Same threads (`-t N`, `OMP_NUM_THREADS=N`) and the same cases as the qvl / eager
 * `load_s`: wall time from process start (the log clock's zero) to `main: loading model` (printed once the text
   model, its context with the KV cache, the mmproj and mtmd's warm-up are ready), median of the image runs;
   llama_perf's own `load time` (until the first synchronisation) is kept as `perf_load_s`.
-* `peak_rss_bytes`: `ru_maxrss` of each child from `os.wait4` (like the qvl side's VmHWM, it includes file-backed
-  pages of the mmapped GGUF); the max over the text and image processes, each also reported.
+* `peak_rss_bytes`: each llama.cpp child's own `VmHWM`, polled from /proc every 10 ms while it runs (like the qvl
+  side's VmHWM it includes file-backed pages of the mmapped GGUF; `ru_maxrss` from wait4 is not used: a child
+  inherits the parent's high-water mark on Linux); the max over the text and image processes, each also reported.
 * `simd`: the features of the `system_info` line printed by `llama-completion -n 1` on the text GGUF (`CPU :
   SSE3 = 1 | AVX2 = 1 | ...`; this llama.cpp lists only what the build has, so an absent feature is 0).
 """
@@ -38,6 +39,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,17 +176,47 @@ def parse_mtmd_log(text: str) -> dict:
 # Running
 
 
-def run_measured(cmd: list[str], log: Path, threads: int, stdout: Path | None = None) -> dict:
-    """Run `cmd` to completion; {"rc", "wall_s", "peak_rss_bytes"} (ru_maxrss from os.wait4: this child only)."""
+def _vmhwm(pid: int, exe: str) -> int | None:
+    """The child's VmHWM in bytes once it runs `exe` (before its exec, /proc shows the parent's memory), else None."""
+    try:
+        if os.path.realpath(f"/proc/{pid}/exe") != exe:
+            return None
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_measured(cmd: list[str], log: Path, threads: int, stdout: Path | None = None, poll_s: float = 0.01) -> dict:
+    """Run `cmd` to completion; {"rc", "wall_s", "peak_rss_bytes", "rss_source"}.
+
+    Peak RSS is the child's own `VmHWM`, polled from /proc every `poll_s` while it runs (VmHWM only grows, and a
+    process does not grow while exiting). Not `ru_maxrss` from wait4: on Linux a child inherits the parent's
+    high-water mark at fork/exec, so a bench parent of 2 GB would report >= 2 GB for every child.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    exe = os.path.realpath(cmd[0])
+    peak = None
     with log.open("w") as err, (stdout.open("w") if stdout else open(os.devnull, "w")) as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out if stdout else err, stderr=err if stdout else subprocess.STDOUT,
                                 env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = _vmhwm(proc.pid, exe)
+            if hwm is not None:
+                peak = max(peak or 0, hwm)
+            time.sleep(poll_s)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
-    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_bytes": int(usage.ru_maxrss) * 1024}
+    source = "VmHWM"
+    if peak is None:  # no /proc (or it ended before the first poll): ru_maxrss, an upper bound (see above)
+        peak, source = int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024), "ru_maxrss"
+    return {"rc": proc.returncode, "wall_s": wall, "peak_rss_bytes": peak, "rss_source": source}
 
 
 def _check(res: dict, what: str, log: Path) -> None:
@@ -202,7 +234,8 @@ def bench_text(build, text_gguf: Path, threads: int, repeats: int, text_tokens: 
     res = run_measured(cmd, log, threads, stdout=out)
     _check(res, "llama-bench", log)
     parsed = parse_llama_bench(out.read_text())
-    return {"command": cmd, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"], **parsed}
+    return {"command": cmd, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
+            "rss_source": res["rss_source"], **parsed}
 
 
 def bench_image(build, text_gguf: Path, mmproj: Path, image: Path, question: str, threads: int, repeats: int,
@@ -225,7 +258,8 @@ def bench_image(build, text_gguf: Path, mmproj: Path, image: Path, question: str
             rec = parse_mtmd_log(log.read_text(errors="replace"))
             if rec["decode_steps"] != new_tokens - 1:  # 64 tokens: 63 booked one-token steps (module doc)
                 raise RuntimeError(f"llama-mtmd-cli booked {rec['decode_steps']} decode steps for {new_tokens} tokens ({log})")
-            runs.append({**rec, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"]})
+            runs.append({**rec, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
+                         "rss_source": res["rss_source"]})
     keys = ("ttft_s", "vision_s", "image_decode_s", "prefill_s", "prefill_tok_s", "prompt_eval_s", "decode_s",
             "decode_tok_s", "load_s", "perf_load_s", "wall_s", "peak_rss_bytes")
     med = {k: statistics.median(r[k] for r in runs) for k in keys if all(r.get(k) is not None for r in runs)}
