@@ -352,6 +352,19 @@ def _external_info(t) -> dict:
     return {e.key: e.value for e in t.external_data}
 
 
+def _external_refs(model, size_of):
+    """(tensor, location, offset, length) of every external-data tensor of `model`; a reference without a length
+    runs to the end of its file (`size_of(location)`)."""
+    onnx = _onnx()
+    for t in _walk_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(t)
+        loc = info.get("location")
+        off = int(info.get("offset", 0))
+        yield t, loc, off, (int(info["length"]) if "length" in info else size_of(loc) - off)
+
+
 def _ranges(m: Manifest, payloads: _Payloads) -> list[tuple[str, int, int]]:
     """Every distinct (location, offset, length) the artifact's graphs and embedding read, in first-use order."""
     onnx = _onnx()
@@ -362,13 +375,7 @@ def _ranges(m: Manifest, payloads: _Payloads) -> list[tuple[str, int, int]]:
         entries += [("ort_optimized", n, g) for n, g in m.ort_optimized.graphs.items()]
     for _, _, g in entries:
         model = onnx.load(str(m.path(g.file)), load_external_data=False)
-        for t in _walk_tensors(model):
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = _external_info(t)
-            loc = info.get("location")
-            off = int(info.get("offset", 0))
-            ln = int(info["length"]) if "length" in info else payloads.size(loc) - off
+        for _, loc, off, ln in _external_refs(model, payloads.size):
             order[(loc, off, ln)] = None
     for loc, off, ln in _embedding_refs(m):
         order[(loc, off, ln)] = None
@@ -396,25 +403,20 @@ def _relocate(m: Manifest, staging: Path, placed: dict, objects: bool) -> dict:
     = (new location, new offset); the manifest fields that change (graph hashes, the embedding's references)."""
     onnx = _onnx()
 
-    payload_size = {}
+    payload_size: dict[str, int] = {}
+
+    def file_size(loc: str) -> int:
+        if loc not in payload_size:
+            payload_size[loc] = (m.artifact_dir / loc).stat().st_size
+        return payload_size[loc]
+
     fields: dict = {}
     graphs = {n: g.to_json() for n, g in m.graphs.items()}
     optimized = m.ort_optimized.to_json() if m.ort_optimized is not None else None
     for section, table in (("graphs", graphs), ("ort_optimized", (optimized or {}).get("graphs", {}))):
         for name, entry in table.items():
             model = onnx.load(str(m.path(entry["file"])), load_external_data=False)
-            for t in _walk_tensors(model):
-                if t.data_location != onnx.TensorProto.EXTERNAL:
-                    continue
-                info = _external_info(t)
-                loc = info.get("location")
-                off = int(info.get("offset", 0))
-                if "length" in info:
-                    ln = int(info["length"])
-                else:
-                    if loc not in payload_size:
-                        payload_size[loc] = (m.artifact_dir / loc).stat().st_size
-                    ln = payload_size[loc] - off
+            for t, loc, off, ln in _external_refs(model, file_size):
                 new_loc, new_off = placed[(loc, off, ln)]
                 kept = [(e.key, e.value) for e in t.external_data if e.key not in ("location", "offset", "length")]
                 del t.external_data[:]

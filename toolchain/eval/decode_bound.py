@@ -112,21 +112,25 @@ def _run_overhead_seconds(threads: int, k: int, samples: int, rng) -> float:
     return statistics.median(_per_call_seconds(session, k, samples, rng))
 
 
-def _per_call_seconds(session, k: int, samples: int, rng, min_sample_s: float = 0.02) -> list[float]:
-    a = {"A": rng.standard_normal((1, k), dtype=np.float32)}
-    for _ in range(3):
-        session.run(None, a)
+def per_call_seconds(session, feeds: dict, samples: int, min_sample_s: float, warmup: int = 3) -> list[float]:
+    """`samples` per-call times of `session.run(None, feeds)`: `warmup` untimed runs, one run to size the repeats so
+    a sample lasts about `min_sample_s`, then each sample = mean over those repeats (gemm_rates uses it too)."""
+    for _ in range(warmup):
+        session.run(None, feeds)
     t = time.perf_counter()
-    session.run(None, a)
-    one = max(time.perf_counter() - t, 1e-6)
-    reps = max(1, int(min_sample_s / one))
+    session.run(None, feeds)
+    reps = max(1, int(min_sample_s / max(time.perf_counter() - t, 1e-6)))
     out = []
     for _ in range(samples):
         t = time.perf_counter()
         for _ in range(reps):
-            session.run(None, a)
+            session.run(None, feeds)
         out.append((time.perf_counter() - t) / reps)
     return out
+
+
+def _per_call_seconds(session, k: int, samples: int, rng, min_sample_s: float = 0.02) -> list[float]:
+    return per_call_seconds(session, {"A": rng.standard_normal((1, k), dtype=np.float32)}, samples, min_sample_s)
 
 
 def decode_compute_bound(artifact: Path, threads: int, samples: int = 5, resident_bytes: int | None = None,

@@ -17,9 +17,10 @@ weight form is fastest differs per phase and per ISA, so the bench measures them
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
+
+from qvl.toolchain.eval.decode_bound import per_call_seconds
 
 MS = "com.microsoft"
 KERNELS = ("sgemm", "nbits8_int8", "nbits4_int8", "nbits4_fp32", "dynamic_int8")
@@ -75,17 +76,8 @@ def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = No
         row = out.setdefault(name, {"M": m, "K": k, "N": n})
         for kernel in kernels:
             s = ort.InferenceSession(_model(kernel, k, n, w), so, providers=["CPUExecutionProvider"])
-            got = s.run(None, a)[0]
-            s.run(None, a)
-            t = time.perf_counter()
-            s.run(None, a)
-            reps = max(1, int(min_sample_s / max(time.perf_counter() - t, 1e-6)))
-            per = []
-            for _ in range(samples):
-                t = time.perf_counter()
-                for _ in range(reps):
-                    s.run(None, a)
-                per.append((time.perf_counter() - t) / reps)
+            got = s.run(None, a)[0]  # also the first warm-up run
+            per = per_call_seconds(s, a, samples, min_sample_s, warmup=1)
             flops = 2.0 * m * k * n
             row[kernel] = {"seconds": statistics.median(per), "gflops": flops / statistics.median(per) / 1e9,
                            # what the kernel computes, vs float64 A @ W: int8/int4 weights cost ~1e-2 / ~1e-1
