@@ -42,6 +42,11 @@ class TargetCapabilities:
     # Graphs whose weight-only linears the `weights` stage lowers to DynamicQuantizeMatMul (MLAS int8 GEMM) instead of
     # MatMulNBits: the compute-bound phases (many rows per call) where it measures faster (`toolchain/eval/gemm_rates.py`)
     dynamic_int8_graphs: tuple[str, ...] = ()
+    # Largest |code| of those DynamicQuantizeMatMul weights. MLAS's u8s8 GEMM without VNNI (AVX2, AVX-512BW) sums
+    # pairs of u8 x s8 products into int16 with saturation (vpmaddubsw): 2 x 255 x 127 > 32767 overflows and
+    # measured 10 % max error at the vision shape; codes within +-63 (2 x 255 x 63 = 32130) cannot saturate.
+    # 127 only where the kernel accumulates in int32 (VNNI vpdpbusd).
+    dynamic_int8_weight_max: int = 63
 
 
 @dataclass

@@ -61,6 +61,7 @@ class PrecisionConfig:
     # int8 GEMM outruns MatMulNBits (`toolchain/eval/gemm_rates.py`); the target's capability table picks them.
     # The tied lm_head stays MatMulNBits (its codes also serve the embedding lookup).
     dynamic_int8_graphs: tuple[str, ...] = ()
+    dynamic_int8_weight_max: int = 127  # 63 where the int8 GEMM can saturate (TargetCapabilities says why)
 
     def __post_init__(self):
         if self.weight_bits not in (4, 8):
@@ -69,6 +70,8 @@ class PrecisionConfig:
             raise ValueError(f"block_size must be a power of two >= 16, not {self.block_size}")
         if self.accuracy_level not in (0, 1, 4):
             raise ValueError(f"accuracy_level must be 0, 1 (fp32) or 4 (int8 activations), not {self.accuracy_level}")
+        if not 1 <= self.dynamic_int8_weight_max <= 127:
+            raise ValueError(f"dynamic_int8_weight_max must be in 1..127, not {self.dynamic_int8_weight_max}")
         object.__setattr__(self, "keep_fp32", frozenset(self.keep_fp32))
         object.__setattr__(self, "dynamic_int8_graphs", tuple(self.dynamic_int8_graphs))
 
@@ -151,12 +154,12 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
 # -- the pass -----------------------------------------------------------------------------------------------
 
 
-def quantize_columns_int8(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_columns_int8(w_kn: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes `[K, N]` and one float32 scale per output column `[N]` (DynamicQuantizeMatMul's B and
-    b_scale): scale = max|w[:, n]| / 127 (1 for an all-zero column), codes = round(w / scale) in [-127, 127]."""
+    b_scale): scale = max|w[:, n]| / qmax (1 for an all-zero column), codes = round(w / scale) in [-qmax, qmax]."""
     amax = np.abs(w_kn).max(axis=0).astype(np.float32)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w_kn / scale[None, :]), -127, 127).astype(np.int8)
+    scale = np.where(amax > 0, amax / float(qmax), 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w_kn / scale[None, :]), -qmax, qmax).astype(np.int8)
     return codes, scale
 
 
@@ -312,7 +315,7 @@ class PrecisionPass(GraphPass):
         first_use = key not in dyn_done
         if first_use:
             w = lin.weight.const_value.numpy()
-            codes, scale = quantize_columns_int8(w.T if lin.w_nk else w)
+            codes, scale = quantize_columns_int8(w.T if lin.w_nk else w, self.config.dynamic_int8_weight_max)
             del w
             release = getattr(lin.weight.const_value, "release", None)
             if release is not None:

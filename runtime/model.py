@@ -96,7 +96,7 @@ class Model:
         self.runner = runner
         self.engine = runner  # the name callers used before the runner protocol
         self.device = runner.device
-        self.device_note = device_note  # why `device="auto"` ended on the CPU, else None
+        self.device_note = device_note  # why `device="auto"` ended on the CPU (or an int8 saturation note), else None
         artifact = Path(runner.artifact)
         self.prompts = PromptBuilder.from_dir(artifact)
         gen_path = Path(artifact) / "generation_config.json"

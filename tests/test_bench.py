@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def bench_result(tiny_artifact, tiny_checkpoint):
     result = run_bench(
         tiny_artifact, tiny_checkpoint, eager_dtype="fp32", threads=1, repeats=1,
         progress=lambda msg, done, total: steps.append((msg, done, total)),
-        text_tokens=32, new_tokens=8, bandwidth_bytes=64 << 20, bandwidth_samples=2,
+        text_tokens=32, new_tokens=8, bandwidth_bytes=64 << 20, bandwidth_samples=2, bound_samples=2,
     )
     return result, steps
 
@@ -110,6 +111,49 @@ def test_bench_report_shape_and_consistency(bench_result, tiny_artifact):
     assert dones == sorted(dones) and steps[-1][1] == steps[-1][2] == len(steps) - 1
 
 
+def test_bench_bounds_are_measured_in_the_same_run(bench_result, tiny_checkpoint):
+    from qvl.toolchain.eval.bench_bounds import vision_flops
+
+    result, steps = bench_result
+    assert {"decode compute bound", "GEMM rates per phase"} <= {m for m, _, _ in steps}
+    b, q = result["bounds"], result["engines"]["qvl"]
+    compute = result["decode_compute_bound"]
+    # the compute bound is the decoder's linears timed in this run; the lower bound binds
+    assert b["compute_tok_s"] == pytest.approx(1 / compute["seconds_per_token"])
+    assert b["bandwidth_tok_s"] == result["roofline_decode_tok_s"]
+    assert b["binding_tok_s"] == min(b["compute_tok_s"], b["bandwidth_tok_s"])
+    assert b["binding"] == ("compute" if b["compute_tok_s"] < b["bandwidth_tok_s"] else "bandwidth")
+    assert b["decode_efficiency_vs_binding"] == pytest.approx(q["decode_tok_s"] / b["binding_tok_s"])
+
+    # vision FLOPs from the checkpoint's config and the image's grid; GFLOP/s against the same run's SGEMM rate
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    v = b["vision"]
+    expect = vision_flops(cfg["vision_config"], result["config"]["image"]["grid_thw"])
+    assert v["flops"] == expect["flops"] == expect["linear_flops"] + expect["attention_flops"]
+    assert v["patches"] == 28 * 28 and v["mlp_shape"] == [784, cfg["vision_config"]["hidden_size"],
+                                                         cfg["vision_config"]["intermediate_size"]]
+    assert v["seconds"] == q["vision_s"] and v["gflops"] == pytest.approx(v["flops"] / q["vision_s"] / 1e9)
+    rates = result["gemm_rates"]["shapes"]
+    assert rates["vision"]["M"] == 784 and rates["prefill"]["M"] == 32 and rates["decode"]["M"] == 1
+    assert v["sgemm_peak_gflops"] == rates["vision"]["sgemm"]["gflops"]
+    assert v["fraction_of_sgemm_peak"] == pytest.approx(v["gflops"] / v["sgemm_peak_gflops"])
+
+
+def test_vision_flops_of_the_2b_config_on_one_448_image():
+    # Counted by hand from Qwen3-VL-2B's vision config: 24 blocks, hidden 1024, MLP 4096, patch 16, temporal 2,
+    # 2x2 merge to 2048, three DeepStack mergers + the main one; 28 x 28 patches.
+    from qvl.toolchain.eval.bench_bounds import vision_flops
+
+    cfg = json.loads((Path(__file__).parents[1] / "toolchain/data/qwen3-vl-2b-instruct.config.json").read_text())
+    f = vision_flops(cfg["vision_config"], [1, 28, 28])
+    p, h, i = 784, 1024, 4096
+    embed = 2 * p * (3 * 2 * 16 * 16) * h
+    blocks = 24 * 2 * p * (4 * h * h + 2 * h * i)
+    mergers = 4 * 2 * (p // 4) * (4096 * 4096 + 4096 * 2048)
+    assert f["linear_flops"] == embed + blocks + mergers
+    assert f["attention_flops"] == 24 * 4 * p * p * h
+
+
 def test_bench_plot_and_table(bench_result, tmp_path):
     from qvl.toolchain.eval.bench_report import format_bench, plot_bench
 
@@ -118,6 +162,7 @@ def test_bench_plot_and_table(bench_result, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     table = format_bench(result)
     assert "decode tok/s" in table and "TTFT image" in table and "GB/s" in table
+    assert "decode bounds:" in table and "binds" in table and "SGEMM peak" in table
 
 
 def test_default_inputs_are_exact(tiny_artifact, tmp_path):

@@ -71,6 +71,8 @@ def test_gemm_rates_measures_every_kernel_per_phase_shape():
         assert all(row[k]["gflops"] > 0 and row[k]["spread_gflops"][0] <= row[k]["spread_gflops"][1] for k in KERNELS)
         # Each kernel computes A @ W within what its weight precision allows (sgemm ~exact, int8 ~1e-2, int4 ~1e-1).
         assert row["sgemm"]["rel_error"] < 1e-5 and row["nbits8_int8"]["rel_error"] < 0.03
+        # dynamic_int8 = the +-63 codes cpu-avx2 compiles: no int16 saturation on any host (the full-range form can
+        # saturate without VNNI: passes/base.py); both quantize weights to ~1e-2.
         assert row["dynamic_int8"]["rel_error"] < 0.03 and max(row["nbits4_int8"]["rel_error"], row["nbits4_fp32"]["rel_error"]) < 0.3
         assert row["fastest"] == max(KERNELS, key=lambda k: row[k]["gflops"])
         assert row[KERNELS[0]]["seconds"] == pytest.approx(2 * row["M"] * row["K"] * row["N"] / row[KERNELS[0]]["gflops"] / 1e9)

@@ -421,6 +421,35 @@ def test_cli_refuses_asymmetric_int4_for_cpu_avx2_before_writing(tiny_artifact, 
     assert manifest["precision"]["config"]["symmetric"] is False and manifest["embedding"]["zero_points"] is not None
     proc = run_cli("run", str(out), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
+    # cpu-avx512 keeps the full int8 range for its DynamicQuantizeMatMul vision weights (VNNI accumulates in int32);
+    # on a host without VNNI the runtime says those can saturate.
+    from qvl.runtime.backends.select import host_has_vnni
+
+    assert manifest["precision"]["config"]["dynamic_int8_weight_max"] == 127
+    saturation_note = "can saturate" in proc.stderr and "--target cpu-avx2" in proc.stderr
+    assert saturation_note == (host_has_vnni() is False), proc.stderr
+
+
+def test_cpu_avx2_dynamic_int8_codes_stay_within_63_and_do_not_saturate():
+    # MLAS's u8s8 GEMM without VNNI sums pairs of u8 x s8 products in saturating int16: codes within +-63 cannot
+    # overflow it, full-range codes can (measured: 10 % max error at the vision shape on an AVX2 host).
+    from qvl.passes.precision import quantize_columns_int8
+
+    assert CPU.dynamic_int8_weight_max == 63 and get_target("cpu-avx512").dynamic_int8_weight_max == 127
+    fp32, model = fixture_model(seed=8), fixture_model(seed=8)
+    cfg = PrecisionConfig(weight_bits=8, dynamic_int8_graphs=("decoder",), dynamic_int8_weight_max=63)
+    PrecisionPass(cfg, target=CPU, graph="decoder")(model)
+    up = next(n for n in model.graph if n.name == "node_linear")
+    codes, scale = quantize_columns_int8(fp32.graph.initializers["val_10"].const_value.numpy(), 63)
+    got_codes = up.inputs[1].const_value.numpy()
+    assert np.array_equal(got_codes, codes) and np.abs(got_codes).max() == 63
+    assert np.array_equal(up.inputs[2].const_value.numpy(), scale)
+    # Large activations (u8 codes near 255 after per-tensor quantization) on many rows: within int8 error everywhere.
+    x = (np.random.default_rng(9).standard_normal((4, 64, H)) * 3).astype(np.float32)
+    got, exact = _session(model).run(None, {"x": x})[0], _session(fp32).run(None, {"x": x})[0]
+    assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max(), np.abs(got - exact).max() / np.abs(exact).max()
+    with pytest.raises(ValueError, match="dynamic_int8_weight_max"):
+        PrecisionConfig(dynamic_int8_weight_max=128)
 
 
 # -- DynamicQuantizeMatMul for the graphs the target picks (M >> 1) ---------------------------------------------

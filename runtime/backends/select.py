@@ -1,14 +1,15 @@
 """Which backend a `device` gets: `resolve` (cheap checks, no sessions) and `load_runner` (builds the runner).
 
 Rules:
-* `cpu`  -> ONNX Runtime, CPUExecutionProvider. No note.
+* `cpu`  -> ONNX Runtime, CPUExecutionProvider. A note only when the artifact's int8 GEMM weights can saturate on
+  this CPU (`int8_saturation_note`).
 * `cuda` -> ONNX Runtime, CUDAExecutionProvider. A one-line QvlError (exit 2) when onnxruntime has no CUDA
   provider (hint: pip install onnxruntime-gpu) or the provider cannot start (no GPU / driver).
 * `trt`  -> TensorRT engines of an engine kit (`TrtEngine`). A one-line QvlError when the artifact is not a
   kit, the kit has no built engines, or neither `tensorrt` nor TensorRT-RTX is importable.
 * `auto` -> CUDA when onnxruntime has the CUDA provider and the artifact is one the CUDA provider runs, else
   CPU; if the CUDA runner then fails to load (no device, out of device memory), CPU. Whenever `auto` ends on
-  the CPU, `Selection.note` says why (the CLI prints it once on stderr as `note: ...`).
+  the CPU, `Selection.note` says why (the CLI prints it once on stderr as `note: ...`), plus the saturation note.
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ def resolve(artifact: str | Path, device: str = "auto") -> Selection:
     """The device `device` resolves to for `artifact`, without building sessions (the bench resolves once in
     the parent and passes the result to its worker). Raises the one-line QvlErrors of the rules above."""
     check_device(device)
-    if device == "cpu":
-        return Selection("cpu")
     from qvl.artifacts.manifest import read_manifest
 
     manifest = read_manifest(Path(artifact), verify_graphs=False)
+    if device == "cpu":
+        return Selection("cpu", int8_saturation_note(manifest))
     if device == "trt":
         _check_trt(Path(artifact), manifest)
         return Selection("trt")
@@ -106,8 +107,33 @@ def resolve(artifact: str | Path, device: str = "auto") -> Selection:
         return Selection("cuda")
     reason = missing or cuda_blocker(manifest) or capability_blocker(manifest.target, gpu_compute_capability())
     if reason:
-        return Selection("cpu", f"running on CPU: {reason}")
+        extra = int8_saturation_note(manifest)
+        return Selection("cpu", f"running on CPU: {reason}" + (f"; {extra}" if extra else ""))
     return Selection("cuda")
+
+
+def host_has_vnni() -> bool | None:
+    """Whether this CPU has an int8 dot product that accumulates in int32 (AVX-512 VNNI or AVX-VNNI); None when
+    /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def int8_saturation_note(manifest) -> str | None:
+    """A note when the artifact's DynamicQuantizeMatMul weights use the full int8 range (a `cpu-avx512` compile, or
+    one made before the range was reduced) and this host has no VNNI: MLAS's u8s8 GEMM then sums pairs of products
+    in saturating int16, which measured up to 10 % error (passes/base.py, `dynamic_int8_weight_max`)."""
+    precision = dict(manifest.precision or {})
+    layers = precision.get("layers") or {}
+    if not any(isinstance(d, dict) and d.get("decision") == "int8-dynamic" for d in layers.values()):
+        return None
+    if (precision.get("config") or {}).get("dynamic_int8_weight_max", 127) <= 63 or host_has_vnni() is not False:
+        return None
+    return (f"the artifact is compiled for {manifest.target} with full-range int8 DynamicQuantizeMatMul weights and this "
+            "CPU has no VNNI: its int8 GEMM can saturate (answers may drift); recompile with --target cpu-avx2")
 
 
 def _check_trt(artifact: Path, manifest) -> None:

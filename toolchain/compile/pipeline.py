@@ -226,7 +226,8 @@ def compile_with_precision(
             if block_size is None:
                 block_size = default_block_size(nbits, mf.read_manifest(current).source.config)
             config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=level,
-                                     symmetric=symmetric, dynamic_int8_graphs=target.dynamic_int8_graphs)
+                                     symmetric=symmetric, dynamic_int8_graphs=target.dynamic_int8_graphs,
+                                     dynamic_int8_weight_max=target.dynamic_int8_weight_max)
             if budget is None:
                 (step or (lambda m: None))(f"quantizing weights to int{nbits}")
                 records["precision"] = quantize_artifact(current, out, config, target, overwrite=overwrite)

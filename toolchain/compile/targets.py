@@ -3,7 +3,7 @@
 | target      | hardware                          | fast math                 | fused ops              |
 |-------------|-----------------------------------|---------------------------|------------------------|
 | cpu-avx2    | i5-10210U (4 cores, AVX2, DDR4)    | fp32; int8 dot (AVX2)     | ORT CPU contrib ops    |
-| cpu-avx512  | AVX-512 VNNI CPUs                  | fp32; int8 (VNNI)         | ORT CPU contrib ops    |
+| cpu-avx512  | AVX-512 VNNI CPUs (required)       | fp32; int8 (VNNI)         | ORT CPU contrib ops    |
 | sm61        | Pascal GP10x (MX250, GTX 10x0)     | fp32; int8 DP4A. FP16 at 1/64 rate: never chosen | TensorRT 8.6 (opset <= 17), no contrib ops |
 | sm75+       | Turing and newer (tensor cores)    | fp32, fp16, int8          | TensorRT 10 / ORT CUDA |
 | cuda-sm61   | Pascal, through ORT's CUDA provider | fp32 activations; int8/int4 weight-only MatMulNBits (dequantized in the GEMV). Never fp16 | ORT CUDA contrib ops with fp32 kernels; in-place KV cache via ONNX TensorScatter + Attention |
@@ -29,7 +29,7 @@ TARGETS: dict[str, TargetCapabilities] = {
                                    dynamic_int8_graphs=("vision",)),
     # bf16 is not listed: no pass assigns bf16 activations yet (issue #16 measures AVX-512 hosts and decides).
     "cpu-avx512": TargetCapabilities("cpu-avx512", ("float32",), (8, 4), ort_contrib_ops=True,
-                                     dynamic_int8_graphs=("vision",)),
+                                     dynamic_int8_graphs=("vision",), dynamic_int8_weight_max=127),  # VNNI
     "sm61": TargetCapabilities("sm61", ("float32",), (8,), ort_contrib_ops=False, max_opset=17, memory_bytes=2 * GiB,
                                kv_cache="concat", provider="tensorrt"),
     "sm75+": TargetCapabilities("sm75+", ("float32", "float16"), (8, 4), ort_contrib_ops=False, kv_cache="concat",

@@ -44,6 +44,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from qvl.artifacts.manifest import read_manifest
 from qvl.errors import QvlError
 from qvl.runtime.backends.ort import physical_cores
+from qvl.toolchain.eval.bench_bounds import gemm_shapes, summarise_bounds, vision_flops
 from qvl.toolchain.eval.bench_inputs import IMAGE_SIZE, QUESTION_TOKENS, TEXT_TOKENS, build_inputs
 from qvl.toolchain.eval.bench_report import format_bench, plot_bench
 from qvl.toolchain.eval.bench_workers import run_child
@@ -184,12 +185,15 @@ def run_bench(
     peers: tuple[str, ...] = (),
     llamacpp_dir: str | Path | None = None,
     peer_cache: str | Path | None = None,
+    bounds: bool = True,
+    bound_samples: int = 5,
 ) -> dict:
     """Benchmark `artifact` (runtime) against `checkpoint` (eager transformers) on identical inputs.
 
     `progress(message, steps_done, steps_total)` is called as each step starts. Returns the JSON-able
     report documented in benchmarks/README.md. `peers=("llama.cpp",)` also runs llama.cpp (built or found, and
-    the checkpoint converted to GGUF, by `peers.prepare_peers`) on the same inputs and threads.
+    the checkpoint converted to GGUF, by `peers.prepare_peers`) on the same inputs and threads. `bounds` (CPU only)
+    also measures the decode compute bound and the phases' GEMM rates in the same run (`bench_bounds`).
     """
     for dt in (eager_dtype, *extra_eager_dtypes):
         if dt not in ("fp32", "bf16"):
@@ -210,7 +214,9 @@ def run_bench(
     bw_bytes = int(bandwidth_bytes or max(BANDWIDTH_BYTES, 8 * llc))
 
     n_engines = 2 + len(extra_eager_dtypes)
+    bounds = bounds and not on_gpu  # the compute-bound workers time ORT CPU kernels
     total = 2 + n_engines * (1 + int(warmup) + 2 * repeats)  # bandwidth x2; per engine: load, warm-up, runs
+    total += 2 * int(bounds)
     state = {"done": 0}
     prepared: list = []
     if peers:  # builds / conversions first (cached; minutes the first time): fail before any engine runs
@@ -247,6 +253,17 @@ def run_bench(
         image_path = Path(inputs["image"]["messages"][0]["content"][0]["image"])
         peer_results = run_peers(prepared, inputs, image_path, threads, repeats, text_tokens, new_tokens, wd, warmup,
                                  step)
+        compute = gemm = vision = None
+        if bounds:
+            ckpt_cfg = json.loads((checkpoint / "config.json").read_text())
+            vision = vision_flops(ckpt_cfg["vision_config"], inputs["image"]["grid_thw"])
+            step("decode compute bound")
+            compute = run_child({"worker": "decode_bound", "artifact": str(artifact), "threads": threads,
+                                 "samples": bound_samples}, wd, lambda m: None, threads)
+            step("GEMM rates per phase")
+            gemm = run_child({"worker": "gemm_rates", "threads": threads, "samples": bound_samples,
+                              "shapes": gemm_shapes(ckpt_cfg["text_config"], vision, text_tokens)},
+                             wd, lambda m: None, threads)
         step("memory bandwidth (after)")
         bw += run_child(bw_spec, wd, lambda m: None, threads)["samples_gbs"]
     if progress:
@@ -286,6 +303,9 @@ def run_bench(
         "kv_cache_bytes_per_token_text": kv_per_pos * (inputs["text"]["prompt_tokens"] + new_tokens / 2),
         "roofline_decode_tok_s": roofline,
         "decode_efficiency": qvl["decode_tok_s"] / roofline,
+        "bounds": summarise_bounds(qvl["decode_tok_s"], roofline, compute, qvl["vision_s"], vision, gemm),
+        "decode_compute_bound": compute,
+        "gemm_rates": gemm,
         "ratios": {name: _ratio(qvl[key], eager[key]) for name, key in RATIOS.items()},
         "ratios_vs": {dt: {name: _ratio(qvl[key], o[key]) for name, key in RATIOS.items()}
                       for dt, o in [(eager_dtype, eager), *others.items()]},

@@ -81,9 +81,26 @@ def format_bench(result: dict) -> str:
         f"artifact {result['artifact']['size_bytes'] / 1e9:.3f} GB on disk",
         result["cpu"]["note"],
     ]
+    lines += format_bounds(result.get("bounds") or {})
     if result.get("peers"):
         lines += ["", format_peers(result)]
     return "\n".join(lines)
+
+
+def format_bounds(bounds: dict) -> list[str]:
+    """Which decode bound binds and how close decode gets to it; the vision encoder against the GEMM peaks."""
+    out = []
+    if "compute_tok_s" in bounds:
+        out.append(f"decode bounds: bandwidth {bounds['bandwidth_tok_s']:.2f} tok/s, compute (cache-resident "
+                   f"linears) {bounds['compute_tok_s']:.2f} tok/s -> {bounds['binding']} binds; decode at "
+                   f"{bounds['decode_efficiency_vs_binding']:.1%} of it")
+    v = bounds.get("vision")
+    if v and "sgemm_peak_gflops" in v:
+        out.append(f"vision encoder: {v['flops'] / 1e9:.1f} GFLOP in {v['seconds']:.3f} s = {v['gflops']:.1f} GFLOP/s; "
+                   f"SGEMM peak {v['sgemm_peak_gflops']:.1f} ({v['fraction_of_sgemm_peak']:.0%}), fastest kernel "
+                   f"{v['fastest_kernel']} {v['fastest_kernel_gflops']:.1f} ({v['fraction_of_fastest_kernel']:.0%}) "
+                   f"at the MLP shape {v['mlp_shape']}")
+    return out
 
 
 def format_peers(result: dict) -> str:

@@ -9,7 +9,8 @@ weight form is fastest differs per phase and per ISA, so the bench measures them
 | `nbits8_int8`        | `MatMulNBits` bits 8, accuracy_level 4 (int8 activations x int8 weights) |
 | `nbits4_int8`        | `MatMulNBits` bits 4, accuracy_level 4 |
 | `nbits4_fp32`        | `MatMulNBits` bits 4, accuracy_level 0 (dequantize, fp32 compute) |
-| `dynamic_int8`       | `com.microsoft.DynamicQuantizeMatMul` (per-row int8 activations, int8 weights per column) |
+| `dynamic_int8`       | `com.microsoft.DynamicQuantizeMatMul` (u8 activations per call, int8 weights per column within +-63: what `cpu-avx2` compiles) |
+| `dynamic_int8_full`  | the same with full-range weights (+-127: `cpu-avx512`); without VNNI its int16 pair sums saturate (`rel_error`) |
 
 `sgemm` at the vision shape is the host's SGEMM peak the vision encoder's GFLOP/s is reported against.
 """
@@ -23,13 +24,13 @@ import numpy as np
 from qvl.toolchain.eval.decode_bound import per_call_seconds
 
 MS = "com.microsoft"
-KERNELS = ("sgemm", "nbits8_int8", "nbits4_int8", "nbits4_fp32", "dynamic_int8")
+KERNELS = ("sgemm", "nbits8_int8", "nbits4_int8", "nbits4_fp32", "dynamic_int8", "dynamic_int8_full")
 
 
 def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
     from onnx import TensorProto, helper, numpy_helper
 
-    from qvl.passes.precision import quantize_blockwise
+    from qvl.passes.precision import quantize_blockwise, quantize_columns_int8
 
     if kernel == "sgemm":
         inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")]
@@ -40,11 +41,9 @@ def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
         inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales.reshape(-1), "S")]
         node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain=MS, K=k, N=n, bits=bits,
                                 block_size=block_size, accuracy_level=0 if kernel.endswith("fp32") else 4)
-    elif kernel == "dynamic_int8":
-        scale = np.abs(w).max(axis=1) / 127.0  # per output column of the [K, N] weight
-        codes = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
-        inits = [numpy_helper.from_array(np.ascontiguousarray(codes.T), "B"),
-                 numpy_helper.from_array(scale.astype(np.float32), "S")]
+    elif kernel.startswith("dynamic_int8"):
+        codes, scale = quantize_columns_int8(np.ascontiguousarray(w.T), 127 if kernel.endswith("full") else 63)
+        inits = [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scale, "S")]
         node = helper.make_node("DynamicQuantizeMatMul", ["A", "B", "S"], ["Y"], domain=MS)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
