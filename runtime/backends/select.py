@@ -116,9 +116,10 @@ def host_has_vnni() -> bool | None:
     """Whether this CPU has an int8 dot product that accumulates in int32 (AVX-512 VNNI or AVX-VNNI); None when
     /proc/cpuinfo cannot be read (not Linux)."""
     try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 

@@ -12,9 +12,6 @@ patch grid) over the measured encoder time, against the SGEMM peak and the faste
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 
 def vision_flops(vision_config: dict, grid_thw: list[int]) -> dict:
     """Multiply-add FLOPs (2 per MAC) of one image through Qwen3-VL's vision tower: patch embedding, every block's
@@ -37,10 +34,6 @@ def vision_flops(vision_config: dict, grid_thw: list[int]) -> dict:
     attention = depth * t * 2 * 2 * per_frame * per_frame * h  # Q K^T and P V
     return {"patches": patches, "linear_flops": linear, "attention_flops": attention, "flops": linear + attention,
             "mlp_shape": [patches, h, i]}
-
-
-def checkpoint_vision_config(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / "config.json").read_text())["vision_config"]
 
 
 def gemm_shapes(text_config: dict, vision: dict, text_tokens: int) -> dict:
