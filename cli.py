@@ -92,14 +92,22 @@ def _messages(images: list[Path], prompt: str) -> list[dict]:
 
 @app.command("make-checkpoint")
 def make_checkpoint_cmd(
-    preset: str = typer.Option(..., help="tiny | 2b (the published Qwen3-VL-2B-Instruct config, random bf16 weights) | sentinel (trained on synthetic VQA, ~15-20 min on 2 cores)"),
+    preset: str = typer.Option(..., help="tiny | 2b | 4b | 8b (the published Qwen3-VL-{2B,4B,8B}-Instruct configs, random bf16 weights; 8b is untied) | sentinel (trained on synthetic VQA, ~15-20 min on 2 cores)"),
     out: Path = typer.Option(..., help="output directory (written atomically)"),
     seed: int = typer.Option(0, help="weight seed"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    untied: bool = typer.Option(False, "--untied", help="untied lm_head: tie_word_embeddings false and a separate lm_head.weight"),
+    vocab_size: Optional[int] = typer.Option(None, help="a smaller vocabulary (>= 64): the tokenizer and every token id follow"),
 ):
     """Write a synthetic Qwen3-VL checkpoint in real Hugging Face format."""
-    from qvl.toolchain.checkpoints.presets import PRESETS
+    from qvl.toolchain.checkpoints.presets import MIN_VOCAB, PRESETS
 
+    if preset == "sentinel" and (untied or vocab_size is not None):
+        raise QvlError("--untied / --vocab-size do not apply to the sentinel (a trained, tied model)",
+                       hint="use them with --preset tiny | 2b | 4b | 8b")
+    if vocab_size is not None and vocab_size < MIN_VOCAB:
+        raise QvlError(f"--vocab-size must be at least {MIN_VOCAB} (the 26 Qwen special tokens and a learned alphabet), "
+                       f"got {vocab_size}")
     if preset == "sentinel":
         from qvl.toolchain.eval.sentinel_training import train_sentinel
 
@@ -116,7 +124,7 @@ def make_checkpoint_cmd(
     with _progress() as prog:
         task = prog.add_task(f"writing {preset} checkpoint", total=1.0)
         report = make_checkpoint(
-            preset, out, seed=seed, overwrite=overwrite,
+            preset, out, seed=seed, overwrite=overwrite, untied=untied, vocab_size=vocab_size,
             progress=lambda done, total: prog.update(task, completed=done / total),
         )
     err.print(
@@ -571,6 +579,10 @@ def _draft_config(speculative: bool, draft_tokens: Optional[int], temperature: O
     return DraftConfig() if draft_tokens is None else DraftConfig(max_draft=draft_tokens)
 
 
+DRAW_BOXES_HELP = ("draw the answer's boxes and points (with labels) on the original image and write it to this "
+                   "file (atomically; .png, .jpg, ...); needs exactly one --image")
+
+
 @app.command("run")
 def run_cmd(
     artifact: Path = typer.Argument(..., help="artifact directory"),
@@ -590,14 +602,25 @@ def run_cmd(
     max_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help=DRAFT_TOKENS_HELP),
+    draw_boxes: Optional[Path] = typer.Option(None, "--draw-boxes", help=DRAW_BOXES_HELP),
 ):
-    """Answer an image+text prompt from an artifact (torch-free), streaming the answer."""
+    """Answer an image+text prompt from an artifact (torch-free), streaming the answer.
+
+    Boxes and points in the answer (Qwen3-VL's `bbox_2d` / `point_2d`, 0..1000 relative) are mapped to the
+    original image's pixels: `--json` adds them, `--draw-boxes OUT.png` draws them."""
     _check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    seed=seed, threads=threads)
     draft = _draft_config(speculative, draft_tokens, temperature)
     _check_image_limits(max_image_tokens, min_pixels, max_pixels)
     _check_text("--prompt", prompt)
     _check_text("--stop", *stop)
+    if draw_boxes is not None:
+        from qvl.runtime.grounding import check_draw_target
+
+        if len(image) != 1:
+            raise QvlError(f"--draw-boxes needs exactly one --image, got {len(image)}",
+                           hint="boxes are drawn on the one image the prompt is about")
+        check_draw_target(draw_boxes)
     from qvl.runtime import GenerationStats
 
     model = _load(artifact, device, threads)
@@ -608,15 +631,45 @@ def run_cmd(
     messages = _messages(image, prompt)
     if as_json:
         text = "".join(model.stream(messages, **kwargs))
-        typer.echo(json.dumps({"text": text, **_stats_dict(stats)}))
+        grounding, extra = _answer_grounding(text, image, model, draw_boxes)
+        typer.echo(json.dumps({"text": text, **extra, **_stats_dict(stats)}))
+        if draw_boxes is not None:  # stdout stays one JSON object; what could not be read is in it
+            _grounding_note(grounding, draw_boxes, unparsed=False)
         return
+    pieces = []
     for piece in model.stream(messages, **kwargs):
+        pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    grounding, _ = _answer_grounding("".join(pieces), image, model, draw_boxes)
     if stats.speculation_note:
         err.print(f"note: {stats.speculation_note}", highlight=False, soft_wrap=True)
+    if draw_boxes is not None or grounding.unparsed:
+        _grounding_note(grounding, draw_boxes)
     err.print(_stats_line(stats), highlight=False, soft_wrap=True)
+
+
+def _answer_grounding(text: str, images: list[Path], model, draw_boxes: Optional[Path]):
+    """The answer's boxes/points and their `--json` keys; draws them when --draw-boxes was given."""
+    from qvl.runtime.grounding import answer_grounding, draw_grounding, parse_grounding
+    from qvl.runtime.image_preprocess import load_image
+
+    # The original image is decoded again only when there is something to map or draw.
+    needs_image = len(images) == 1 and (draw_boxes is not None or bool(parse_grounding(text)))
+    originals = [load_image(images[0])] if needs_image else [None] * len(images)
+    grounding, extra = answer_grounding(text, originals, model.prompts.image_config)
+    if draw_boxes is not None:
+        draw_grounding(originals[0], grounding, draw_boxes)
+    return grounding, extra
+
+
+def _grounding_note(grounding, draw_boxes: Optional[Path], unparsed: bool = True) -> None:
+    if draw_boxes is not None:
+        err.print(f"drew {len(grounding.boxes)} boxes and {len(grounding.points)} points on {draw_boxes}",
+                  markup=False, highlight=False, soft_wrap=True)
+    for line in grounding.unparsed if unparsed else ():
+        err.print(f"note: grounding not read: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _stats_dict(stats) -> dict:
@@ -724,43 +777,77 @@ def chat_cmd(
         session.close()
 
 
+@app.command("serve")
+def serve_cmd(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, help="TCP port (0: a free one, named on stderr)"),
+    device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)"),
+    max_batch: int = typer.Option(4, help="KV slots: sequences decoded together in one decoder step (CPU, in-place "
+                                          "GQA cache; elsewhere one at a time) and conversations whose cache is kept"),
+    max_context: Optional[int] = typer.Option(None, help="positions per slot, prompt + completion (default: the "
+                                                         "model's context, at most 4096); the KV pool is max-batch x this"),
+    api_key: Optional[str] = typer.Option(None, envvar="QVL_API_KEY", help="require `Authorization: Bearer KEY` "
+                                                                          "on /v1/* (env QVL_API_KEY)"),
+    allow_dir: Optional[Path] = typer.Option(None, help="image_url may name local files under this directory "
+                                                        "(symlinks resolved); without it only data: URLs"),
+    max_queue: int = typer.Option(64, help="requests waiting for a slot; more get 429"),
+    max_body_bytes: int = typer.Option(32 << 20, help="request body limit (413 above)"),
+    max_image_pixels: int = typer.Option(4096 * 4096, help="width x height of one image, read from its header"),
+    max_images: int = typer.Option(8, help="images per request"),
+    default_max_tokens: int = typer.Option(512, help="completion tokens when a request gives no max_tokens"),
+    model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the artifact directory's name)"),
+    max_image_tokens: Optional[int] = typer.Option(None, help=MAX_IMAGE_TOKENS_HELP),
+    min_pixels: Optional[int] = typer.Option(None, help=MIN_PIXELS_HELP),
+    max_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
+    ray: bool = typer.Option(False, "--ray", help="run as a Ray Serve deployment (RAY_ADDRESS: a cluster; else a "
+                                                  "local Ray instance); needs the serve-ray extra"),
+    replicas: str = typer.Option("1", help="--ray: replicas, an integer or 'auto' (autoscale on ongoing requests)"),
+    max_replicas: int = typer.Option(4, help="--ray --replicas auto: the most replicas"),
+):
+    """OpenAI-compatible HTTP server: POST /v1/chat/completions (text + image_url parts, stream), GET /v1/models,
+    /health, /metrics. Needs the `serve` extra (fastapi, uvicorn, prometheus-client). Ctrl-C or SIGTERM stops it
+    (exit 0)."""
+    _check_options(threads=threads)
+    _check_image_limits(max_image_tokens, min_pixels, max_pixels)
+    from qvl.runtime.serve.limits import ServeLimits
+    from qvl.runtime.serve.server import ServeOptions, check_options, serve
+
+    limits = ServeLimits(max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
+                         max_queue=max_queue, default_max_tokens=default_max_tokens, allow_dir=allow_dir)
+    opts = ServeOptions(host=host, port=port, device=device, threads=threads, max_batch=max_batch,
+                        max_context=max_context, api_key=api_key, model_name=model_name, limits=limits,
+                        max_image_tokens=max_image_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
+    check_options(opts)
+
+    def echo(line: str) -> None:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    if ray:
+        from qvl.runtime.serve.ray_app import parse_replicas, serve_ray
+
+        if not 1 <= max_replicas <= 1024:
+            raise QvlError(f"--max-replicas must be in [1, 1024], got {max_replicas}")
+        raise typer.Exit(serve_ray(artifact, opts, parse_replicas(replicas), max_replicas, echo=echo))
+    raise typer.Exit(serve(artifact, opts, echo=echo))
+
+
 @app.command("demo")
 def demo_cmd(
     work: Path = typer.Option(Path("qvl-demo"), help="working directory for the checkpoint and artifact"),
     threads: Optional[int] = typer.Option(None),
 ):
-    """The whole job on the tiny synthetic checkpoint: make -> export + passes -> answer an image prompt -> parity."""
+    """The whole job on the committed trained sentinel: compile (export + passes) -> answer held-out synthetic
+    visual questions with the runtime (question, expected, answer) -> parity against eager. Exit 0 only if
+    parity holds. The exporter's warnings and logs go to WORK/demo.log."""
     _check_options(threads=threads)
-    from qvl.runtime import GenerationStats, load
-    from qvl.toolchain.checkpoints.synthetic import make_checkpoint
-    from qvl.toolchain.eval.parity import run_parity, suite_images
-    from qvl.toolchain.compile.pipeline import compile_artifact
+    from qvl.toolchain.demo import run_demo
 
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt, art = work / "tiny-checkpoint", work / "tiny-artifact"
-    with err.status("making the tiny checkpoint"):
-        make_checkpoint("tiny", ckpt, overwrite=True)
-    err.print(f"1/4 checkpoint: {ckpt}")
-    with err.status("compiling") as status:
-        report = compile_artifact(ckpt, "cpu", art, overwrite=True, step=lambda m: status.update(m))
-    fused = sum(r["counts"].get("group_query_attention", 0) for r in report.pass_reports)
-    err.print(f"2/4 artifact for {report.target}: {art} ({fused} decoder attentions fused, KV cache in place)")
-    images = suite_images(work / "images")
-    model = load(art, threads=threads)
-    stats = GenerationStats()
-    question = "What shapes are in the picture?"
-    answer = model.generate([{"role": "user", "content": [{"type": "image", "image": str(images["square"])},
-                                                         {"type": "text", "text": question}]}],
-                            max_new_tokens=24, stats=stats)
-    err.print(f"3/4 answer to {question!r} on {images['square'].name} (random tiny weights, so the words are noise):")
-    typer.echo(answer)
-    err.print(_stats_line(stats), highlight=False)
-    with err.status("parity against eager PyTorch") as status:
-        report = run_parity(art, ckpt, work / "images", threads=threads,
-                            progress=lambda name, i, n: status.update(f"parity case {i + 1}/{n}: {name}"))
-    err.print("4/4 parity:")
-    _print_parity(report)
-    raise typer.Exit(0 if report.passed else 1)
+    result = run_demo(work, threads=threads)
+    err.print("4/4 parity:", highlight=False)
+    _print_parity(result.parity)
+    raise typer.Exit(0 if result.parity.passed else 1)
 
 
 def _print_error(message: str, hint: str | None = None) -> None:

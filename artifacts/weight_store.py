@@ -66,27 +66,36 @@ class WeightStoreWriter:
         self.close()
 
 
-def externalize_initializers(model, writer: WeightStoreWriter, location: str) -> int:
-    """Move every non-trivial initializer of an onnx-ir model into the store; return bytes referenced."""
-    import onnx_ir as ir
+def externalize_initializers(model, writer: WeightStoreWriter, location: str, always: set[str] = frozenset()) -> int:
+    """Move every non-trivial initializer of an onnx-ir model into the store; return bytes referenced.
 
+    Tiny constants stay inline, except those named in `always`: tensors the runtime memory-maps from the store
+    itself (the embedding table's parts: a small vocabulary's lm_head scales can be under the threshold)."""
     referenced = 0
     for name, value in list(model.graph.initializers.items()):
         tensor = value.const_value
-        if tensor is None or tensor.nbytes < SMALL_TENSOR_BYTES:
+        if tensor is None or (tensor.nbytes < SMALL_TENSOR_BYTES and name not in always):
             continue
-        rec = writer.add(tensor.tobytes())
-        value.const_value = ir.ExternalTensor(
-            location=location,
-            offset=rec.offset,
-            length=rec.length,
-            dtype=tensor.dtype,
-            shape=tensor.shape,
-            name=name,
-            base_dir=str(writer.path.parent),
-        )
-        referenced += rec.length
+        referenced += externalize_value(value, writer, location)
     return referenced
+
+
+def externalize_value(value, writer: WeightStoreWriter, location: str) -> int:
+    """Write one constant Value's tensor into the store and point the Value at it (ONNX external data); its length."""
+    import onnx_ir as ir
+
+    tensor = value.const_value
+    rec = writer.add(tensor.tobytes())
+    value.const_value = ir.ExternalTensor(
+        location=location,
+        offset=rec.offset,
+        length=rec.length,
+        dtype=tensor.dtype,
+        shape=tensor.shape,
+        name=value.name,
+        base_dir=str(writer.path.parent),
+    )
+    return rec.length
 
 
 def map_tensor(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:

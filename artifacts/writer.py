@@ -8,7 +8,11 @@ directories -- so the on-disk format (`artifacts/schema.py`) has one owner:
   new deduplicated weight store; returns the manifest's graph entries (file, sha256, I/O signature).
 * `save_graphs_in_place(graphs, dir, files)`: re-save graphs whose initializers keep their existing
   weight-store references (kits after lowering, tapped calibration graphs).
-* `embedding_entry(decoder)`: the manifest's `embedding` (dense fp32 matrix, or the quantized lm_head's parts).
+* `embedding_entry(decoder)`: the manifest's `embedding` (dense fp32 matrix, or its MatMulNBits parts): the tied
+  lm_head's weight, or an untied decoder's host embedding (`passes/linear_sites.host_embedding`: used by no node,
+  carried in the decoder graph's in-memory `meta`; `load_graphs` restores it from the manifest, `save_graphs`
+  stores it). Every tensor the entry references goes into the weight store whatever its size (the runtime
+  memory-maps them there; a small config's lm_head scales are below the inline-tensor threshold).
 * `write_artifact(dir, fields, side_files_from=...)`: side files + `weights` entry + `manifest.json`.
 * `write_derived_artifact(...)` / `publish_candidate(...)`: one approximate step's output artifact, and the
   budget search's chosen candidate moved to `--out`.
@@ -27,12 +31,14 @@ from typing import Callable
 from qvl.artifacts import manifest as mf
 from qvl.artifacts.integrity import OBJECTS_LAYOUT
 from qvl.artifacts.schema import WEIGHTS, Manifest
-from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers
-from qvl.passes.precision import LM_HEAD_LAYER  # `qvl.layer` of the tied lm_head
+from qvl.artifacts.weight_store import WeightStoreWriter, externalize_initializers, externalize_value
+from qvl.passes.linear_sites import host_embedding, host_value, set_host_embedding
+from qvl.passes.precision import LM_HEAD_LAYER  # `qvl.layer` of the lm_head
 from qvl.toolchain.fsutil import atomic_output_dir, fault_point
 
 IR_VERSION = 10  # ONNX 1.16 / opset 21 era: every ONNX Runtime >= 1.17 loads it
-EMBEDDING_NAME = "embed_tokens.weight"  # the export's tied [vocab, hidden] matrix (the lm_head's too)
+EMBEDDING_NAME = "embed_tokens.weight"  # the export's [vocab, hidden] embedding table (tied: the lm_head's too)
+TENSOR_PARTS = ("table", "packed", "scales", "zero_points")  # the tensors of `embedding_parts`
 
 
 # -- graphs --------------------------------------------------------------------------------------------------
@@ -65,7 +71,13 @@ def save_graphs(graphs: dict, out_dir: Path) -> tuple[dict, WeightStoreWriter]:
     entries = {}
     with WeightStoreWriter(out_dir / WEIGHTS) as store:
         for name, model in graphs.items():
-            externalize_initializers(model, store, WEIGHTS)
+            parts = embedding_parts(model) if name == "decoder" else {}
+            # the runtime maps the embedding's tensors from the store, so none of them may stay inline
+            tensors = [parts[k] for k in TENSOR_PARTS if parts.get(k) is not None]
+            externalize_initializers(model, store, WEIGHTS, always={v.name for v in tensors})
+            for value in tensors:
+                if model.graph.initializers.get(value.name) is not value:  # a host embedding: in no graph
+                    externalize_value(value, store, WEIGHTS)
             model.ir_version = IR_VERSION
             path = out_dir / f"{name}.onnx"
             ir.save(model, path)
@@ -101,7 +113,34 @@ def load_graphs(manifest: Manifest) -> dict:
     if manifest.weights.is_objects:
         for model in graphs.values():
             _map_weight_objects(model, manifest)
+    if "decoder" in graphs:
+        set_host_embedding(graphs["decoder"].graph, _stored_host_embedding(manifest, graphs["decoder"]))
     return graphs
+
+
+def _stored_host_embedding(manifest: Manifest, decoder) -> dict | None:
+    """The host embedding of an untied artifact's decoder, memory-mapped from the store: the manifest's embedding
+    names tensors that are not initializers of the decoder graph. None for a tied decoder (and for manifests
+    written before embedding entries named their initializer: all tied)."""
+    import numpy as np
+
+    emb = manifest.embedding
+    if emb.initializer is None or emb.initializer in decoder.graph.initializers:
+        return None
+
+    def value(ref, name: str):
+        path = manifest.path(ref.file or emb.file or manifest.weights.file)
+        arr = np.memmap(path, dtype=np.dtype(ref.dtype), mode="r", offset=int(ref.offset),
+                        shape=tuple(int(d) for d in ref.shape))
+        return host_value(name, arr)
+
+    if not emb.quantized:
+        return {"table": value(emb.dense, emb.initializer)}
+    return {"packed": value(emb.packed, emb.packed.initializer or emb.initializer),
+            "scales": value(emb.scales, emb.scales.initializer or f"{emb.initializer}.scales"),
+            "zero_points": None if emb.zero_points is None else
+            value(emb.zero_points, emb.zero_points.initializer or f"{emb.initializer}.zp"),
+            "bits": int(emb.bits), "block_size": int(emb.block_size)}
 
 
 def _map_weight_objects(model, manifest: Manifest) -> None:
@@ -130,32 +169,35 @@ def _map_weight_objects(model, manifest: Manifest) -> None:
 # -- the embedding entry ---------------------------------------------------------------------------------------
 
 
-def embedding_location(decoder_model) -> dict:
-    """`embedding` of a decoder that still has the fp32 `[vocab, hidden]` matrix (saved in the store)."""
-    value = decoder_model.graph.initializers[EMBEDDING_NAME]
-    t = value.const_value
-    return {
-        "file": WEIGHTS,
-        "offset": int(t.offset),
-        "shape": [int(d) for d in t.shape],
-        "dtype": "float32",
-        "initializer": EMBEDDING_NAME,
-    }
-
-
-def embedding_entry(decoder_model, weights_file: str = WEIGHTS) -> dict:
-    """`embedding` for a saved decoder: the fp32 matrix if it is still there, else the tied lm_head's
-    MatMulNBits buffers (`format: "matmulnbits"`, read by `runtime/quantized_embedding.py`)."""
-    import onnx_ir as ir
-
+def embedding_parts(decoder_model) -> dict:
+    """The decoder's embedding table as the manifest records it: `{"table": Value}` (dense) or the MatMulNBits
+    parts `{"packed", "scales", "zero_points"}` (Values; zero_points may be None) plus `bits`, `block_size`. In
+    order: an untied decoder's host embedding, the tied fp32 `embed_tokens.weight`, the tied lm_head's MatMulNBits
+    buffers. `{}` when the decoder has none of them."""
     graph = decoder_model.graph
+    host = host_embedding(graph)
+    if host is not None:
+        return dict(host)
     if EMBEDDING_NAME in graph.initializers:
-        return embedding_location(decoder_model)
+        return {"table": graph.initializers[EMBEDDING_NAME]}
     head = next((n for n in graph if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"
                  and n.metadata_props.get("qvl.layer") == LM_HEAD_LAYER), None)
     if head is None:
-        raise RuntimeError(f"decoder has neither {EMBEDDING_NAME} nor a quantized lm_head to embed tokens from")
+        return {}
     attrs = {k: a.value for k, a in head.attributes.items()}
+    inputs = list(head.inputs) + [None] * 2
+    return {"packed": inputs[1], "scales": inputs[2], "zero_points": inputs[3],
+            "bits": int(attrs.get("bits", 4)), "block_size": int(attrs["block_size"])}
+
+
+def embedding_entry(decoder_model, weights_file: str = WEIGHTS) -> dict:
+    """`embedding` for a saved decoder (`embedding_parts`): the dense table, or its MatMulNBits buffers
+    (`format: "matmulnbits"`, read by `runtime/quantized_embedding.py`)."""
+    import onnx_ir as ir
+
+    parts = embedding_parts(decoder_model)
+    if not parts:
+        raise RuntimeError(f"decoder has neither {EMBEDDING_NAME} nor a quantized lm_head to embed tokens from")
 
     def part(value) -> dict | None:
         if value is None:
@@ -166,18 +208,21 @@ def embedding_entry(decoder_model, weights_file: str = WEIGHTS) -> dict:
         return {"offset": int(t.offset), "shape": [int(d) for d in t.shape], "dtype": t.dtype.numpy().name,
                 "initializer": value.name}
 
-    inputs = list(head.inputs) + [None] * 2
+    if "table" in parts:
+        return {"file": weights_file, **part(parts["table"])}
+    packed = part(parts["packed"])
+    vocab, n_blocks, _ = packed["shape"]
     return {
         "format": "matmulnbits",
         "file": weights_file,
-        "shape": [int(attrs["N"]), int(attrs["K"])],
+        "shape": [int(vocab), int(n_blocks) * parts["block_size"]],
         "dtype": "float32",
-        "bits": int(attrs.get("bits", 4)),
-        "block_size": int(attrs["block_size"]),
-        "initializer": inputs[1].name,
-        "packed": part(inputs[1]),
-        "scales": part(inputs[2]),
-        "zero_points": part(inputs[3]),
+        "bits": parts["bits"],
+        "block_size": parts["block_size"],
+        "initializer": parts["packed"].name,
+        "packed": packed,
+        "scales": part(parts["scales"]),
+        "zero_points": part(parts["zero_points"]),
     }
 
 

@@ -4,6 +4,10 @@ A linear site is a `MatMul(x, W)` / `Gemm(x, W[, bias])` with a constant 2-D flo
 each is attributed to a layer key (`decoder.layers.3`, `vision.blocks.5`, `vision.merger`, `decoder.lm_head`)
 from its `pkg.torch.onnx.name_scopes` metadata, a `qvl.layer` stamp or its weight's initializer name
 (`layer_key`), which is what the accuracy budgets roll back; `matches_keep` is the one `keep_fp32` matching rule.
+
+The lm_head is `decoder.lm_head` whether tied (its weight is the embedding table `embed_tokens.weight`) or untied
+(its own `lm_head.weight`). An untied decoder's embedding table is read only by the runtime's host-side lookup, so
+no node uses it: it travels with the decoder model as its `host_embedding` (below), not as an initializer.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import onnx_ir as ir
 
 from qvl.passes.base import Skip
 
-EMBEDDING_NAME = "embed_tokens.weight"  # the export's tied [vocab, hidden] matrix (toolchain/export/exporter.py)
+EMBEDDING_NAME = "embed_tokens.weight"  # the export's [vocab, hidden] embedding table (toolchain/export/exporter.py)
+LM_HEAD_NAME = "lm_head.weight"  # an untied checkpoint's own [vocab, hidden] lm_head matrix
 LM_HEAD_LAYER = "decoder.lm_head"
+EMBEDDING_LAYER = "decoder.embed_tokens"  # an untied decoder's host embedding table (the precision pass's layer key)
+HOST_EMBEDDING = "qvl.host_embedding"  # key of `host_embedding` in the decoder graph's `meta`
 _ROOT_PREFIXES = ("model.language_model.", "model.visual.", "language_model.", "visual.", "model.", "lm.")
 
 
@@ -44,7 +51,7 @@ def module_path(node: ir.Node, weight_name: str | None) -> str | None:
 
 def layer_key(node: ir.Node, graph_name: str, weight_name: str | None) -> str:
     """`decoder.layers.3` / `vision.blocks.5` / `vision.merger` / `decoder.lm_head` / `<graph>.<node>`."""
-    if weight_name == EMBEDDING_NAME or node.metadata_props.get("qvl.layer") == LM_HEAD_LAYER:
+    if weight_name in (EMBEDDING_NAME, LM_HEAD_NAME) or node.metadata_props.get("qvl.layer") == LM_HEAD_LAYER:
         return LM_HEAD_LAYER
     if node.metadata_props.get("qvl.layer"):
         return node.metadata_props["qvl.layer"]
@@ -147,3 +154,32 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
                  const_value=ir.tensor(array, name=name))
     graph.register_initializer(v)
     return v
+
+
+# -- an untied decoder's host embedding ---------------------------------------------------------------------
+
+
+def host_embedding(graph: ir.Graph) -> dict | None:
+    """An untied decoder's token-embedding table, or None (tied: the table is the lm_head's own weight).
+
+    `{"table": Value}` (dense float32 `[vocab, hidden]`), or after the precision pass the MatMulNBits parts
+    `{"packed": Value, "scales": Value, "zero_points": Value | None, "bits": int, "block_size": int}`. The Values
+    are not registered in the graph: no node reads the table (the runtime embeds tokens on the host), and the
+    fusion passes' dead-code elimination would drop an unused initializer (ONNX Runtime and TensorRT would load
+    one for nothing). It lives in the graph's `meta` (onnx-ir's in-memory store, never serialized), which in-place
+    passes keep; `artifacts/writer.py` puts it in the weight store, records it as the manifest's `embedding` and
+    restores it when it loads the artifact's graphs."""
+    return graph.meta.get(HOST_EMBEDDING)
+
+
+def set_host_embedding(graph: ir.Graph, parts: dict | None) -> None:
+    if parts is None:
+        graph.meta.pop(HOST_EMBEDDING, None)
+    else:
+        graph.meta[HOST_EMBEDDING] = parts
+
+
+def host_value(name: str, array) -> ir.Value:
+    """A constant Value for `host_embedding` (not registered in any graph); `array`: numpy or an ir tensor."""
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name) if isinstance(array, np.ndarray) else array
+    return ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)

@@ -21,6 +21,12 @@ named `embed_tokens.weight.q` / `.scales` / `.zp`; the fp32 matrix is then remov
 runtime's host-side embedding lookup must read the quantized rows (`runtime/quantized_embedding.py`,
 manifest `embedding.format = "matmulnbits"`). `report.details["embedding"]` names the three initializers.
 
+An untied decoder (its lm_head reads its own `lm_head.weight`) has two matrices: the lm_head is quantized as
+above into `lm_head.weight.q` / ..., and the embedding table, which no node reads (the decoder's host embedding,
+`linear_sites.host_embedding`), is quantized on its own, in the same MatMulNBits layout and bits / block size,
+into `embed_tokens.weight.q` / `.scales` / `.zp` host tensors (layer `decoder.embed_tokens`, which `keep_fp32`
+and `include_embedding=False` leave fp32); the runtime's lookup reads those rows exactly as for a tied model.
+
 Each converted node is attributed to a layer (`decoder.layers.3`, `vision.blocks.5`, `vision.merger`,
 `vision.deepstack_merger_list.0`, `decoder.lm_head`) from its `pkg.torch.onnx.name_scopes` metadata or
 its weight's initializer name, so the accuracy budget (`toolchain/quant/accuracy_budget.py`) can keep whole
@@ -39,7 +45,20 @@ import onnx_ir as ir
 
 from qvl.artifacts.nbits_codes import pack_codes, unpack_codes
 from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
-from qvl.passes.linear_sites import LM_HEAD_LAYER, add_initializer, as_linear, layer_key, matches_keep, module_path, skip_site
+from qvl.passes.linear_sites import (
+    EMBEDDING_LAYER,
+    EMBEDDING_NAME,
+    LM_HEAD_LAYER,
+    add_initializer,
+    as_linear,
+    host_embedding,
+    host_value,
+    layer_key,
+    matches_keep,
+    module_path,
+    set_host_embedding,
+    skip_site,
+)
 
 MS_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = ("MatMulNBits", "DynamicQuantizeMatMul")
@@ -54,7 +73,8 @@ class PrecisionConfig:
     # left in fp32: layer keys ("decoder.layers.3"), node names ("node_linear" or "decoder/node_linear": node
     # names repeat across graphs), module scopes ("lm.layers.0.mlp", prefix match) or weight initializer names
     keep_fp32: frozenset = frozenset()
-    include_lm_head: bool = True  # quantize the tied lm_head / embedding matrix
+    include_lm_head: bool = True  # quantize the lm_head (tied: the embedding matrix too)
+    include_embedding: bool = True  # quantize an untied decoder's embedding table (host lookup only)
     graphs: tuple[str, ...] = ("vision", "decoder")
     # Graphs whose linears become `DynamicQuantizeMatMul` (int8 weights, one scale per output column, activations
     # quantized per call) instead of MatMulNBits, whatever `weight_bits`: at M >> 1 (the vision tower's patches) MLAS's
@@ -179,7 +199,7 @@ class PrecisionPass(GraphPass):
     config_type = PrecisionConfig
     scope = "precision assignment"
     contrib_ops_note = " (MatMulNBits); TensorRT quantization needs Q/DQ calibration instead"
-    count_keys = ("matmulnbits", "dynamic_int8", "from_matmul", "from_gemm", "lm_head")
+    count_keys = ("matmulnbits", "dynamic_int8", "from_matmul", "from_gemm", "lm_head", "embedding_table")
 
     def applies_to(self, target: TargetCapabilities, graph: str) -> str | None:
         reason = super().applies_to(target, graph)
@@ -284,6 +304,7 @@ class PrecisionPass(GraphPass):
             report.counts["from_matmul" if node.op_type == "MatMul" else "from_gemm"] += 1
             if layer == LM_HEAD_LAYER:
                 report.counts["lm_head"] += 1
+            if layer == LM_HEAD_LAYER and weight_name == EMBEDDING_NAME:  # tied: the lm_head is the embedding table
                 details["embedding"] = {
                     "source": weight_name,
                     "B": b_val.name,
@@ -297,6 +318,8 @@ class PrecisionPass(GraphPass):
                 if weight_name in graph.initializers:
                     report.skipped.append(Skip(weight_name, "fp32 embedding still used by other nodes: stored twice"))
 
+        if graph_name == "decoder":
+            self._quantize_host_embedding(graph, report)
         for entry in layers.values():
             if entry.get("reasons"):
                 entry["decision"] = "mixed" if entry["nodes"] else "fp32"
@@ -340,6 +363,55 @@ class PrecisionPass(GraphPass):
                                        "weight": weight_name, "B": b_val.name, "kernel": "dynamic_int8"}
         report.counts["dynamic_int8"] += 1
         report.counts["from_matmul" if node.op_type == "MatMul" else "from_gemm"] += 1
+
+    def _quantize_host_embedding(self, graph: ir.Graph, report: PassReport) -> None:
+        """An untied decoder's embedding table (used by no node) -> MatMulNBits-layout host tensors."""
+        cfg: PrecisionConfig = self.config
+        details = report.details
+        host = host_embedding(graph)
+        if host is None or "table" not in host:  # tied, or quantized by an earlier run
+            return
+        table = host["table"]
+        fp32_bytes = table.const_value.nbytes
+        entry = details["layers"].setdefault(EMBEDDING_LAYER, {"decision": "quantized", "nodes": [], "bytes_before": 0,
+                                                                "bytes_after": 0})
+        hidden = table.const_value.shape[1]
+        reason = None
+        if EMBEDDING_LAYER in cfg.keep_fp32 or EMBEDDING_NAME in cfg.keep_fp32:
+            reason = "keep_fp32"
+            details["kept_fp32"] += 1
+        elif not cfg.include_embedding:
+            reason = "include_embedding=False"
+            details["kept_fp32"] += 1
+        elif hidden % cfg.block_size:
+            reason = f"hidden={hidden} not divisible by block_size={cfg.block_size}"
+        after = fp32_bytes
+        if reason is not None:
+            report.skipped.append(Skip(EMBEDDING_NAME, f"{EMBEDDING_LAYER}: {reason}"))
+            entry.setdefault("reasons", []).append(f"{EMBEDDING_NAME}: {reason}")
+        else:
+            q = quantize_blockwise(table.const_value.numpy(), cfg.weight_bits, cfg.block_size, cfg.symmetric)
+            release = getattr(table.const_value, "release", None)
+            if release is not None:
+                release()
+            parts = {"packed": host_value(f"{EMBEDDING_NAME}.q", q.packed),
+                     "scales": host_value(f"{EMBEDDING_NAME}.scales", q.scales),
+                     "zero_points": None if q.zero_points is None else host_value(f"{EMBEDDING_NAME}.zp", q.zero_points),
+                     "bits": cfg.weight_bits, "block_size": cfg.block_size}
+            set_host_embedding(graph, parts)
+            after = q.nbytes
+            entry["nodes"].append(EMBEDDING_NAME)
+            report.counts["embedding_table"] += 1
+            details["embedding"] = {
+                "source": EMBEDDING_NAME, "B": parts["packed"].name, "scales": parts["scales"].name,
+                "zero_points": None if parts["zero_points"] is None else parts["zero_points"].name,
+                "bits": cfg.weight_bits, "block_size": cfg.block_size, "shape": [q.n, q.k], "fp32_removed": True,
+                "untied": "the embedding table only: the lm_head quantizes its own lm_head.weight",
+            }
+        entry["bytes_before"] += fp32_bytes
+        entry["bytes_after"] += after
+        details["bytes_before"] += fp32_bytes
+        details["bytes_after"] += after
 
     @staticmethod
     def _base_name(node: ir.Node, weight_name: str, layer: str) -> str:

@@ -203,6 +203,16 @@ class PrefixCache:
         p = min(p, len(ids) - 1)
         return p if p >= self.min_reuse else 0
 
+    def shared_tokens(self, ids: np.ndarray) -> int:
+        """How many leading token ids of `ids` the kept sequence starts with (ids only: a cheap score for choosing
+        among several caches, as a server choosing a slot does; `match` decides what is actually reused)."""
+        held = self._held
+        if held is None:
+            return 0
+        m = min(len(held.ids), len(ids))
+        bad = np.flatnonzero(held.ids[:m] != np.asarray(ids[:m]))
+        return int(bad[0]) if bad.size else m
+
     def take(self, runner: Any) -> Any:
         """Check the kept KV cache out for a generation on `runner` (None when there is none for it). A cache kept
         for another runner is freed."""

@@ -1,10 +1,12 @@
-"""Host-side token embedding lookup from the lm_head's MatMulNBits-quantized matrix (numpy only).
+"""Host-side token embedding lookup from a MatMulNBits-quantized `[vocab, hidden]` table (numpy only).
 
 When the precision pass quantizes the tied lm_head, the fp32 `[vocab, hidden]` matrix leaves the artifact:
 it is stored once, as the MatMulNBits weight of the lm_head (`B` uint8 `[vocab, blocks, blob]`, `scales`
 float32 `[vocab * blocks]`, optional packed `zero_points`). The runtime then embeds tokens by dequantizing
 just the requested rows, with the op's own formula `(code - zero_point) * scale` in float32, so a token's
 embedding is bit-identical to the column the decoder's lm_head multiplies with (ORT, accuracy_level 0).
+An untied model's table is quantized on its own into the same layout (tensors no graph node reads; the lm_head
+has its own `lm_head.weight.q`), and is read here the same way: the manifest entry names whichever it is.
 
 The manifest entry (`embedding`, typed `schema.Embedding`) that selects this path:
 

@@ -209,6 +209,45 @@ class Engine:
         feeds = self._feeds(cache, inputs_embeds, position_ids, deepstack, all_positions=True)
         return self.caches.run(cache, feeds, "tokens")
 
+    # -- several sequences per step (continuous batching; not part of the runner protocol) ----------
+
+    @property
+    def batched_decode(self) -> bool:
+        """Whether `row_pool` / `batched_step` work: the CPU with the in-place GQA cache, whose `seqlens_k` (from the
+        mask's row sums) lets every row of a batch hold a different length. Other layouts cannot: `concat` caches of
+        one batch share one length, and the CUDA caches' row blocks would have to be bound by device pointer (not written)."""
+        return self.device == "cpu" and self.kv_mode == "shared"
+
+    def row_pool(self, capacity: int, rows: int) -> tuple[KVCache, list[KVCache]]:
+        """A preallocated cache of `rows` sequences of `capacity` positions each, and one batch-1 cache per row (views
+        into it: `step`, `greedy_step`, `truncate` work on them as on any cache; `truncate` must keep within
+        `capacity`, and `free` on a row releases nothing)."""
+        pool = self.caches.new_cache(capacity, rows)
+        return pool, self.caches.row_caches(pool)
+
+    def batched_step(self, pool: KVCache, first: int, rows: list[KVCache], inputs_embeds: np.ndarray,
+                     position_ids: np.ndarray) -> np.ndarray:
+        """One new position for each of the consecutive rows of `pool` from `first` (`rows`: their row caches, any
+        lengths < capacity; inputs_embeds [R, 1, H], position_ids [3, R, 1]): the logits [R, V]. Each row's K/V go
+        to its own length; row lengths are left as they were (the caller advances the ones it stepped). A row's
+        numbers are the ones a batch-1 step of it gives (the kernels work row by row; tests/test_serve.py checks
+        the tokens)."""
+        lengths = [r.length for r in rows]
+        if max(lengths) + 1 > pool.capacity:
+            raise QvlError(f"sequence of {max(lengths) + 1} tokens exceeds the preallocated cache of {pool.capacity}")
+        mask = np.zeros((len(rows), max(lengths) + 1), dtype=np.int64)
+        for r, n in enumerate(lengths):
+            mask[r, :n + 1] = 1
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "attention_mask": mask,
+            "deepstack_embeds": np.zeros((self.num_deepstack, len(rows), 1, self.hidden_size), dtype=np.float32),
+        }
+        if self.caches.has_logit_positions:
+            feeds[LOGIT_POSITIONS] = np.array([0], np.int64)
+        return self.caches.run_rows(pool, first, rows, feeds)
+
     def truncate(self, cache: KVCache, length: int, capacity: int) -> KVCache:
         """Keep the first `length` positions, with room for `capacity` (see `ort_cache.CacheBinder.truncate`)."""
         return self.caches.truncate(cache, length, capacity)

@@ -203,6 +203,42 @@ class CacheBinder:
             return np.ascontiguousarray(tensor[:, :, :length])
         return ortvalue(tensor.numpy()[:, :, :length], self.device)
 
+    # -- rows of one pool (continuous batching, `runtime/serve/batching.py`) -------------------------
+
+    def row_caches(self, pool: KVCache) -> list[KVCache]:
+        """One batch-1 cache per row of a CPU `shared` cache `pool`: its buffers are numpy views of the pool's rows,
+        so what a batch-1 step writes into a row cache (prefill) is that row of the pool, and `run_rows` can step
+        consecutive rows together. Other layouts / devices: a QvlError (host numpy views are the aliasing used here)."""
+        if self.device != "cpu" or self.mode != "shared" or not pool.buffers:
+            raise QvlError(f"batched decoding needs the CPU and the in-place GQA cache (this is {self.device}, "
+                           f"{self.mode})")
+        rows = []
+        for b in range(pool.batch):
+            arrays = [a[b:b + 1] for a in pool.buffers]  # contiguous views (row-major, axis 0)
+            rows.append(KVCache(0, [ortvalue(a, "cpu") for a in arrays], pool.capacity, arrays, batch=1))
+        return rows
+
+    def run_rows(self, pool: KVCache, first: int, rows: list[KVCache], feeds: dict) -> np.ndarray:
+        """One decoder step over the consecutive rows `first .. first + len(rows)` of `pool` (`rows` are their
+        `row_caches`, each at its own length): the last position's logits [R, V]. GroupQueryAttention reads each
+        row's held length from its mask row (`seqlens_k`) and writes its new K/V there; lengths are not changed
+        (the caller advances the rows it meant to step)."""
+        io = self.session.io_binding()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        io.bind_output("logits", "cpu")
+        for name, has in ((NEXT_TOKEN, self.has_next_token), (NEXT_TOKENS, self.has_next_tokens)):
+            if has:
+                io.bind_output(name, "cpu")
+        end = first + len(rows)
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                block = ortvalue(pool.buffers[2 * i + j][first:end], "cpu")  # aliases the pool's rows
+                io.bind_ortvalue_input(f"past_{kind}_{i}", block)
+                io.bind_ortvalue_output(f"present_{kind}_{i}", block)
+        self.session.run_with_iobinding(io, None)
+        return _pick(io.get_outputs()[0].numpy(), "logits")
+
     # -- one step --------------------------------------------------------------------------------
 
     def mask(self, cache: KVCache, bsz: int, total: int, seq: int) -> np.ndarray:

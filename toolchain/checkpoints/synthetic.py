@@ -2,7 +2,9 @@
 
 Tensor names and shapes come from transformers' own model class (built on the meta device, no memory),
 so the files load with `from_pretrained` exactly like a published checkpoint. Weights are generated
-tensor by tensor and written shard by shard, so the 2B preset never holds the model in RAM.
+tensor by tensor and written shard by shard, so the 2B preset never holds the model in RAM. An untied
+checkpoint (`untied=True`, or the 8B preset) stores its own random `lm_head.weight`, as published untied
+checkpoints do; a tied one omits it (transformers re-ties it on load).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from qvl.toolchain.checkpoints.presets import GENERATION_CONFIG, PRESETS, Preset, chat_template
+from qvl.toolchain.checkpoints.presets import PRESETS, Preset, chat_template, generation_config_for, variant
 from qvl.toolchain.checkpoints.tokenizer_builder import FIRST_SPECIAL_ID, build_tokenizer, tokenizer_config
 from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, fault_point
 
@@ -32,6 +34,9 @@ CHECKPOINT_METADATA_FILES = (
 
 _CHUNK_ELEMS = 1 << 25  # generate big tensors in 32M-element pieces to bound the fp32 temporary
 _DECISIVE_OUT_GAIN = 4.0
+_UNTIED_HEAD_NOISE = 0.05
+EMBED_NAME = "model.language_model.embed_tokens.weight"
+UNTIED_HEAD = "lm_head.weight"
 # torch / transformers / safetensors.torch are imported inside the functions that need them: they come with the
 # [export] extra, and this module's metadata writer (tokenizers + json only) serves torch-free callers too.
 
@@ -81,10 +86,13 @@ def _init_tensor(name: str, shape: tuple[int, ...], preset: Preset, seed: int, l
     fan_in = 1
     for d in shape[1:]:
         fan_in *= d
+    if preset.init == "decisive" and name == UNTIED_HEAD:
+        return _decisive_untied_head(shape, preset, seed, learned_vocab, gen)
+    vocab_rows = "embed_tokens" in name
     if preset.init == "decisive":
         # Large logit gaps so greedy decoding is robust to fp32 rounding differences between engines,
         # and layers that actually change the residual stream (std 1/sqrt(fan_in)).
-        std = 1.0 if "embed_tokens" in name or "pos_embed" in name else fan_in ** -0.5
+        std = 1.0 if vocab_rows or "pos_embed" in name else fan_in ** -0.5
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             # Layers must outweigh the token's own embedding in the residual stream, or the tied
             # lm_head just predicts the input token again and greedy output degenerates to repeats.
@@ -97,11 +105,26 @@ def _init_tensor(name: str, shape: tuple[int, ...], preset: Preset, seed: int, l
     for start in range(0, flat.numel(), _CHUNK_ELEMS):
         stop = min(start + _CHUNK_ELEMS, flat.numel())
         flat[start:stop] = torch.randn(stop - start, generator=gen, dtype=torch.float32).mul_(std).to(dtype)
-    if preset.init == "decisive" and "embed_tokens" in name:
+    if preset.init == "decisive" and vocab_rows:
         # Rows past the learned BPE vocab (placeholders, specials, padding) get small norms so a random
         # model prefers real text tokens over `<|unused_N|>` placeholders.
         out[learned_vocab:].mul_(0.05)
     return out
+
+
+def _decisive_untied_head(shape, preset: Preset, seed: int, learned_vocab: int, gen):
+    """A decisive untied lm_head: the embedding table with its rows rolled by one, plus independent noise (std
+    `_UNTIED_HEAD_NOISE` of the rows' scale). A tied random model's greedy margins come from the token's own
+    embedding in the residual stream meeting the same row in the lm_head; a fully independent head has only the
+    extreme-value gaps of ~2000 random logits (measured: int8 weights then flip greedy tokens where the tied
+    model's do not). Rolled rows keep those margins but move every prediction to another id, so an export that
+    used the embedding as the lm_head fails parity at once; the noise makes it no permutation of the table."""
+    import torch
+
+    emb = _init_tensor(EMBED_NAME, shape, preset, seed, learned_vocab)
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(_UNTIED_HEAD_NOISE)
+    noise[learned_vocab:].mul_(0.05)
+    return (torch.roll(emb.float(), 1, dims=0) + noise).to(emb.dtype)
 
 
 def _plan_shards(specs, itemsize: int, shard_bytes: int | None) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -149,11 +172,14 @@ def make_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    untied: bool = False,
+    vocab_size: int | None = None,
 ) -> CheckpointReport:
+    """Write preset `preset_name` (`presets.PRESETS`) to `out`; `untied` / `vocab_size`: `presets.variant`."""
     import torch
     from safetensors.torch import save_file
 
-    preset = PRESETS[preset_name]
+    preset = variant(PRESETS[preset_name], untied=untied, vocab_size=vocab_size)
     t0 = time.perf_counter()
     specs = tensor_specs(preset.config)
     itemsize = torch.empty((), dtype=getattr(torch, preset.weight_dtype)).element_size()
@@ -163,9 +189,10 @@ def make_checkpoint(
     # kind="checkpoint" marks it as qvl-written, so a later --overwrite may replace it (and nothing else)
     with atomic_output_dir(Path(out), overwrite=overwrite, kind="checkpoint") as tmp:
         check_free_space(tmp, num_params * itemsize + (64 << 20))
-        tok = build_tokenizer()
-        write_checkpoint_metadata(tmp, dict(preset.config), GENERATION_CONFIG, preset.preprocessor, tok)
-        learned_vocab = learned_vocab_size(tok)
+        tok = build_tokenizer(preset.learned_vocab, first_special_id=preset.first_special_id, alphabet=preset.alphabet)
+        write_checkpoint_metadata(tmp, dict(preset.config), generation_config_for(preset), preset.preprocessor, tok,
+                                  first_special_id=preset.first_special_id)
+        learned_vocab = learned_vocab_size(tok, preset.first_special_id)
 
         weight_map: dict[str, str] = {}
         total_bytes = 0

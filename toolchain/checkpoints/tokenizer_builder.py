@@ -67,12 +67,22 @@ def _placeholder(i: int) -> str:
     return f"<|unused_{i}|>"
 
 
+# Byte-level symbols a reduced alphabet always keeps: space and newline (the chat template writes newlines).
+_ALWAYS_KEPT = ("\u0120", "\u010a")  # "Ġ" (space), "Ċ" (newline) in the byte-level alphabet
+
+
 def build_tokenizer(
     learned_vocab_size: int = 2000,
     first_special_id: int = FIRST_SPECIAL_ID,
     extra_corpus: list[str] | None = None,
+    alphabet: int | None = None,
 ) -> Tokenizer:
-    """Train the byte-level BPE and lay out ids like Qwen's: learned ids, placeholders, then specials."""
+    """Train the byte-level BPE and lay out ids like Qwen's: learned ids, placeholders, then specials.
+
+    `alphabet=None`: all 256 byte symbols (every text encodes). `alphabet=N`: only the N most frequent characters
+    of the corpus (plus space and newline), for vocabularies smaller than the byte alphabet (small test configs:
+    transformers' own Qwen3-VL test config has 99 ids); characters outside it are dropped when encoding, by
+    transformers' tokenizer and the runtime's alike (both read this tokenizer.json)."""
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -86,8 +96,9 @@ def build_tokenizer(
         vocab_size=learned_vocab_size,
         min_frequency=1,
         show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet is None else list(_ALWAYS_KEPT),
         special_tokens=[],
+        **({} if alphabet is None else {"limit_alphabet": alphabet}),
     )
     tok.train_from_iterator(_corpus_lines() + list(extra_corpus or []), trainer=trainer)
 

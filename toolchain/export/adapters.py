@@ -26,7 +26,8 @@ control flow that the ONNX exporters cannot take as written:
   positions: the runtime asks for the last one on an ordinary step, for all of a speculative verify step's
   positions there; a full-vocabulary projection of every prompt position is never needed for generation and
   costs 311 M MACs per token at 2B size). The positions are gathered before the final norm.
-* The tied lm_head is `hidden @ embed_tokens.weight^T` on the one embedding matrix (no second copy).
+* The lm_head is `hidden @ W^T`: for a tied checkpoint W is the one embedding matrix (transformers'
+  `lm_head.weight` is that same Parameter; no second copy), for an untied one its own `lm_head.weight`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class DecoderAdapter(nn.Module):
         super().__init__()
         self.logit_positions = logit_positions
         self.lm = model.model.language_model
+        # tied: lm_head.weight is the Parameter lm.embed_tokens.weight, read through that one module path
+        self.lm_head = None if model.lm_head.weight is self.lm.embed_tokens.weight else model.lm_head
         cfg = self.lm.config
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
@@ -145,5 +148,6 @@ class DecoderAdapter(nn.Module):
                 hidden = hidden + deepstack_embeds[i]
         picked = hidden[:, -1:, :] if logit_positions is None else torch.index_select(hidden, 1, logit_positions)
         picked = lm.norm(picked)
-        logits = torch.matmul(picked, lm.embed_tokens.weight.t())
+        head = lm.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = torch.matmul(picked, head.t())
         return (logits, *presents)

@@ -9,8 +9,10 @@ instead of a traceback minutes into loading, or worse, an artifact with random w
    (`safetensors_header`: no tensor data is read);
 4. tokenizer side files, as the runtime's prompt builder will read them at `run` time, and their
    special-token ids against the config;
-5. the state dict: tied lm_head (untied export is not implemented yet), then names, shapes and dtypes
-   against the model transformers builds from the config on the meta device (`checkpoint_tensors`).
+5. the state dict: an untied config (`tie_word_embeddings` false or unset, as transformers reads it) must come
+   with its `lm_head.weight` (a tied checkpoint whose config lost the flag would otherwise export a random
+   head), then names, shapes and dtypes against the model transformers builds from the config on the meta
+   device (`checkpoint_tensors`).
 """
 
 from __future__ import annotations
@@ -148,15 +150,13 @@ def _check_state_dict(config: dict, tensors: Mapping[str, TensorEntry], where: s
     from qvl.toolchain.export.checkpoint_tensors import check_tensors, expected_tensors
 
     expected = expected_tensors(config, where)
-    if not expected.tied:
-        has_head = any(expected.rename(k) == "lm_head.weight" for k in tensors)
+    if not expected.tied and not any(expected.rename(k) == "lm_head.weight" for k in tensors):
         raise QvlError(
             "untied lm_head: config.json has tie_word_embeddings "
             f"{'false' if 'tie_word_embeddings' in config else 'unset (transformers reads that as false)'}"
-            + ("" if has_head else " and the checkpoint has no lm_head.weight")
-            + "; qvl-compile exports tied-embedding Qwen3-VL checkpoints only",
-            hint="untied lm_head support is not implemented yet"
-            + ("" if has_head else "; if the model is tied, set \"tie_word_embeddings\": true in config.json"),
+            " and the checkpoint has no lm_head.weight",
+            hint="if the model is tied, set \"tie_word_embeddings\": true in config.json; an untied model needs "
+                 "its lm_head.weight",
         )
     check_tensors(tensors, expected, where)
 

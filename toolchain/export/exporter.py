@@ -3,9 +3,11 @@
 Export uses torch.onnx's dynamo exporter on the small adapters in `export_adapters.py`, then three
 graph-level fix-ups on the onnx-ir models before writing:
 
-1. the tied lm_head becomes `Gemm(transB=1)` over the `[vocab, hidden]` embedding matrix, named
-   `embed_tokens.weight` (the exporter folds `E^T` into a transposed copy, which would make the
-   runtime's embedding lookup and the lm_head need two different layouts of the same 311 M numbers);
+1. the lm_head becomes `Gemm(transB=1)` over its `[vocab, hidden]` matrix (the exporter folds `W^T` into a
+   transposed copy): tied, that matrix is the embedding table, named `embed_tokens.weight`, so the runtime's
+   embedding lookup and the lm_head share one layout of the same 311 M numbers; untied, it is the checkpoint's
+   `lm_head.weight`, and the embedding table travels with the decoder as its host embedding
+   (`passes/linear_sites.host_embedding`: read by the runtime only, used by no node);
 2. every initializer goes into the one shared, deduplicated weight store (`artifacts.weight_store`);
 3. IR version pinned so older ONNX Runtime builds (the laptop's) load the graphs.
 
@@ -22,7 +24,8 @@ from typing import Callable
 import numpy as np
 
 from qvl.artifacts import manifest as mf
-from qvl.artifacts.writer import EMBEDDING_NAME, IR_VERSION, embedding_location, save_graphs, write_artifact
+from qvl.artifacts.writer import EMBEDDING_NAME, IR_VERSION, embedding_entry, save_graphs, write_artifact
+from qvl.passes.linear_sites import LM_HEAD_LAYER, LM_HEAD_NAME, host_value, set_host_embedding
 from qvl.toolchain.export.checkpoint_io import CheckpointInfo, validate_checkpoint
 from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, check_output_target, fault_point
 
@@ -145,12 +148,18 @@ def export_decoder_graph(model, logit_positions: bool = True):
     )
     ins, outs = decoder_io_names(tc.num_hidden_layers, logit_positions)
     graph = _export(adapter, args, ins, outs, dyn)
-    tie_lm_head_to_embedding(graph, model.model.language_model.embed_tokens.weight.detach().numpy())
+    embedding = model.model.language_model.embed_tokens.weight.detach().numpy()
+    if model.lm_head.weight is model.model.language_model.embed_tokens.weight:
+        lm_head_as_gemm(graph, embedding, EMBEDDING_NAME)
+    else:
+        lm_head_as_gemm(graph, model.lm_head.weight.detach().numpy(), LM_HEAD_NAME)
+        set_host_embedding(graph.graph, {"table": host_value(EMBEDDING_NAME, np.ascontiguousarray(embedding))})
     return graph
 
 
-def tie_lm_head_to_embedding(graph_model, embedding: np.ndarray) -> None:
-    """Replace `MatMul(h, E^T-copy)` feeding `logits` by `Gemm(h2d, E, transB=1)` on E itself."""
+def lm_head_as_gemm(graph_model, matrix: np.ndarray, name: str) -> None:
+    """Replace `MatMul(h, W^T-copy)` feeding `logits` by `Gemm(h2d, W, transB=1)` on the `[vocab, hidden]` W itself,
+    an initializer named `name` (`embed_tokens.weight` when tied, `lm_head.weight` when untied)."""
     import onnx_ir as ir
 
     g = graph_model.graph
@@ -159,24 +168,26 @@ def tie_lm_head_to_embedding(graph_model, embedding: np.ndarray) -> None:
     if matmul is None or matmul.op_type != "MatMul":
         raise RuntimeError(f"unexpected lm_head producer {matmul and matmul.op_type}")
     hidden, weight_t = matmul.inputs
-    if weight_t.const_value is None or tuple(weight_t.shape) != embedding.shape[::-1]:
-        raise RuntimeError("lm_head weight is not the transposed embedding")
-    if not np.array_equal(weight_t.const_value.numpy().T, embedding):
-        raise RuntimeError("lm_head weight differs from the embedding: checkpoint is not tied")
+    if weight_t.const_value is None or tuple(weight_t.shape) != matrix.shape[::-1]:
+        raise RuntimeError(f"lm_head weight is not the transposed {name}")
+    if not np.array_equal(weight_t.const_value.numpy().T, matrix):
+        raise RuntimeError(f"lm_head weight differs from {name}")
 
-    emb = ir.Value(name=EMBEDDING_NAME, shape=ir.Shape(embedding.shape), type=ir.TensorType(ir.DataType.FLOAT))
-    emb.const_value = ir.tensor(np.ascontiguousarray(embedding), name=EMBEDDING_NAME)
-    g.register_initializer(emb)
+    head = ir.Value(name=name, shape=ir.Shape(matrix.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    head.const_value = ir.tensor(np.ascontiguousarray(matrix), name=name)
+    g.register_initializer(head)
 
-    hidden_size = embedding.shape[1]
+    hidden_size = matrix.shape[1]
     tape = ir.tape.Tape(g)
     shape2d = tape.initializer(ir.tensor(np.array([-1, hidden_size], dtype=np.int64), name="lm_head.shape2d"))
     h2d = tape.op("Reshape", [hidden, shape2d])
-    logits2d = tape.op("Gemm", [h2d, emb], attributes={"transB": 1})
+    logits2d = tape.op("Gemm", [h2d, head], attributes={"transB": 1})
     out_shape = tape.op("Concat", [tape.op("Shape", [hidden], attributes={"end": -1}),
                                     tape.initializer(ir.tensor(np.array([-1], dtype=np.int64), name="lm_head.vocab_dim"))],
                         attributes={"axis": 0})
     new_logits = tape.op("Reshape", [logits2d, out_shape])
+    gemm = logits2d.producer()
+    gemm.metadata_props["qvl.layer"] = LM_HEAD_LAYER  # passes find the lm_head by this, tied or not
     g.insert_before(matmul, tape.nodes)
     shape, dtype = logits.shape, logits.type
     logits.replace_all_uses_with(new_logits, replace_graph_outputs=True)
@@ -265,8 +276,6 @@ def export_artifact(
         model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(info.path), dtype=torch.float32, attn_implementation="eager"
         ).eval()
-        if not model.config.tie_word_embeddings:  # validate_checkpoint refuses untied checkpoints up front
-            raise RuntimeError("internal: an untied checkpoint passed validate_checkpoint")
         timings = {}
         t = time.perf_counter()
         step("exporting vision encoder")
@@ -288,7 +297,7 @@ def export_artifact(
                 "source": {"checkpoint": str(info.path.absolute()), "sha256": fingerprint, "config": info.config},
                 "model": model_summary(info),
                 "graphs": graphs,
-                "embedding": embedding_location(decoder),
+                "embedding": embedding_entry(decoder),
                 "tool_versions": mf.tool_versions(),
                 "steps": [
                     {

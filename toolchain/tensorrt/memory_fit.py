@@ -50,7 +50,8 @@ ASSUMPTIONS = {
     "workspace_bytes": f"min({MAX_WORKSPACE_BYTES}, memory / 16)",
     "prefill_chunk": PREFILL_CHUNK,
     "min_context": MIN_CONTEXT,
-    "embedding_lookup": "always on the host (memory-mapped tied embedding); the same matrix is the lm_head",
+    "embedding_lookup": "always on the host (memory-mapped embedding table); tied: the same matrix is the lm_head, "
+                        "untied: the lm_head is its own matrix of the same size",
 }
 
 
@@ -117,7 +118,7 @@ def parameter_counts(d: ModelDims) -> dict[str, int]:
     return {
         "vision": vision,
         "decoder_layers": d.num_layers * layer + d.hidden,  # + final norm
-        "embedding": d.vocab * d.hidden,  # tied: input embedding = lm_head
+        "embedding": d.vocab * d.hidden,  # the lm_head (tied: = the input embedding; untied: a second such matrix)
     }
 
 
@@ -126,7 +127,7 @@ class Footprint:
     dims: ModelDims
     vision_weight_bytes: int
     decoder_layer_weight_bytes: int  # all transformer layers + final norm
-    lm_head_bytes: int  # the tied embedding matrix as the lm_head
+    lm_head_bytes: int  # the lm_head matrix (tied: the embedding table; untied: lm_head.weight)
     weight_dtype: str  # what the byte counts assume ("float32", "int8", "graph" = the graphs' own)
 
     @property
@@ -181,19 +182,23 @@ def deployed_bytes(value) -> int:
     return int(t.nbytes)
 
 
-def footprint_from_graphs(graphs: dict, config: dict, embedding_name: str = "embed_tokens.weight") -> Footprint:
-    """Weight bytes as deployed from the kit's graphs (so Q/DQ int8 weights count as int8: `deployed_bytes`)."""
+def footprint_from_graphs(graphs: dict, config: dict, lm_head_names: tuple[str, ...] = ("embed_tokens.weight",
+                                                                                        "lm_head.weight")) -> Footprint:
+    """Weight bytes as deployed from the kit's graphs (so Q/DQ int8 weights count as int8: `deployed_bytes`). The
+    lm_head is the first of `lm_head_names` the decoder has: the tied embedding table, else the untied lm_head (an
+    untied decoder's embedding table is in no graph: host lookup only)."""
 
     def nbytes(model, skip=()):
         return sum(deployed_bytes(v) for k, v in model.graph.initializers.items() if v.const_value is not None and k not in skip)
 
     dec = graphs["decoder"]
-    emb = dec.graph.initializers.get(embedding_name)
+    head_name = next((n for n in lm_head_names if n in dec.graph.initializers), None)
+    emb = dec.graph.initializers.get(head_name) if head_name else None
     lm_head = deployed_bytes(emb) if emb is not None and emb.const_value is not None else 0  # int8 when Q/DQ'd
     return Footprint(
         ModelDims.from_config(config),
         vision_weight_bytes=nbytes(graphs["vision"]),
-        decoder_layer_weight_bytes=nbytes(dec, skip=(embedding_name,)),
+        decoder_layer_weight_bytes=nbytes(dec, skip=(head_name,)),
         lm_head_bytes=lm_head,
         weight_dtype="graph",
     )
