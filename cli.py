@@ -84,10 +84,20 @@ def _check_image_limits(max_image_tokens, min_pixels, max_pixels) -> None:
                        hint="give --min-pixels <= --max-pixels")
 
 
-def _messages(images: list[Path], prompt: str) -> list[dict]:
+def _messages(images: list[Path], prompt: str, videos: list[Path] = ()) -> list[dict]:
     content = [{"type": "image", "image": str(p)} for p in images]
+    content += [{"type": "video", "video": str(p)} for p in videos]
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
+
+
+VIDEO_HELP = "video file (repeatable; mp4, mkv, webm, ... decoded with PyAV, the `video` extra)"
+FPS_HELP = "frames sampled per second of video (default: the artifact's video processor, 2)"
+VIDEO_MAX_FRAMES_HELP = "at most this many frames sampled from one video (default: the video processor's, 768)"
+VIDEO_TOTAL_PIXELS_HELP = ("pixel budget of one video over all its sampled frames: frames are resized so that "
+                           "frames x width x height stays under it (default: the video processor's size.longest_edge)")
+MAX_VIDEO_TOKENS_HELP = ("video tokens one video may become (default 16384, runtime/video.DEFAULT_MAX_VIDEO_TOKENS): "
+                         "a larger video is refused with the numbers before any frame is decoded")
 
 
 @app.command("make-checkpoint")
@@ -204,7 +214,9 @@ def export_cmd(
 def _print_parity(report) -> None:
     from rich.table import Table
 
-    table = Table(title=f"parity: {report.artifact} vs eager fp32")
+    lora = report.adapter
+    table = Table(title=f"parity: {report.artifact} vs eager fp32" + (
+        "" if lora is None else f" + LoRA {lora['name']} (peft, scale {lora['scale']:g})"))
     for col in ("case", "prompt", "steps", "max |Δlogit|", "vision max |Δ|", "greedy identical", "ok"):
         table.add_column(col)
     for c in report.cases:
@@ -235,6 +247,8 @@ def compile_cmd(
     asymmetric: bool = typer.Option(False, "--asymmetric", help="int8/int4 with per-block zero points (refused for int4 on cpu-avx2: onnxruntime #29853)"),
     cache: bool = typer.Option(False, "--cache", help=CACHE_HELP),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="merge this PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors: text and vision linears, any rank) into the checkpoint's weights before export"),
+    lora_scale: Optional[float] = typer.Option(None, "--lora-scale", help="multiply the adapter's alpha/r scaling (default 1.0; 0: the base model)"),
 ):
     """Export (if needed), run the target's pass pipeline and write a compiled artifact (or, for the
     TensorRT targets sm61 / sm75+, an engine kit to build on the user's GPU with `build-engine`)."""
@@ -243,6 +257,12 @@ def compile_cmd(
     from qvl.toolchain.compile.targets import get_target
 
     weight_cache = _open_weight_cache(cache, cache_dir)
+    adapter = None
+    if lora is not None or lora_scale is not None:
+        from qvl.toolchain.export.lora import adapter_option
+
+        adapter = adapter_option(source, lora, lora_scale)  # every adapter problem before any work
+        err.print(adapter.summary(), markup=False, highlight=False)
 
     if not get_target(target).ort_contrib_ops:
         if weights not in ("fp32", "int8"):
@@ -260,8 +280,11 @@ def compile_cmd(
             from qvl.toolchain.quant.accuracy_budget import AccuracyBudget
 
             budget = AccuracyBudget(max_mean_kl=budget_kl, min_greedy_agreement=min_agreement)
-        with err.status("building engine kit") as status:
-            kit_command(source, target, out, overwrite=overwrite, echo=lambda m: err.print(m, highlight=False),
+        from qvl.toolchain.export.lora import merged_source
+
+        with err.status("building engine kit") as status, \
+                merged_source(source, adapter, out, overwrite, step=lambda m: status.update(m)) as kit_source:
+            kit_command(kit_source, target, out, overwrite=overwrite, echo=lambda m: err.print(m, highlight=False),
                         step=lambda m: status.update(m), weights=weights, budget=budget, threads=threads)
         _into_weight_cache(out, weight_cache)
         return
@@ -278,7 +301,7 @@ def compile_cmd(
             compile_with_precision(source, target, out, weights=weights, block_size=block_size,
                                              budget=budget, overwrite=overwrite, threads=threads,
                                              step=lambda m: status.update(m), sparsity=sparsity,
-                                             symmetric=not asymmetric)
+                                             symmetric=not asymmetric, lora=adapter)
         from qvl.artifacts.manifest import read_manifest
 
         written = read_manifest(out, verify_graphs=False)
@@ -298,7 +321,7 @@ def compile_cmd(
         return
     with err.status("compiling") as status:
         report = compile_artifact(source, target, out, overwrite=overwrite, dump_after=dump_after,
-                                  step=lambda m: status.update(m))
+                                  step=lambda m: status.update(m), lora=adapter)
     for r in report.pass_reports:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if v) or "no change"
         err.print(f"  {r['name']:<24} {r['graph']:<8} {counts}" + (f"  ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
@@ -408,6 +431,7 @@ def parity_cmd(
     device: str = typer.Option("cpu", help="where the artifact runs: cpu | cuda | trt (eager stays fp32 on the CPU)"),
     logit_tol: Optional[float] = typer.Option(None, help="max |logit difference| allowed (default 1e-4: fp32)"),
     vision_tol: Optional[float] = typer.Option(None, help="max |vision feature difference| allowed (default 1e-4)"),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="an artifact compiled with --lora: its adapter directory (default: the path its manifest records; the digest must match), applied to eager through peft"),
 ):
     """Compare an artifact with eager PyTorch on the parity suite; exit 0 only if every threshold holds."""
     _check_options(steps=steps)
@@ -425,7 +449,7 @@ def parity_cmd(
     with tempfile.TemporaryDirectory() as tmp, err.status("parity") as status:
         report = run_parity(artifact, checkpoint, Path(tmp), steps=steps, device=sel.device,
                             logit_tol=LOGIT_TOL if logit_tol is None else logit_tol,
-                            vision_tol=VISION_TOL if vision_tol is None else vision_tol,
+                            vision_tol=VISION_TOL if vision_tol is None else vision_tol, lora=lora,
                             progress=lambda name, i, n: status.update(f"parity case {i + 1}/{n}: {name}"))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -465,6 +489,13 @@ def verify_cmd(artifact: Path = typer.Argument(..., help="artifact directory")):
                else f"weight store: {r['chunks']} blake3 chunks")
     typer.echo(f"OK {artifact}: {r['files']} files, {r['bytes'] / 1e6:.1f} MB verified in {r['seconds']:.2f} s "
                f"({weights}, digest {r['digest'][:16]})")
+    from qvl.artifacts.manifest import read_manifest
+
+    lora = read_manifest(artifact, verify_graphs=False).adapter
+    if lora is not None:
+        towers = ", ".join(f"{n} {k}" for k, n in lora.modules.items() if n)
+        typer.echo(f"  merged LoRA adapter {lora.name}: digest {lora.digest[:16]}, scale {lora.scale:g}, rank "
+                   f"{'/'.join(map(str, lora.ranks))}, {towers or 'no'} modules")
 
 
 @app.command("pack")
@@ -579,6 +610,24 @@ def _draft_config(speculative: bool, draft_tokens: Optional[int], temperature: O
     return DraftConfig() if draft_tokens is None else DraftConfig(max_draft=draft_tokens)
 
 
+GREEDY_HELP = ("decode greedily (argmax: the reproducible answer, the one parity and eval check) instead of the "
+               "artifact's generation_config.json defaults (Qwen3-VL-Instruct samples: temperature 0.7, top-p 0.8, "
+               "top-k 20)")
+TEMPERATURE_HELP = "sample at this temperature; 0 = greedy (default: the artifact's generation_config.json)"
+TOP_P_HELP = "nucleus sampling threshold when sampling (default: generation_config.json, else 1.0)"
+TOP_K_HELP = "sample among the k most likely tokens; 0 = no limit (default: generation_config.json, else 50)"
+
+
+def _decoding(model, greedy: bool, temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
+              speculative: bool):
+    """What run / chat decode with (`generation_defaults.resolve_decoding`); `model=None` checks the flags only."""
+    from qvl.runtime.generation_defaults import GenerationDefaults, resolve_decoding
+
+    defaults = model.generation_defaults if model is not None else GenerationDefaults()
+    return resolve_decoding(defaults, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                            speculative=speculative)
+
+
 DRAW_BOXES_HELP = ("draw the answer's boxes and points (with labels) on the original image and write it to this "
                    "file (atomically; .png, .jpg, ...); needs exactly one --image")
 
@@ -589,9 +638,10 @@ def run_cmd(
     image: List[Path] = typer.Option([], "--image", help="image file (repeatable)"),
     prompt: str = typer.Option(..., help="question / instruction text"),
     max_new_tokens: int = typer.Option(128, help="tokens to generate at most"),
-    temperature: Optional[float] = typer.Option(None, help="sample at this temperature (default: greedy)"),
-    top_p: Optional[float] = typer.Option(None),
-    top_k: Optional[int] = typer.Option(None),
+    greedy: bool = typer.Option(False, "--greedy", help=GREEDY_HELP),
+    temperature: Optional[float] = typer.Option(None, help=TEMPERATURE_HELP),
+    top_p: Optional[float] = typer.Option(None, help=TOP_P_HELP),
+    top_k: Optional[int] = typer.Option(None, help=TOP_K_HELP),
     seed: int = typer.Option(0, help="sampling seed"),
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)"),
@@ -603,15 +653,25 @@ def run_cmd(
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help=DRAFT_TOKENS_HELP),
     draw_boxes: Optional[Path] = typer.Option(None, "--draw-boxes", help=DRAW_BOXES_HELP),
+    video: List[Path] = typer.Option([], "--video", help=VIDEO_HELP),
+    fps: Optional[float] = typer.Option(None, "--fps", help=FPS_HELP),
+    video_max_frames: Optional[int] = typer.Option(None, "--video-max-frames", help=VIDEO_MAX_FRAMES_HELP),
+    video_total_pixels: Optional[int] = typer.Option(None, "--video-total-pixels", help=VIDEO_TOTAL_PIXELS_HELP),
+    max_video_tokens: Optional[int] = typer.Option(None, "--max-video-tokens", help=MAX_VIDEO_TOKENS_HELP),
 ):
-    """Answer an image+text prompt from an artifact (torch-free), streaming the answer.
+    """Answer an image/video + text prompt from an artifact (torch-free), streaming the answer.
 
     Boxes and points in the answer (Qwen3-VL's `bbox_2d` / `point_2d`, 0..1000 relative) are mapped to the
     original image's pixels: `--json` adds them, `--draw-boxes OUT.png` draws them."""
     _check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    seed=seed, threads=threads)
     draft = _draft_config(speculative, draft_tokens, temperature)
+    _decoding(None, greedy, temperature, top_p, top_k, draft is not None)  # flag conflicts, before any work
     _check_image_limits(max_image_tokens, min_pixels, max_pixels)
+    from qvl.runtime.video import check_video_options
+
+    check_video_options(flags=True, fps=fps, max_frames=video_max_frames, total_pixels=video_total_pixels,
+                        max_video_tokens=max_video_tokens)
     _check_text("--prompt", prompt)
     _check_text("--stop", *stop)
     if draw_boxes is not None:
@@ -625,14 +685,16 @@ def run_cmd(
 
     model = _load(artifact, device, threads)
     model.prompts.set_image_limits(max_image_tokens, min_pixels, max_pixels, flags=True)
+    model.prompts.set_video_limits(max_video_tokens, fps, video_max_frames, video_total_pixels, flags=True)
     stats = GenerationStats()
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+    decoding = _decoding(model, greedy, temperature, top_p, top_k, draft is not None)
+    kwargs = dict(max_new_tokens=max_new_tokens, **decoding.stream_kwargs(),
                   seed=seed, stop=list(stop) or None, stats=stats, speculative=draft)
-    messages = _messages(image, prompt)
+    messages = _messages(image, prompt, video)
     if as_json:
         text = "".join(model.stream(messages, **kwargs))
         grounding, extra = _answer_grounding(text, image, model, draw_boxes)
-        typer.echo(json.dumps({"text": text, **extra, **_stats_dict(stats)}))
+        typer.echo(json.dumps({"text": text, **extra, **_stats_dict(stats), "decoding": decoding.to_json(seed)}))
         if draw_boxes is not None:  # stdout stays one JSON object; what could not be read is in it
             _grounding_note(grounding, draw_boxes, unparsed=False)
         return
@@ -647,7 +709,7 @@ def run_cmd(
         err.print(f"note: {stats.speculation_note}", highlight=False, soft_wrap=True)
     if draw_boxes is not None or grounding.unparsed:
         _grounding_note(grounding, draw_boxes)
-    err.print(_stats_line(stats), highlight=False, soft_wrap=True)
+    err.print(_stats_line(stats)[:-1] + f"; {decoding.describe()}]", highlight=False, soft_wrap=True)
 
 
 def _answer_grounding(text: str, images: list[Path], model, draw_boxes: Optional[Path]):
@@ -717,24 +779,34 @@ def chat_cmd(
     max_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
     speculative: bool = typer.Option(False, "--speculative", help=SPECULATIVE_HELP),
     draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help=DRAFT_TOKENS_HELP),
+    greedy: bool = typer.Option(False, "--greedy", help=GREEDY_HELP),
+    temperature: Optional[float] = typer.Option(None, help=TEMPERATURE_HELP),
+    top_p: Optional[float] = typer.Option(None, help=TOP_P_HELP),
+    top_k: Optional[int] = typer.Option(None, help=TOP_K_HELP),
+    seed: int = typer.Option(0, help="sampling seed (every turn starts from it)"),
 ):
-    """Interactive multi-turn chat. Attach an image with `/image PATH`; `/reset` clears; Ctrl-D quits.
+    """Interactive multi-turn chat. Attach an image with `/image PATH`, a video with `/video PATH`; `/reset`
+    clears; Ctrl-D quits.
 
     Each turn prefills only what the previous turns have not (the prefix cache); `--no-prefix-cache` re-runs
     the whole conversation every turn."""
-    _check_options(max_new_tokens=max_new_tokens, threads=threads)
-    draft = _draft_config(speculative, draft_tokens, None)
+    _check_options(max_new_tokens=max_new_tokens, threads=threads, temperature=temperature, top_p=top_p,
+                   top_k=top_k, seed=seed)
+    draft = _draft_config(speculative, draft_tokens, temperature)
+    _decoding(None, greedy, temperature, top_p, top_k, draft is not None)  # flag conflicts, before any work
     _check_image_limits(max_image_tokens, min_pixels, max_pixels)
     from qvl.runtime import GenerationStats
 
     model = _load(artifact, device, threads)
     model.prompts.set_image_limits(max_image_tokens, min_pixels, max_pixels, flags=True)
+    decoding = _decoding(model, greedy, temperature, top_p, top_k, draft is not None)
     session = model.session() if prefix_cache else None
     generate = session.stream if session is not None else model.stream
     history: list[dict] = []
     pending: list[dict] = []
     noted = False
-    err.print("chat: type a message; /image PATH attaches an image; /reset; Ctrl-D to quit")
+    err.print("chat: type a message; /image PATH attaches an image, /video PATH a video; /reset; Ctrl-D to quit")
+    err.print(f"chat: decoding {decoding.describe()}", highlight=False, soft_wrap=True)
     while True:
         try:
             line = input("> ")
@@ -745,6 +817,9 @@ def chat_cmd(
             continue
         if line.startswith("/image "):
             pending.append({"type": "image", "image": line[7:].strip()})
+            continue
+        if line.startswith("/video "):
+            pending.append({"type": "video", "video": line[7:].strip()})
             continue
         if line.strip() == "/reset":
             history, pending = [], []
@@ -758,7 +833,8 @@ def chat_cmd(
         stats = GenerationStats()
         try:
             pieces = []
-            for piece in generate(history, max_new_tokens=max_new_tokens, stats=stats, speculative=draft):
+            for piece in generate(history, max_new_tokens=max_new_tokens, stats=stats, speculative=draft,
+                                  seed=seed, **decoding.stream_kwargs()):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

@@ -27,6 +27,8 @@ SIDE_FILES = (
     "tokenizer_config.json",
     "chat_template.json",
     "chat_template.jinja",
+    "processor_config.json",  # its "chat_template" entry outranks the template files (chat_template_source.py)
+    "video_preprocessor_config.json",  # the video processor's settings (runtime/video.py), before preprocessor_config
 )
 KIT_FORMAT = "qvl-trt-kit"
 KIT_VERSION = 1
@@ -126,6 +128,32 @@ def _check_kit(kit: dict, graphs: dict) -> None:
     _need(isinstance(fit, dict) and isinstance(fit.get("selected", {}), dict), "kit.memory_fit is not an object")
 
 
+ADAPTER_KINDS = ("lora",)
+
+
+def _check_adapter(a: dict) -> None:
+    """`adapter` (optional): the LoRA adapter merged before export (toolchain/export/lora.py writes it)."""
+    _need(a.get("kind") in ADAPTER_KINDS, f"adapter.kind {str(a.get('kind'))[:40]!r} is not one of {', '.join(ADAPTER_KINDS)}")
+    _need(isinstance(a.get("digest"), str) and _HEX64.fullmatch(a["digest"]), "adapter.digest is not a blake3 hex digest")
+    scale = a.get("scale")
+    _need(isinstance(scale, (int, float)) and not isinstance(scale, bool) and abs(scale) < float("inf"),
+          "adapter.scale is not a finite number")
+    for key in ("name", "path"):
+        _need(a.get(key) is None or isinstance(a[key], str), f"adapter.{key} is not a string")
+    ranks = a.get("ranks", [])
+    _need(isinstance(ranks, list) and all(_is_int(r, 1, 1 << 20) for r in ranks), "adapter.ranks is not a list of positive integers")
+    targets = a.get("target_modules")
+    _need(targets is None or isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)),
+          "adapter.target_modules is not a list of names or a pattern")
+    modules = a.get("modules", {})
+    _need(isinstance(modules, dict) and all(isinstance(k, str) and _is_int(v) for k, v in modules.items()),
+          "adapter.modules is not a map of towers to module counts")
+    files = a.get("files", {})
+    _need(isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("blake3"), str)
+                                          and _HEX64.fullmatch(f["blake3"]) and _is_int(f.get("bytes")) for f in files.values()),
+          "adapter.files is malformed")
+
+
 def _check_weights(w: dict, version: int) -> None:
     _need(w.get("algorithm") == integrity.ALGORITHM,
           f"weights are not digested with {integrity.ALGORITHM} (written by an older qvl-compile?)")
@@ -174,6 +202,8 @@ def check_schema(m) -> None:
     _need(isinstance(source.get("config"), dict) and isinstance(source["config"].get("vision_config"), dict),
           "source.config.vision_config is missing")
     _need(isinstance(source.get("sha256", ""), str), "source.sha256 is not a string")
+    _need(source.get("chat_template") is None or source["chat_template"] in side,
+          "source.chat_template does not name a recorded side file")
     emb = _section(m, "embedding")
     if emb.get("format") == EMBEDDING_MATMULNBITS:
         if w.get("layout") == integrity.OBJECTS_LAYOUT:  # format 2: every part names its own object
@@ -198,6 +228,9 @@ def check_schema(m) -> None:
         _check_kit(kit, graphs)
     for key in ("precision", "sparsity", "activations", "packing"):
         _section(m, key, optional=True)
+    adapter = _section(m, "adapter", optional=True)
+    if adapter is not None:
+        _check_adapter(adapter)
     _need(isinstance(m.get("target", ""), str) and isinstance(m.get("created", ""), str), "target/created is not a string")
     _need(isinstance(m.get("steps", []), list) and all(isinstance(s, dict) for s in m.get("steps", [])),
           "steps is not a list of objects")

@@ -15,6 +15,7 @@ Sections (keys of the top-level object):
   `embedding` (`Embedding`: dense, or `format: "matmulnbits"` with `TensorRef` parts), `side_files`
   (`SideFile` per name), `decoder` (`DecoderInfo`, optional), `ort_optimized` (`OrtOptimized`, optional),
   `kit` (`Kit`, TensorRT engine kits only), `precision` / `sparsity` (opaque reports of the approximate steps).
+* `adapter` (`Adapter`, optional): the LoRA adapter merged into the weights before export (`compile --lora`).
 
 The file checks (hashes, the graphs' weight references, the weight store's digests) are `manifest.read_manifest`'s.
 The JSON-level checks and the format's constants are in `manifest_checks.py`. Standard library only besides
@@ -221,11 +222,15 @@ class Embedding(_Json):
 
 @dataclass(frozen=True)
 class Source(_Json):
-    """`source`: the checkpoint the artifact came from (path, sha256 fingerprint, its config.json)."""
+    """`source`: the checkpoint the artifact came from (path, sha256 fingerprint, its config.json, which of its
+    files the chat template was taken from)."""
 
     config: Mapping
     checkpoint: str | None = None
     sha256: str | None = None
+    # the side file the chat template comes from (`runtime/chat_template_source.py`: transformers' precedence,
+    # resolved at export); None in artifacts exported before it was recorded
+    chat_template: str | None = None
 
     @property
     def vision_config(self) -> dict:
@@ -359,6 +364,28 @@ class Kit(_Json):
 
 
 @dataclass(frozen=True)
+class Adapter(_Json):
+    """`adapter`: a LoRA adapter merged into the weights before export (`compile --lora`, toolchain/export/lora.py):
+    `digest` (blake3 over its adapter_config.json and adapter_model.safetensors, `files` each), the `scale` it was
+    merged with, its `ranks`, `target_modules` and how many text / vision `modules` it changed; `path` is where it
+    was read from (what `parity` reads it from again unless given `--lora`)."""
+
+    kind: str
+    digest: str
+    scale: float
+    name: str | None = None
+    path: str | None = None
+    ranks: tuple = ()
+    target_modules: object = None  # a list of module names or PEFT's regular expression
+    modules: Mapping = field(default_factory=dict)  # "text" / "vision" -> merged module count
+    files: Mapping = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d):
+        return cls._load(d, ranks=tuple)
+
+
+@dataclass(frozen=True)
 class Manifest(_Json):
     """`manifest.json`. Build one with `from_json` (validated) or in code; `to_json()` is what is written."""
 
@@ -379,6 +406,7 @@ class Manifest(_Json):
     sparsity: Mapping | None = None
     activations: Mapping | None = None  # the fp16-activation step's report (`cuda` target)
     packing: Mapping | None = None  # the sibling-linear merge's report
+    adapter: Adapter | None = None  # the merged LoRA adapter (`compile --lora`); absent: none
     tool_versions: Mapping | None = None
     steps: tuple | None = None
     artifact_dir: Path | None = field(default=None, compare=False, metadata={"key": None})
@@ -396,6 +424,7 @@ class Manifest(_Json):
         m = cls._load(raw, source=Source.from_json, model=ModelInfo.from_json, graphs=_mapping_of(GraphEntry),
                       weights=Weights.from_json, embedding=Embedding.from_json, side_files=_mapping_of(SideFile),
                       decoder=DecoderInfo.from_json, ort_optimized=OrtOptimized.from_json, kit=Kit.from_json,
+                      adapter=Adapter.from_json,
                       steps=tuple)
         return dataclasses.replace(m, artifact_dir=Path(artifact_dir) if artifact_dir is not None else None)
 
@@ -439,6 +468,6 @@ def load_kit(kit) -> Kit:
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_VERSION_OBJECTS", "READ_VERSIONS", "MANIFEST", "WEIGHTS", "SIDE_FILES", "KIT_FORMAT", "KIT_VERSION",
     "Manifest", "Source", "ModelInfo", "GraphEntry", "IOValue", "Weights", "SideFile", "TensorRef", "Embedding",
-    "DecoderInfo", "OrtOptimized", "OptimizedGraph", "Kit", "KitGraph", "KitBuild", "MemoryFit", "load_kit",
+    "DecoderInfo", "OrtOptimized", "OptimizedGraph", "Kit", "KitGraph", "KitBuild", "MemoryFit", "Adapter", "load_kit",
     "check_manifest", "check_paths",
 ]

@@ -48,7 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qvl.passes.base import GraphPass, PassReport, Skip, TargetCapabilities
-from qvl.passes.linear_sites import LM_HEAD_LAYER, Linear, add_initializer, linear_sites, matches_keep, module_path, skip_site
+from qvl.passes.linear_sites import EMBEDDING_NAME, LM_HEAD_LAYER, Linear, add_initializer, linear_sites, matches_keep, module_path, skip_site
 
 QDQ_MIN_OPSET = 13  # QuantizeLinear / DequantizeLinear with `axis` (per-channel)
 QMAX = 127  # symmetric int8: [-127, 127], zero point 0
@@ -170,10 +170,14 @@ class QdqInt8Pass(GraphPass):
             reason = None
             hit = matches_keep(cfg.keep_fp32, node, graph_name, layer, weight_name, module_path(node, weight_name))
             stats = cfg.activation_stats.get(stats_key(graph_name, lin.activation))
+            # Only a tied lm_head's matrix is also the runtime's embedding table; an untied one (its own
+            # lm_head.weight) is an ordinary linear layer that may be smoothed and stored as int8 codes.
+            tied_head = layer == LM_HEAD_LAYER and weight_name == EMBEDDING_NAME
             if layer == LM_HEAD_LAYER and not cfg.include_lm_head:
-                reason = ("tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
-                          "(host lookup); include_lm_head=False keeps it fp32")
-            elif layer == LM_HEAD_LAYER and cfg.weight_format != "float_qdq":
+                reason = (("tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
+                           "(host lookup); include_lm_head=False keeps it fp32") if tied_head else
+                          "lm_head: include_lm_head=False keeps it fp32")
+            elif tied_head and cfg.weight_format != "float_qdq":
                 reason = ("tied lm_head: its [vocab, hidden] matrix is also the runtime's fp32 embedding table "
                           "(host lookup); pre-quantized int8 weights would drop it, so it stays fp32")
             elif hit is not None:
@@ -206,7 +210,7 @@ class QdqInt8Pass(GraphPass):
             w_row_max = np.max(np.stack([np.abs(w).max(axis=1) for w in w_kn.values()]), axis=0)
             # The tied lm_head's matrix must stay the embedding table bit for bit (the runtime looks tokens up in
             # it on the host), so its group is never smoothed: its weight Q/DQ reads the table itself.
-            tied = any(layer == LM_HEAD_LAYER for _, _, layer in sites)
+            tied = any(layer == LM_HEAD_LAYER and n.inputs[1].name == EMBEDDING_NAME for n, _, layer in sites)
             s = np.ones_like(act_max) if tied else smoothing_factors(act_max, w_row_max, cfg.alpha)
             first = sites[0][0]
             smoothed, how = x, "none"

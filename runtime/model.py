@@ -1,8 +1,8 @@
 """`qvl.runtime.load(artifact)` -> a model that answers chat messages with images, torch-free.
 
-Pipeline per request: chat template + image preprocessing (`prompt.py`, `image_preprocess.py`) ->
-vision graph (one call per image) -> image embeddings and DeepStack features scattered into the prompt
-positions -> MRoPE position ids (`mrope.py`) -> chunked prefill -> decode loop with sampling (`sampling.py`)
+Pipeline per request: chat template + image / video preprocessing (`prompt.py`, `image_preprocess.py`,
+`video.py`) -> vision graph (one call per image or video frame pair) -> embeddings and DeepStack features
+scattered into the prompt positions -> MRoPE position ids (`mrope.py`) -> chunked prefill -> decode loop with sampling (`sampling.py`)
 and streaming detokenization with stop strings (`detokenize.py`).
 
 With a `PrefixCache` (`cache=`, or `Model.session()`), a conversation's KV cache and its images' vision
@@ -30,6 +30,7 @@ import numpy as np
 
 from qvl.errors import QvlError
 from qvl.runtime.detokenize import StopStrings, StreamDecoder
+from qvl.runtime.generation_defaults import GenerationDefaults
 from qvl.runtime.backends.base import Runner
 from qvl.runtime.mrope import decode_position_ids, rope_index
 from qvl.runtime.prefix_cache import (DEFAULT_IMAGE_CACHE_BYTES, DEFAULT_MIN_REUSE, ImageFeatures, ImageSpan,
@@ -98,11 +99,17 @@ class Model:
         self.device = runner.device
         self.device_note = device_note  # why `device="auto"` ended on the CPU (or an int8 saturation note), else None
         artifact = Path(runner.artifact)
-        self.prompts = PromptBuilder.from_dir(artifact)
+        # The chat template from the file the exporter resolved (manifest `source.chat_template`; artifacts
+        # exported before it was recorded resolve transformers' precedence again, which gives the same file).
+        manifest = getattr(runner, "manifest", None)
+        template_file = getattr(getattr(manifest, "source", None), "chat_template", None)
+        self.prompts = PromptBuilder.from_dir(artifact, template_file=template_file)
+        # generation_config.json validated (the exporter checked it too): `run` / `chat` decode by it
+        # (`generation_defaults.resolve_decoding`); the raw dict stays for callers that read it.
+        self.generation_defaults = GenerationDefaults.from_dir(artifact)
         gen_path = Path(artifact) / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        eos = self.generation_config.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        eos_ids = list(self.generation_defaults.eos_token_id)
         im_end = self.prompts.token_to_id("<|im_end|>")
         self.stop_ids = sorted(set(eos_ids + ([im_end] if im_end is not None else [])))
         self.context_length = self.engine.context_length
@@ -116,20 +123,32 @@ class Model:
         return self.prompts.build(messages, add_generation_prompt=True)
 
     def _images(self, prompt: PreparedPrompt, digests: bool) -> list[_Image]:
-        """Each image of the prompt: its placeholder positions, its pixel-value rows, its grid (and digest)."""
-        if not prompt.num_images:
-            return []
-        ids = prompt.input_ids
-        token_pos = np.flatnonzero(ids == self.prompts.image_token_id)
-        merge = self.prompts.image_config.merge_size ** 2
-        grids = np.asarray(prompt.image_grid_thw, dtype=np.int64)
+        """Each image and video of the prompt, in prompt order: its placeholder positions, its pixel-value rows, its
+        grid (and digest). A video is one item: the vision graph runs once per frame group of it (`encode_images`
+        with its [t, h, w] grid), its features fill its `<|video_pad|>` positions like an image's."""
+        items = []
+        if prompt.num_images:
+            items += self._visual_items(prompt.input_ids, prompt.pixel_values, prompt.image_grid_thw,
+                                        self.prompts.image_token_id, self.prompts.image_config.merge_size, "image",
+                                        digests)
+        if prompt.num_videos:
+            items += self._visual_items(prompt.input_ids, prompt.pixel_values_videos, prompt.video_grid_thw,
+                                        self.prompts.video_token_id, self.prompts.video_config.merge_size, "video",
+                                        digests)
+            items.sort(key=lambda item: int(item.positions[0]))  # prefix-cache spans go in prompt order
+        return items
+
+    def _visual_items(self, ids, pixel_values, grid_thw, token_id, merge_size, what, digests) -> list[_Image]:
+        token_pos = np.flatnonzero(ids == token_id)
+        merge = merge_size ** 2
+        grids = np.asarray(grid_thw, dtype=np.int64)
         rows = [int(np.prod(g)) for g in grids]
         tokens = [r // merge for r in rows]
-        if sum(tokens) != token_pos.size or sum(rows) != prompt.pixel_values.shape[0]:
-            raise QvlError(f"{token_pos.size} image tokens in the prompt but {sum(tokens)} image features")
+        if sum(tokens) != token_pos.size or sum(rows) != pixel_values.shape[0]:
+            raise QvlError(f"{token_pos.size} {what} tokens in the prompt but {sum(tokens)} {what} features")
         out, tok_off, row_off = [], 0, 0
         for grid, r, t in zip(grids, rows, tokens):
-            pv = prompt.pixel_values[row_off:row_off + r]
+            pv = pixel_values[row_off:row_off + r]
             digest = image_digest(self._identity, pv, grid) if digests else ""
             out.append(_Image(token_pos[tok_off:tok_off + t], pv, grid, digest))
             tok_off, row_off = tok_off + t, row_off + r
@@ -151,7 +170,8 @@ class Model:
 
     def _rope(self, prompt: PreparedPrompt) -> tuple[np.ndarray, int]:
         merge = self.engine.model_info.spatial_merge_size
-        return rope_index(prompt.input_ids, prompt.mm_token_type_ids, prompt.image_grid_thw, merge)
+        return rope_index(prompt.input_ids, prompt.mm_token_type_ids, prompt.image_grid_thw, merge,
+                          video_grid_thw=prompt.video_grid_thw)
 
     def _prompt_tensors(self, prompt: PreparedPrompt, stats: GenerationStats, images: list[_Image] | None = None,
                         start: int = 0, cache: PrefixCache | None = None, rope: tuple | None = None):

@@ -15,13 +15,16 @@ followed by `processor(text=[text], images=images)` computes:
   `{"type": "image", "url": ...}`, content may be a string or a list of blocks, and the images are the
   `image` / `url` / `path` / `base64` values of `type == "image"` blocks, in conversation order.
 * **Placeholder expansion**: the i-th `<|image_pad|>` becomes `grid_t * grid_h * grid_w // merge_size**2`
-  copies of itself (`Qwen3VLProcessor.replace_image_token`).
+  copies of itself (`Qwen3VLProcessor.replace_image_token`); the i-th `<|video_pad|>` (a `type == "video"`
+  block: `video` / `url` / `path`, options `fps` / `max_frames` / `total_pixels`) becomes its timestamped frame
+  groups (`replace_video_token`; decoding and preprocessing in `runtime/video.py`).
 * **Tokenization** with `tokenizers.Tokenizer.from_file("tokenizer.json")`, `add_special_tokens=True`
   (the file's post-processor; for Qwen it adds nothing, there is no BOS), and `mm_token_type_ids`
   (0 text, 1 image token, 2 video token). Token ids are looked up in the tokenizer, never hard-coded.
 
-Chat template precedence, as transformers loads a processor directory: `chat_template.json` (legacy
-processor file), then `chat_template.jinja`, then `tokenizer_config.json["chat_template"]`.
+Chat template precedence, as transformers loads a processor directory (`chat_template_source.py`):
+`processor_config.json["chat_template"]`, then `chat_template.json` (legacy processor file), then
+`chat_template.jinja`, then the tokenizer's `tokenizer_config.json["chat_template"]`.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from qvl.errors import QvlError
+from qvl.runtime.chat_template_source import resolve_chat_template
 from qvl.runtime.image_preprocess import (DEFAULT_MAX_IMAGE_TOKENS, ImageProcessorConfig, check_image_limits,
                                           load_image, preprocess_images)
+from qvl.runtime.video import (DEFAULT_MAX_VIDEO_TOKENS, VIDEO_OPTION_KEYS, VIDEO_SOURCE_KEYS, PreparedVideo,
+                               VideoProcessorConfig, check_video_options, load_video, video_placeholder)
 
 # The named special tokens transformers passes to every chat template (`tokenizer.special_tokens_map`).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -68,10 +74,17 @@ class PreparedPrompt:
     pixel_values: np.ndarray | None  # float32 [sum(grid_h * grid_w), C*T*P*P], None without images
     image_grid_thw: np.ndarray | None  # int64 [n_images, 3], None without images
     text: str  # the rendered chat template, before placeholder expansion
+    pixel_values_videos: np.ndarray | None = None  # float32 [sum(t * h * w), C*T*P*P], None without videos
+    video_grid_thw: np.ndarray | None = None  # int64 [n_videos, 3], None without videos
+    video_timestamps: tuple[tuple[float, ...], ...] = ()  # seconds per temporal group, per video (in the prompt)
 
     @property
     def num_images(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+    @property
+    def num_videos(self) -> int:
+        return 0 if self.video_grid_thw is None else int(self.video_grid_thw.shape[0])
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -189,6 +202,11 @@ def normalize_messages(messages: Any) -> list[dict]:
                 if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
                     info = block["image_url"]
                     block = {"type": "image", "url": info.get("url", "") if isinstance(info, dict) else info}
+                elif isinstance(block, dict) and block.get("type") == "video_url" and "video_url" in block:
+                    # vLLM's OpenAI extension; per-video options (fps, ...) may sit beside the url
+                    info = block["video_url"]
+                    extra = {k: info[k] for k in VIDEO_OPTION_KEYS if isinstance(info, dict) and k in info}
+                    block = {"type": "video", "url": info.get("url", "") if isinstance(info, dict) else info, **extra}
                 blocks.append(block)
             message["content"] = blocks
         out.append(message)
@@ -243,6 +261,26 @@ def collect_image_options(messages: list[dict]) -> list[dict[str, int]]:
     return options
 
 
+def collect_videos(messages: list[dict]) -> list[tuple[Any, dict]]:
+    """(source, options) of every `type == "video"` block, in order: the source is its `video` / `url` / `path`
+    value (ProcessorMixin's keys), the options its `fps` / `max_frames` / `total_pixels` keys, checked."""
+    videos = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if not isinstance(block, dict) or block.get("type") != "video":
+                continue
+            key = next((k for k in VIDEO_SOURCE_KEYS if k in block), None)
+            if key is None:
+                raise QvlError("a video content block has no 'video', 'url' or 'path' key")
+            opts = {k: block[k] for k in VIDEO_OPTION_KEYS if block.get(k) is not None}
+            check_video_options(**opts)
+            videos.append((block[key], opts))
+    return videos
+
+
 def _plain_template_data(value: Any) -> Any:
     if value is None or type(value) in (str, int, float, bool):
         return value
@@ -289,45 +327,10 @@ def _read_json(path: Path) -> Any:
         raise QvlError(f"cannot read {path}: {e}") from None
 
 
-def _template_from_value(value: Any, source: Path) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-        value = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-    if isinstance(value, dict):
-        if isinstance(value.get("default"), str):
-            return value["default"]
-        raise QvlError(f"{source} has several chat templates but none named 'default'")
-    raise QvlError(f"{source}: chat_template must be a string")
-
-
 def find_chat_template(directory: str | os.PathLike) -> str:
-    """The chat template of a checkpoint/artifact directory, in transformers' precedence order."""
-    d = Path(directory)
-    legacy = d / "chat_template.json"
-    if legacy.is_file():
-        data = _read_json(legacy)
-        template = _template_from_value(data.get("chat_template") if isinstance(data, dict) else None, legacy)
-        if template is not None:
-            return template
-    raw = d / "chat_template.jinja"
-    if raw.is_file():
-        try:
-            return raw.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise QvlError(f"cannot read {raw}: {e}") from None
-    cfg_path = d / "tokenizer_config.json"
-    if cfg_path.is_file():
-        data = _read_json(cfg_path)
-        template = _template_from_value(data.get("chat_template") if isinstance(data, dict) else None, cfg_path)
-        if template is not None:
-            return template
-    raise QvlError(
-        f"no chat template in {d}",
-        hint="expected chat_template.json, chat_template.jinja or a chat_template entry in tokenizer_config.json",
-    )
+    """The chat template of a checkpoint/artifact directory, in transformers' processor precedence
+    (`chat_template_source.resolve_chat_template`: which file it came from, and why)."""
+    return resolve_chat_template(directory).template
 
 
 def _token_content(value: Any) -> str | None:
@@ -381,6 +384,7 @@ class PromptBuilder:
     ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.chat_template_source: str | None = None  # the file `from_dir` read it from (None: given in code)
         self.image_config = image_config
         # Image tokens one image may become (one vision call of merge_size**2 as many patches); see
         # `image_preprocess.DEFAULT_MAX_IMAGE_TOKENS`. `set_image_limits` changes it and the resize bounds.
@@ -396,9 +400,17 @@ class PromptBuilder:
         self.video_token_id = self.token_to_id(self.video_token)
         self.vision_start_token_id = self.token_to_id(self.vision_start_token)
         self.vision_end_token_id = self.token_to_id(self.vision_end_token)
+        # Videos (runtime/video.py): the video processor config is read on first use (`video_config`), so a
+        # malformed one never stops an image request; per-request defaults set by `set_video_limits`.
+        self._video_config: VideoProcessorConfig | None = None
+        self.video_config_dir: Path | None = None
+        self.max_video_tokens: int | None = DEFAULT_MAX_VIDEO_TOKENS
+        self.video_options: dict[str, Any] = {}  # fps / max_frames / total_pixels for every video
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike) -> "PromptBuilder":
+    def from_dir(cls, directory: str | os.PathLike, template_file: str | None = None) -> "PromptBuilder":
+        """`template_file`: take the chat template from that file (an artifact's `source.chat_template`, the
+        file the exporter resolved) instead of resolving the precedence again."""
         from tokenizers import Tokenizer
 
         d = Path(directory)
@@ -416,7 +428,36 @@ class PromptBuilder:
         if not isinstance(tok_cfg, dict):
             raise QvlError(f"cannot read {cfg_path}: not a JSON object")
         image_config = ImageProcessorConfig.from_file(d / "preprocessor_config.json")
-        return cls(tokenizer, find_chat_template(d), image_config, special_tokens_map(tok_cfg))
+        source = resolve_chat_template(d, template_file)
+        builder = cls(tokenizer, source.template, image_config, special_tokens_map(tok_cfg))
+        builder.chat_template_source = source.file
+        builder.video_config_dir = d
+        return builder
+
+    @property
+    def video_config(self) -> VideoProcessorConfig:
+        """The video processor settings (`VideoProcessorConfig.from_dir` of the directory; class defaults when
+        the builder was made in code)."""
+        if self._video_config is None:
+            d = self.video_config_dir
+            self._video_config = VideoProcessorConfig.from_dir(d) if d is not None else VideoProcessorConfig()
+        return self._video_config
+
+    @video_config.setter
+    def video_config(self, cfg: VideoProcessorConfig) -> None:
+        self._video_config = cfg
+
+    def set_video_limits(self, max_video_tokens: int | None = None, fps: float | None = None,
+                         max_frames: int | None = None, total_pixels: int | None = None, flags: bool = False) -> None:
+        """Defaults for every later `build`: the token limit per video, the sampling rate, the frame cap and the
+        pixel budget over all frames (None keeps the current value)."""
+        check_video_options(flags=flags, max_video_tokens=max_video_tokens, fps=fps, max_frames=max_frames,
+                            total_pixels=total_pixels)
+        if max_video_tokens is not None:
+            self.max_video_tokens = int(max_video_tokens)
+        for key, value in (("fps", fps), ("max_frames", max_frames), ("total_pixels", total_pixels)):
+            if value is not None:
+                self.video_options[key] = value
 
     def set_image_limits(self, max_image_tokens: int | None = None, min_pixels: int | None = None,
                          max_pixels: int | None = None, flags: bool = False) -> None:
@@ -502,6 +543,28 @@ class PromptBuilder:
             out.append(piece)
         return "".join(out)
 
+    def expand_video_tokens(self, text: str, videos: Sequence[PreparedVideo]) -> str:
+        """Replace the i-th video token by its timestamped per-frame-group placeholder, in order."""
+        pieces = text.split(self.video_token)
+        if len(pieces) - 1 != len(videos):
+            raise QvlError(f"the prompt has {len(pieces) - 1} {self.video_token} placeholders but {len(videos)} videos")
+        merge = self.video_config.merge_size
+        out = [pieces[0]]
+        for video, piece in zip(videos, pieces[1:]):
+            out.append(video_placeholder(video.grid_thw, video.timestamps, merge, self.video_token,
+                                         self.vision_start_token, self.vision_end_token))
+            out.append(piece)
+        return "".join(out)
+
+    def _load_videos(self, videos: list[tuple[Any, dict]], options: dict, max_video_tokens: int | None,
+                     max_frame_tokens: int | None) -> list[PreparedVideo]:
+        if self.video_token_id is None:
+            raise QvlError(f"the tokenizer has no {self.video_token} token: this model takes no video")
+        request = self.video_config.with_request(**{**self.video_options, **options})
+        limit = self.max_video_tokens if max_video_tokens is None else max_video_tokens
+        return [load_video(src, request.with_request(**opts), max_video_tokens=limit, max_frame_tokens=max_frame_tokens)
+                for src, opts in videos]
+
     def build(
         self,
         messages: Any,
@@ -511,16 +574,29 @@ class PromptBuilder:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_image_tokens: int | None = None,
+        fps: float | None = None,
+        video_max_frames: int | None = None,
+        video_total_pixels: int | None = None,
+        max_video_tokens: int | None = None,
         **template_kwargs: Any,
     ) -> PreparedPrompt:
-        """Render, load and preprocess the images, expand placeholders, tokenize.
+        """Render, load and preprocess the images and videos, expand placeholders, tokenize.
 
         `min_pixels` / `max_pixels`: this request's resize bounds (the processor's call arguments); an image
         block's own `min_pixels` / `max_pixels` keys override them for that image. `max_image_tokens`: this
-        request's limit per image (default `self.max_image_tokens`); an image above it is a QvlError."""
+        request's limit per image (default `self.max_image_tokens`); an image above it is a QvlError. It also
+        bounds one temporal group of a video (one vision call).
+
+        Videos (`{"type": "video", "video": PATH, "fps": ..., "max_frames": ..., "total_pixels": ...}`):
+        `fps` / `video_max_frames` / `video_total_pixels` are this request's sampling rate, frame cap and pixel
+        budget over all frames (a block's own keys override them); `max_video_tokens` this request's limit per
+        video (default `self.max_video_tokens`)."""
         check_image_limits(min_pixels=min_pixels, max_pixels=max_pixels, max_image_tokens=max_image_tokens)
+        check_video_options(fps=fps, max_frames=video_max_frames, total_pixels=video_total_pixels,
+                            max_video_tokens=max_video_tokens)
         normalized = normalize_messages(messages)
         sources = collect_images(normalized)
+        videos = collect_videos(normalized)
         text = self._render(normalized, add_generation_prompt, tools, template_kwargs)
 
         n_placeholders = text.count(self.image_token)
@@ -529,30 +605,49 @@ class PromptBuilder:
                 f"the chat template wrote {n_placeholders} {self.image_token} placeholders for {len(sources)} images",
                 hint="put each image in its own {'type': 'image', 'image': ...} content block",
             )
-        if self.video_token in text:
-            raise QvlError("video inputs are not supported (the prompt contains a video placeholder)")
+        n_video_placeholders = text.count(self.video_token)
+        if n_video_placeholders != len(videos):
+            raise QvlError(
+                f"the chat template wrote {n_video_placeholders} {self.video_token} placeholders for {len(videos)} "
+                "videos",
+                hint="put each video in its own {'type': 'video', 'video': PATH} content block",
+            )
 
         pixel_values = image_grid_thw = None
         expanded = text
+        image_limit = self.max_image_tokens if max_image_tokens is None else max_image_tokens
         if sources:
             request = self.image_config.with_pixels(min_pixels, max_pixels)
             cfgs = [request.with_pixels(**o) for o in collect_image_options(normalized)]
             images = [load_image(s) for s in sources]
-            limit = self.max_image_tokens if max_image_tokens is None else max_image_tokens
-            pixel_values, image_grid_thw = preprocess_images(images, cfgs, max_image_tokens=limit)
+            pixel_values, image_grid_thw = preprocess_images(images, cfgs, max_image_tokens=image_limit)
             expanded = self.expand_image_tokens(text, image_grid_thw)
+        pixel_values_videos = video_grid_thw = None
+        prepared: list[PreparedVideo] = []
+        if videos:
+            options = {k: v for k, v in (("fps", fps), ("max_frames", video_max_frames),
+                                         ("total_pixels", video_total_pixels)) if v is not None}
+            prepared = self._load_videos(videos, options, max_video_tokens, image_limit)
+            pixel_values_videos = np.concatenate([v.pixel_values for v in prepared], axis=0)
+            video_grid_thw = np.array([v.grid_thw for v in prepared], dtype=np.int64)
+            expanded = self.expand_video_tokens(expanded, prepared)
 
         input_ids = self.encode(expanded)
-        n_ids = int((input_ids == self.image_token_id).sum())
-        expected = expanded.count(self.image_token)
-        if n_ids != expected:  # transformers' _check_special_mm_tokens
-            raise QvlError(f"tokenizing produced {n_ids} image tokens for {expected} placeholders")
+        for token, token_id, what in ((self.image_token, self.image_token_id, "image"),
+                                      (self.video_token, self.video_token_id, "video")):
+            expected = expanded.count(token)
+            n_ids = int((input_ids == token_id).sum()) if token_id is not None else 0
+            if n_ids != expected:  # transformers' _check_special_mm_tokens
+                raise QvlError(f"tokenizing produced {n_ids} {what} tokens for {expected} placeholders")
         return PreparedPrompt(
             input_ids=input_ids,
             mm_token_type_ids=self.mm_token_type_ids(input_ids),
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             text=text,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            video_timestamps=tuple(tuple(v.timestamps[:v.grid_thw[0]]) for v in prepared),
         )
 
 
@@ -565,6 +660,7 @@ __all__ = [
     "check_utf8",
     "collect_image_options",
     "collect_images",
+    "collect_videos",
     "compile_chat_template",
     "find_chat_template",
     "normalize_messages",

@@ -239,7 +239,7 @@ def photo(tmp_path_factory):
 def test_run_json_and_draw_boxes_through_the_cli(tiny_artifact, photo, tmp_path):
     out = tmp_path / "drawn.png"
     proc = run_cli("run", str(tiny_artifact), "--image", str(photo), "--prompt", "Locate the red disc.",
-                   "--max-new-tokens", "6", "--json", "--draw-boxes", str(out))
+                   "--max-new-tokens", "6", "--json", "--greedy", "--draw-boxes", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     g = parse_grounding(result["text"])

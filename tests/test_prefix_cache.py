@@ -437,7 +437,7 @@ def _chat(artifact, stdin, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", "from qvl.cli import main; main()", "chat", str(artifact), "--max-new-tokens", "6",
-         "--threads", "1", "--device", "cpu", *flags],
+         "--threads", "1", "--device", "cpu", "--greedy", *flags],
         input=stdin, capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr
@@ -453,7 +453,7 @@ def test_chat_command_reuses_the_prefix_and_answers_as_from_scratch(tiny_cpu_art
     scratch, _ = _chat(tiny_cpu_artifact, stdin, "--no-prefix-cache")
     assert len(cached) == 4 and cached == scratch
     run = run_cli("run", str(tiny_cpu_artifact), "--image", str(images["square"]), "--prompt", "What is this?",
-                  "--max-new-tokens", "6", "--threads", "1", "--device", "cpu")
+                  "--max-new-tokens", "6", "--threads", "1", "--device", "cpu", "--greedy")
     assert run.returncode == 0, run.stderr
     assert cached[0] == run.stdout.strip("\n") == cached[3]  # turn 1, and the same question after /reset
     assert len(cached_stats) == 4

@@ -98,7 +98,7 @@ assert not any(k.split('.')[0] in ('torch', 'transformers') for k in sys.modules
 
 def test_run_cli_json(tiny_artifact, images):
     proc = run_cli("run", str(tiny_artifact), "--image", str(images["square"]), "--prompt", "What is it?",
-                   "--max-new-tokens", "6", "--json")
+                   "--max-new-tokens", "6", "--json", "--greedy")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["generated_tokens"] == 6 and out["prompt_tokens"] > 10 and out["time_to_first_token_s"] > 0

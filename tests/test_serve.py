@@ -163,8 +163,8 @@ def server(tiny_cpu_artifact, files):
 def run_answers(tiny_cpu_artifact, files):
     """`qvl-compile run --json` (greedy) for a text prompt and an image prompt."""
     out = {}
-    for key, args in (("text", ["--prompt", "hello there"]),
-                      ("image", ["--prompt", "Describe the image.", "--image", str(files["image"])]),
+    for key, args in (("text", ["--prompt", "hello there", "--greedy"]),
+                      ("image", ["--prompt", "Describe the image.", "--image", str(files["image"]), "--greedy"]),
                       ("sampled", ["--prompt", "pick a word", "--temperature", "0.9", "--top-p", "0.95", "--seed", "7"])):
         proc = run_cli("run", str(tiny_cpu_artifact), *args, "--max-new-tokens", str(MAX_TOKENS), "--json",
                        "--device", "cpu", "--threads", THREADS, env={"OMP_NUM_THREADS": THREADS})

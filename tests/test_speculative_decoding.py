@@ -333,7 +333,7 @@ def test_an_old_decoder_decodes_plainly_and_says_why(old_artifact, tiny_artifact
 
 def test_run_speculative_prints_the_same_answer_and_the_acceptance(tiny_cpu_artifact):
     common = ("run", str(tiny_cpu_artifact), "--prompt", COPY_PROMPT, "--max-new-tokens", "24", "--threads", "1",
-              "--device", "cpu")
+              "--device", "cpu", "--greedy")
     plain = run_cli(*common)
     spec = run_cli(*common, "--speculative", "--draft-tokens", "4")
     assert plain.returncode == 0 and spec.returncode == 0, (plain.stderr, spec.stderr)
@@ -356,7 +356,7 @@ def test_run_speculative_option_errors(tiny_cpu_artifact):
 
 def test_run_speculative_on_an_old_artifact_notes_plain_decoding(old_artifact):
     common = ("run", str(old_artifact), "--prompt", COPY_PROMPT, "--max-new-tokens", "12", "--threads", "1",
-              "--device", "cpu")
+              "--device", "cpu", "--greedy")
     plain, spec = run_cli(*common), run_cli(*common, "--speculative")
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout

@@ -160,6 +160,13 @@ def test_untied_sm61_kits_build_with_tensorrt_rtx(untied):
     m8 = mf.read_manifest(kit8)
     assert m8.precision["layers"]["decoder.lm_head"]["decision"] == "int8"
     assert np.array_equal(map_embedding(m8), _tensors(untied["ckpt"])[EMBED])  # the host table stays fp32
+    # sm75+ stores pre-quantized int8 codes: a tied lm_head must stay fp32 there (the host table reads it), an untied
+    # one is an ordinary linear layer and is quantized
+    kit75 = untied["root"] / "kit75"
+    kit_command(untied["export"], "sm75+", kit75, echo=lambda m: None, weights="int8")
+    m75 = mf.read_manifest(kit75)
+    assert m75.precision["layers"]["decoder.lm_head"]["decision"] == "int8"
+    assert np.array_equal(map_embedding(m75), _tensors(untied["ckpt"])[EMBED])
     try:
         load_tensorrt("tensorrt-rtx")
     except QvlError as exc:

@@ -302,7 +302,7 @@ def _photo(path, size=(800, 600)):
 def test_image_token_limit_through_the_console_script(tiny_cpu_artifact, tmp_path):
     photo = _photo(tmp_path / "photo.png")  # the tiny preprocessor resizes 800x600 to 512x384: 192 tokens
     base = ("run", str(tiny_cpu_artifact), "--image", str(photo), "--prompt", "hi", "--device", "cpu",
-            "--max-new-tokens", "2", "--threads", "1")
+            "--max-new-tokens", "2", "--threads", "1", "--greedy")
     proc = run_cli(*base, "--max-image-tokens", "50")
     assert_one_line_error(proc, "image 1 (800x600, resized to 512x384) is 192 image tokens (768 patches",
                           "more than the limit of 50 per image", "hint:", "--max-image-tokens", "--max-pixels")

@@ -39,7 +39,8 @@ def objects(art: Path) -> dict:
 
 def answer(env: dict, art: Path) -> tuple[str, int]:
     """`qvl-compile run --json`'s greedy answer: (text, tokens generated)."""
-    proc = ok(cli(env, "run", str(art), "--prompt", "describe the weather", "--max-new-tokens", "12", "--json"))
+    proc = ok(cli(env, "run", str(art), "--prompt", "describe the weather", "--max-new-tokens", "12", "--json",
+                  "--greedy"))
     out = json.loads(proc.stdout)
     return out["text"], out["generated_tokens"]
 

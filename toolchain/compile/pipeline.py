@@ -42,7 +42,9 @@ def compile_artifact(
     dump_after: str | None = None,
     step: Callable[[str], None] | None = None,
     ort_optimize: bool = True,
+    lora=None,
 ) -> CompileReport:
+    """`lora` (a `toolchain/export/lora.LoraAdapter`): merged into a checkpoint source's weights before its export."""
     import onnx_ir as ir
 
     from qvl.toolchain.export.exporter import export_artifact
@@ -54,6 +56,9 @@ def compile_artifact(
     is_artifact = (source / mf.MANIFEST).is_file()
     if not is_artifact and not (source / "config.json").is_file():
         raise QvlError(f"{source} is neither a checkpoint (config.json) nor an artifact (manifest.json)")
+    if lora is not None and is_artifact:
+        raise QvlError(f"--lora merges an adapter into a checkpoint's weights before export; {source} is an artifact",
+                       hint="compile the checkpoint it came from with --lora")
     names = pass_names(target, stages=("fusion",))
     known = set(names)
     if dump_after and dump_after not in known:
@@ -69,7 +74,7 @@ def compile_artifact(
         else:
             step("exporting")
             exported = Path(tmp_root) / "export"
-            export_artifact(source, exported)
+            export_artifact(source, exported, lora=lora)
         manifest = mf.read_manifest(exported)
         graphs = load_graphs(manifest)
         fault_point("passes:start")
@@ -104,6 +109,7 @@ def compile_artifact(
                 "graphs": entries,
                 "embedding": embedding_entry(graphs["decoder"]),
                 "decoder": {"kv_mode": kv_mode_of(decoder_ops)},
+                **({"adapter": manifest.adapter.to_json()} if manifest.adapter is not None else {}),
                 **optimized,
                 "tool_versions": mf.tool_versions(),
                 "steps": list(manifest.steps or ()) + [
@@ -165,6 +171,7 @@ def compile_with_precision(
     step: Callable[[str], None] | None = None,
     sparsity: float | None = None,
     symmetric: bool = True,
+    lora=None,
 ) -> dict:
     """compile -> optional MLP channel sparsity -> optional weight-only int8/int4 (`symmetric=False`: per-block zero
     points). Both approximate steps are
@@ -195,7 +202,7 @@ def compile_with_precision(
             raise QvlError(refused, hint="drop --asymmetric (symmetric int4 is the default), or compile for "
                                          "--target cpu-avx512 on an AVX-512 host")
     if nbits is None and sparsity is None and not post:
-        compile_artifact(source, target_name, out, overwrite=overwrite, step=step)
+        compile_artifact(source, target_name, out, overwrite=overwrite, step=step, lora=lora)
         return {}
     records: dict = {}
     # Up front, and the lock held throughout: the budgeted paths write --out only at their very end.
@@ -205,11 +212,18 @@ def compile_with_precision(
             out = Path(tmp) / "before-post"  # the weight steps write here; the post stages write --out
         w = source_weight_bytes(Path(source))
         ckpt = not (Path(source) / mf.MANIFEST).is_file()
-        # fp32 intermediate + (if a checkpoint) its export + candidates of the budget search, all in TMPDIR
-        check_space([(Path(out), w + (64 << 20)), (tmp, (4 if ckpt else 3) * w + (256 << 20))])
+        # TMPDIR: the fp32 intermediate, (a checkpoint) its export, (sparsity and weights) the sparse intermediate,
+        # (a budget) the search's candidates, (post stages) one artifact each. --out: a budget may keep any layer
+        # fp32, so up to w; without one every eligible linear is int8/int4 (a quarter or less of its fp32 bytes),
+        # so w / 2 bounds it with the fp32 leftovers (norms, convolutions) -- w would refuse a 4B int4 compile
+        # needing 71 GB for a 3 GB artifact.
+        budgeted = budget is not None
+        out_need = w if (budgeted or nbits is None) else w // 2
+        tmp_need = (1 + ckpt + (sparsity is not None and nbits is not None) + 2 * budgeted) * w + len(post) * out_need
+        check_space([(Path(out), out_need + (64 << 20)), (tmp, tmp_need + (256 << 20))])
         current = Path(tmp) / "fp32"
         # intermediate only: the approximate steps below rewrite the graphs and save ORT's optimized form then
-        compile_artifact(source, target_name, current, step=step, ort_optimize=False)
+        compile_artifact(source, target_name, current, step=step, ort_optimize=False, lora=lora)
         if nbits is None and sparsity is None:
             out = current
         if sparsity is not None:

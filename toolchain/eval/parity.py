@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from qvl.artifacts.manifest import read_manifest
+from qvl.errors import QvlError
 from qvl.runtime.model import Model
 from qvl.toolchain.eval.reference import EagerReference
 from qvl.toolchain.export.checkpoint_io import validate_checkpoint
@@ -52,6 +53,8 @@ class ParityReport:
     source_matches: bool | None = None
     source_sha256: str | None = None
     checkpoint_sha256: str | None = None
+    # the LoRA adapter the artifact merged and the oracle applied through PEFT (name, path, digest, scale); None: none
+    adapter: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -140,6 +143,19 @@ def source_check(artifact: Path, checkpoint: Path, warn=None) -> tuple[bool | No
     return matches, expected, actual
 
 
+def lora_adapter_of(artifact: Path, lora: Path | None):
+    """The LoRA adapter the oracle must apply for `artifact` (None when its manifest records none)."""
+    section = read_manifest(Path(artifact), verify_graphs=False).adapter
+    if section is None:
+        if lora is not None:
+            raise QvlError(f"{artifact} has no LoRA adapter merged (its manifest records none)",
+                           hint="drop --lora, or check an artifact compiled with `compile --lora`")
+        return None
+    from qvl.toolchain.export.lora import adapter_for_artifact
+
+    return adapter_for_artifact(section, lora)
+
+
 def run_parity(
     artifact: Path,
     checkpoint: Path,
@@ -150,13 +166,19 @@ def run_parity(
     threads: int | None = None,
     progress=None,
     device: str = "cpu",
+    lora: Path | None = None,
 ) -> ParityReport:
+    """`lora`: the adapter directory of an artifact compiled with `--lora` (default: the path its manifest
+    records); its digest must be the recorded one, and the oracle applies it through PEFT with the recorded scale."""
     t0 = time.perf_counter()
+    adapter = lora_adapter_of(artifact, lora)
     matches, expected, actual = source_check(artifact, checkpoint)
-    eager = EagerReference(checkpoint, threads=threads)
+    eager = EagerReference(checkpoint, threads=threads, lora=adapter)
     model = Model(Path(artifact), device=device, threads=threads)
     report = ParityReport(str(artifact), str(checkpoint), logit_tol, vision_tol, source_matches=matches,
-                          source_sha256=expected, checkpoint_sha256=actual)
+                          source_sha256=expected, checkpoint_sha256=actual,
+                          adapter=None if adapter is None else {"name": adapter.name, "path": str(adapter.path),
+                                                                "digest": adapter.digest, "scale": adapter.scale})
     cases = suite_cases(suite_images(work_dir))
     for i, (name, messages, chunk) in enumerate(cases):
         if progress:

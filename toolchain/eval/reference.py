@@ -2,6 +2,8 @@
 
 Loads a checkpoint with transformers in fp32 and answers (images, messages) with greedy decoding,
 keeping the logits of every step. Nothing here is optimised; it is what "matches eager" means.
+Prompts are transformers' `Qwen3VLProcessor` (`hf_compat.image_only_processor`): the chat template in the
+processor's file precedence, images through `Qwen2VLImageProcessorPil` (`image_processor_name`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from qvl.runtime.image_preprocess import load_image
 from qvl.runtime.prompt import collect_images, normalize_messages
 from qvl.toolchain.export.checkpoint_io import validate_checkpoint
 from qvl.toolchain.export.hf_compat import image_only_processor
+from qvl.toolchain.eval.video_reference import collect_video_blocks, process_with_videos
 
 
 @dataclass
@@ -31,20 +34,30 @@ def _load_images(messages: list[dict]) -> list:
 
 
 class EagerReference:
-    def __init__(self, checkpoint: Path, dtype: str = "float32", threads: int | None = None):
+    def __init__(self, checkpoint: Path, dtype: str = "float32", threads: int | None = None, lora=None):
+        """`lora` (a `toolchain/export/lora.LoraAdapter`): applied through PEFT itself and merged (`peft_merged`),
+        the oracle for an artifact compiled with `--lora`."""
         # torch / transformers ([export] extra) only here: parity imports this module, and its suite
         # (suite_images, suite_cases) serves torch-free callers.
         import torch
         from transformers import Qwen3VLForConditionalGeneration
 
         self.info = validate_checkpoint(Path(checkpoint))
+        if lora is not None:
+            lora.check_against(self.info)
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(checkpoint), dtype=getattr(torch, dtype), attn_implementation="eager"
         ).eval()
+        if lora is not None:
+            from qvl.toolchain.export.lora import peft_merged
+
+            self.model = peft_merged(self.model, lora).eval()
+        # transformers' processor-precedence chat template and the PIL image processor (see hf_compat)
         self.processor = image_only_processor(Path(checkpoint))
+        self.image_processor_name = type(self.processor.image_processor).__name__
         gen = self.model.generation_config
         eos = gen.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -52,6 +65,9 @@ class EagerReference:
     def prepare(self, messages: list[dict]):
         images = _load_images(messages)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        videos = collect_video_blocks(normalize_messages(messages))
+        if videos:  # transformers' own video processor (toolchain/eval/video_reference.py)
+            return process_with_videos(self.processor, self.info.path, text, images, videos)
         return self.processor(text=[text], images=images or None, return_tensors="pt")
 
     def answer(self, messages: list[dict], max_new_tokens: int = 32, keep_logits: bool = True) -> ReferenceResult:

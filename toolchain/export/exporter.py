@@ -26,6 +26,8 @@ import numpy as np
 from qvl.artifacts import manifest as mf
 from qvl.artifacts.writer import EMBEDDING_NAME, IR_VERSION, embedding_entry, save_graphs, write_artifact
 from qvl.passes.linear_sites import LM_HEAD_LAYER, LM_HEAD_NAME, host_value, set_host_embedding
+from qvl.runtime.chat_template_source import resolve_chat_template
+from qvl.runtime.generation_defaults import GenerationDefaults
 from qvl.toolchain.export.checkpoint_io import CheckpointInfo, validate_checkpoint
 from qvl.toolchain.fsutil import atomic_output_dir, check_free_space, check_output_target, fault_point
 
@@ -249,10 +251,12 @@ def export_artifact(
     step: Callable[[str], None] | None = None,
     packed_vision: bool = False,
     logit_positions: bool = True,
+    lora=None,
 ) -> ExportReport:
     """`packed_vision=True` writes the previous vision form (one call for all images, block-diagonal mask
     from `segment_ids`); `logit_positions=False` the previous decoder form (no `logit_positions` input, last
-    position's logits only). Only the compatibility tests ask for them."""
+    position's logits only). Only the compatibility tests ask for them. `lora` (a `lora.LoraAdapter`): merged into
+    the loaded weights before export (the checkpoint on disk is untouched) and recorded as the manifest's `adapter`."""
     step = step or (lambda msg: None)
     t0 = time.perf_counter()
     # Config, headers, tensor names/shapes/dtypes, tied lm_head and tokenizer are all checked here,
@@ -263,6 +267,12 @@ def export_artifact(
     check_output_target(Path(out), overwrite, (Path(checkpoint),))
     info = validate_checkpoint(checkpoint)
     n_params = info.num_parameters
+    # The template file transformers' processor would use (recorded as `source.chat_template`, the runtime reads
+    # that file) and the decoding defaults `run` / `chat` follow: both checked now, before the slow load.
+    template_source = resolve_chat_template(info.path)
+    GenerationDefaults.from_dir(info.path)
+    if lora is not None:
+        lora.check_against(info)  # module names and shapes on the meta device, before the output dir exists
 
     import torch
     from transformers import Qwen3VLForConditionalGeneration
@@ -276,6 +286,10 @@ def export_artifact(
         model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(info.path), dtype=torch.float32, attn_implementation="eager"
         ).eval()
+        lora_step = None
+        if lora is not None:
+            step(f"merging LoRA adapter {lora.name}")
+            lora_step = lora.merge_into(model)
         timings = {}
         t = time.perf_counter()
         step("exporting vision encoder")
@@ -294,10 +308,12 @@ def export_artifact(
             tmp,
             {
                 "target": "export-fp32",
-                "source": {"checkpoint": str(info.path.absolute()), "sha256": fingerprint, "config": info.config},
+                "source": {"checkpoint": str(info.path.absolute()), "sha256": fingerprint, "config": info.config,
+                           "chat_template": template_source.file},
                 "model": model_summary(info),
                 "graphs": graphs,
                 "embedding": embedding_entry(decoder),
+                **({"adapter": lora.manifest_section()} if lora is not None else {}),
                 "tool_versions": mf.tool_versions(),
                 "steps": [
                     {
@@ -308,6 +324,7 @@ def export_artifact(
                         "ir_version": IR_VERSION,
                         "weight_bytes_written": store.bytes_written,
                         "weight_bytes_deduplicated": store.bytes_deduplicated,
+                        **({"lora_merge": lora_step} if lora_step is not None else {}),
                     }
                 ],
             },

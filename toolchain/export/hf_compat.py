@@ -1,9 +1,19 @@
 """Small bridges to transformers' own Qwen3-VL classes, used by the eager reference and parity tests.
 
 transformers' `Qwen3VLProcessor` insists on a video processor, and the Qwen3-VL video processor needs
-torchvision (which does not install beside the CPU torch wheel). Images are all we use, so this builds
+torchvision (PyPI's torchvision wheel is a CUDA build whose C++ ops cannot load beside the CPU torch wheel, so
+`import torchvision` fails; the CPU build is only on PyTorch's own index). Images are all we use, so this builds
 the same processor class with image processor + tokenizer only; everything it computes (template
 rendering, `<|image_pad|>` expansion, `mm_token_type_ids`) is transformers' own code.
+
+The chat template is the one `Qwen3VLProcessor.from_pretrained` would hold, found by transformers' own
+`ProcessorMixin.get_processor_dict` (processor_config.json's entry, else chat_template.json, else
+chat_template.jinja); only when that finds none, the tokenizer's (`chat_template.jinja`, else
+tokenizer_config.json's entry), as the runtime does (`qvl.runtime.chat_template_source`), where transformers'
+processor would refuse. The image processor is `Qwen2VLImageProcessorPil`, chosen explicitly: checkpoints name
+`Qwen2VLImageProcessorFast` (the torchvision backend, which transformers picks whenever torchvision imports);
+the runtime is bit-exact with the PIL one, and tests/test_fast_processor.py measures it against the
+torchvision one.
 """
 
 from __future__ import annotations
@@ -32,6 +42,11 @@ def image_only_processor(checkpoint: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint))
-    return ImageOnlyQwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
-    )
+    processor_dict, _ = Qwen3VLProcessor.get_processor_dict(str(checkpoint))
+    chat_template = processor_dict.get("chat_template")
+    if chat_template is None:  # transformers' processor has none: the tokenizer's (see the module docstring)
+        chat_template = tokenizer.chat_template
+    return ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+ORACLE_IMAGE_PROCESSOR = "Qwen2VLImageProcessorPil"  # what `image_only_processor` preprocesses with
