@@ -872,6 +872,9 @@ def serve_cmd(
     max_body_bytes: int = typer.Option(32 << 20, help="request body limit (413 above)"),
     max_image_pixels: int = typer.Option(4096 * 4096, help="width x height of one image, read from its header"),
     max_images: int = typer.Option(8, help="images per request"),
+    max_videos: int = typer.Option(1, help="videos (video_url parts; needs the `video` extra) per request"),
+    max_video_frames: int = typer.Option(1800, help="frames in one video's header (every frame up to the last "
+                                                    "sampled one is decoded: this bounds a request's decoding work)"),
     default_max_tokens: int = typer.Option(512, help="completion tokens when a request gives no max_tokens"),
     model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the artifact directory's name)"),
     max_image_tokens: Optional[int] = typer.Option(None, help=MAX_IMAGE_TOKENS_HELP),
@@ -891,7 +894,8 @@ def serve_cmd(
     from qvl.runtime.serve.server import ServeOptions, check_options, serve
 
     limits = ServeLimits(max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
-                         max_queue=max_queue, default_max_tokens=default_max_tokens, allow_dir=allow_dir)
+                         max_queue=max_queue, default_max_tokens=default_max_tokens, allow_dir=allow_dir,
+                         max_videos=max_videos, max_video_frames=max_video_frames)
     opts = ServeOptions(host=host, port=port, device=device, threads=threads, max_batch=max_batch,
                         max_context=max_context, api_key=api_key, model_name=model_name, limits=limits,
                         max_image_tokens=max_image_tokens, min_pixels=min_pixels, max_pixels=max_pixels)

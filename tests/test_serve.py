@@ -152,7 +152,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_cpu_artifact, files):
     srv = Server(tiny_cpu_artifact, "--max-batch", "4", "--api-key", KEY, "--allow-dir", str(files["allowed"]),
-                 "--max-context", "512", "--max-image-pixels", "200000", "--max-body-bytes", str(1 << 20),
+                 "--max-context", "512", "--max-image-pixels", "200000", "--max-body-bytes", str(1 << 20), "--max-video-frames", "48",
                  "--model-name", "tiny")
     yield srv
     if srv.proc.poll() is None:
@@ -289,6 +289,45 @@ def test_bad_inputs_get_openai_errors(server, files):
     assert httpx.get(server.base + "/health", timeout=5).json()["status"] == "ok"
     assert client.chat.completions.create(model="tiny", messages=_user("hi"), max_tokens=2).choices[0].message.content
     assert server.proc.poll() is None and "Traceback" not in server.stderr
+
+
+def test_video_url_answers_equal_run_and_bad_videos_are_400(server, tiny_cpu_artifact, files, tmp_path):
+    """A `video_url` part (data: URL or an allow-listed file) answers what `run --video` answers; a non-video, a
+    video with more frames than --max-video-frames, or one in an assistant message is a 400 before any decoding."""
+    pytest.importorskip("av")
+    from test_video import write_video
+
+    clip = write_video(files["allowed"] / "clip.mp4", 8, 4, 64, 64)  # 2 s: 4 sampled frames, 2 temporal groups
+    proc = run_cli("run", str(tiny_cpu_artifact), "--prompt", "What happens?", "--video", str(clip), "--greedy",
+                   "--max-new-tokens", str(MAX_TOKENS), "--json", "--device", "cpu", "--threads", THREADS,
+                   env={"OMP_NUM_THREADS": THREADS})
+    assert proc.returncode == 0, proc.stderr
+    expected = json.loads(proc.stdout)
+    client = server.client()
+    for url in (_data_url(clip.read_bytes(), "video/mp4"), str(clip)):
+        msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=MAX_TOKENS)
+        assert r.choices[0].message.content == expected["text"]
+        assert r.usage.prompt_tokens == expected["prompt_tokens"]
+
+    def video_msgs(url: str, role: str = "user") -> list[dict]:
+        return [{"role": role, "content": [{"type": "video_url", "video_url": {"url": url}}]},
+                *([] if role == "user" else [{"role": "user", "content": "hi"}])]
+
+    good = {"model": "tiny", "max_tokens": 4}
+    param = "messages.0.content.0.video_url"
+    _assert_error(server.post({**good, "messages": video_msgs(_data_url(b"\x00" * 4000, "video/mp4"))}), 400,
+                  "invalid_video", param)
+    _assert_error(server.post({**good, "messages": video_msgs(_data_url(files["image"].read_bytes()))}), 400,
+                  "invalid_video", param)  # an image/png data URL in a video part
+    long = write_video(tmp_path / "long.mp4", 60, 10, 64, 64)  # over the fixture's --max-video-frames 48
+    err = _assert_error(server.post({**good, "messages": video_msgs(_data_url(long.read_bytes(), "video/mp4"))}),
+                        400, "invalid_video", param)
+    assert "60 frames" in err["message"] and "48" in err["message"]
+    _assert_error(server.post({**good, "messages": video_msgs(str(files["outside"]))}), 400, "video_path_not_allowed")
+    _assert_error(server.post({**good, "messages": video_msgs(str(clip), role="assistant")}), 400, "invalid_video")
+    assert httpx.get(server.base + "/health", timeout=5).json()["status"] == "ok"
 
 
 def test_sigterm_stops_cleanly(server):

@@ -60,7 +60,17 @@ class ImagePart(_Model):
     image_url: ImageUrl
 
 
-ContentPart = Union[TextPart, ImagePart]
+class VideoUrl(_Model):
+    url: str
+    fps: float | None = None  # frames sampled per second (default: the artifact's video processor config)
+
+
+class VideoPart(_Model):
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
+ContentPart = Union[TextPart, ImagePart, VideoPart]
 
 
 class ChatMessage(_Model):
@@ -71,11 +81,12 @@ class ChatMessage(_Model):
     @field_validator("content", mode="before")
     @classmethod
     def _known_parts(cls, value: Any) -> Any:
-        # a clear message for audio/file/video parts instead of a union mismatch listing every variant
+        # a clear message for audio/file parts instead of a union mismatch listing every variant
         if isinstance(value, list):
             for part in value:
-                if isinstance(part, dict) and part.get("type") not in ("text", "image_url"):
-                    raise ValueError(f"content part type {part.get('type')!r} is not supported (text and image_url are)")
+                if isinstance(part, dict) and part.get("type") not in ("text", "image_url", "video_url"):
+                    raise ValueError(f"content part type {part.get('type')!r} is not supported (text, image_url and "
+                                     f"video_url are)")
         return value
 
 

@@ -49,7 +49,8 @@ def check_options(opts: ServeOptions) -> None:
     lim = opts.limits
     for flag, value, low in (("--max-queue", lim.max_queue, 0), ("--max-body-bytes", lim.max_body_bytes, 1024),
                              ("--max-image-pixels", lim.max_image_pixels, 1), ("--max-images", lim.max_images, 0),
-                             ("--default-max-tokens", lim.default_max_tokens, 1)):
+                             ("--default-max-tokens", lim.default_max_tokens, 1), ("--max-videos", lim.max_videos, 0),
+                             ("--max-video-frames", lim.max_video_frames, 1)):
         if value < low:
             raise QvlError(f"{flag} must be >= {low}, got {value}")
     if lim.allow_dir is not None and not Path(lim.allow_dir).is_dir():
