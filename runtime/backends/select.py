@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvl.errors import QvlError
+from qvl.runtime.cpu_flags import cpu_model_and_flags, has_vnni
 
 DEVICES = ("auto", "cpu", "cuda", "trt")
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -115,12 +116,8 @@ def resolve(artifact: str | Path, device: str = "auto") -> Selection:
 def host_has_vnni() -> bool | None:
     """Whether this CPU has an int8 dot product that accumulates in int32 (AVX-512 VNNI or AVX-VNNI); None when
     /proc/cpuinfo cannot be read (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    info = cpu_model_and_flags()
+    return None if info is None else has_vnni(info[1])
 
 
 def int8_saturation_note(manifest) -> str | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from qvl.runtime.backends.ort import physical_cores
+from qvl.runtime.cpu_flags import cpu_model_and_flags
 
 BANDWIDTH_BYTES = 1 << 30
 BANDWIDTH_SAMPLES = 7  # per phase (before and after the engines)
@@ -22,18 +23,7 @@ BANDWIDTH_SAMPLES = 7  # per phase (before and after the engines)
 
 def cpu_info(threads: int) -> dict:
     """CPU model, the SIMD flags that decide which kernels run, core counts and the LLC size."""
-    flags: set[str] = set()
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "flags" and not flags:
-                flags = set(value.split())
-            elif key == "model name" and not model:
-                model = value.strip()
-    except OSError:
-        pass
+    model, flags = cpu_model_and_flags() or ("", set())
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
     return {
