@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def externalize_value(value, writer: WeightStoreWriter, location: str) -> int:
     import onnx_ir as ir
 
     tensor = value.const_value
-    rec = writer.add(tensor.tobytes())
+    rec = writer.add(tensor_bytes(tensor))
     value.const_value = ir.ExternalTensor(
         location=location,
         offset=rec.offset,
@@ -96,6 +97,27 @@ def externalize_value(value, writer: WeightStoreWriter, location: str) -> int:
         base_dir=str(writer.path.parent),
     )
     return rec.length
+
+
+def tensor_bytes(tensor) -> bytes | memoryview:
+    """The bytes `tensor.tobytes()` returns, as a view of the tensor's own memory when they are that memory as it is
+    (an onnx-ir Tensor over a C-contiguous numpy array of a whole-byte dtype, on a little-endian machine): writing
+    the 2B's 1.2 GB fp32 embedding table would otherwise hold a second copy of it. Anything else (packed 4-bit
+    types, strided views such as the exporter's folded transposes, torch-backed tensors) goes through `tobytes()`."""
+    import onnx_ir as ir
+
+    raw = tensor.raw if type(tensor) is ir.Tensor else None
+    if (
+        sys.byteorder == "little"
+        and isinstance(raw, np.ndarray)
+        and raw.flags.c_contiguous
+        and raw.dtype.kind not in "OUS"
+        and raw.dtype.fields is None
+        and tensor.dtype != ir.DataType.STRING
+        and tensor.dtype.bitwidth == 8 * raw.dtype.itemsize
+    ):
+        return memoryview(raw.reshape(-1).view(np.uint8))
+    return tensor.tobytes()
 
 
 def map_tensor(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -16,7 +16,9 @@ The result directory is written atomically: an interrupted export leaves nothing
 
 from __future__ import annotations
 
+import gc
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,7 +83,55 @@ def _export(module, args, input_names, output_names, dynamic_shapes):
             optimize=True,
             verbose=False,
         )
-    return program.model
+    graph_model = program.model
+    release_detached_values(graph_model.graph)
+    return graph_model
+
+
+def release_detached_values(graph) -> None:
+    """Forget the values that were once graph inputs or outputs and no longer are.
+
+    onnx-ir's input/output lists count their members in a Counter and leave a zero-count key behind for every
+    value taken out of them (`_GraphIO._ref_counter`, onnx-ir 1.1). torch.onnx lifts every parameter to a graph
+    input, then moves it to the initializers, so each parameter's original Value -- and through its TorchTensor
+    the fp32 torch storage -- stayed referenced as long as the graph lived, even once its (folded) tensor was in
+    the weight store: the whole model stayed resident through writing and hashing. A missing key is what the
+    Counter holds for a non-member anyway, so dropping them changes nothing else."""
+    for io in (graph.inputs, graph.outputs):
+        counts = getattr(io, "_ref_counter", None)
+        if isinstance(counts, Counter):
+            for value in [v for v, n in counts.items() if n <= 0]:
+                del counts[value]
+
+
+def load_fp32_model(info: CheckpointInfo):
+    """The checkpoint as transformers' `Qwen3VLForConditionalGeneration` in fp32 (eager attention), read tensor by
+    tensor.
+
+    `from_pretrained(path)` memory-maps every shard and keeps each page it touched mapped until the whole model
+    is loaded, so its peak is the fp32 model plus the whole (bf16) checkpoint: 1.5x the fp32 bytes. Handed the
+    same lazy safetensors slices opened with the `pread` backend (the one transformers itself uses where mmap does
+    not suit), `from_pretrained(None, config=..., state_dict=...)` converts and assigns them through the same
+    code path -- identical parameters, buffers and ties -- each tensor read into a transient buffer: the peak is
+    the fp32 model plus one tensor. A safetensors without that backend gets the ordinary load."""
+    import contextlib
+
+    import torch
+    from safetensors import safe_open
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    options = {"dtype": torch.float32, "attn_implementation": "eager"}
+    with contextlib.ExitStack() as stack:
+        try:
+            shards = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu", backend="pread"))
+                      for f in info.weight_files]
+        except TypeError:  # safetensors before the `backend` argument
+            return Qwen3VLForConditionalGeneration.from_pretrained(str(info.path), **options).eval()
+        state = {name: shard.get_slice(name) for shard in shards for name in shard.keys()}
+        config = Qwen3VLConfig.from_pretrained(str(info.path))
+        model = Qwen3VLForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, **options)
+        del state
+    return model.eval()
 
 
 def export_vision_graph(model, packed: bool = False):
@@ -274,18 +324,13 @@ def export_artifact(
     if lora is not None:
         lora.check_against(info)  # module names and shapes on the meta device, before the output dir exists
 
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
     # the checkpoint is a source: `export CK --out CK --overwrite` must never replace it
     with atomic_output_dir(Path(out), overwrite=overwrite, sources=(info.path,)) as tmp:
         check_free_space(tmp, n_params * 4 + (256 << 20))
         step("hashing checkpoint")
         fingerprint = checkpoint_fingerprint(info)
         step("loading checkpoint (fp32)")
-        model = Qwen3VLForConditionalGeneration.from_pretrained(
-            str(info.path), dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        model = load_fp32_model(info)
         lora_step = None
         if lora is not None:
             step(f"merging LoRA adapter {lora.name}")
@@ -300,7 +345,10 @@ def export_artifact(
         step("exporting decoder")
         decoder = export_decoder_graph(model, logit_positions=logit_positions)
         timings["decoder"] = time.perf_counter() - t
+        # the graphs' initializers now hold the only references to the weights (views, folded transposes): each
+        # is freed once it is in the store. gc: the traced programs' reference cycles still point at the model.
         del model
+        gc.collect()
         step("writing graphs and weight store")
         graphs, store = save_graphs({"vision": vision, "decoder": decoder}, tmp)
         seconds = time.perf_counter() - t0
