@@ -44,17 +44,9 @@ def _bytes(path: Path) -> int:
 
 
 def _cpu() -> dict:
-    flags: set[str] = set()
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    from qvl.runtime.cpu_flags import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags() or (platform.processor(), set())
     simd = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
     return {"model": model, "cores": os.cpu_count(), "simd": simd}
 

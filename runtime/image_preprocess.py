@@ -212,10 +212,36 @@ def smart_resize(
 def _source_name(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         s = os.fspath(source)
+        if isinstance(s, bytes):
+            s = os.fsdecode(s)
         if s.startswith("data:"):
             return "data:" + s[5:].split(",", 1)[0].split(";", 1)[0] + " URI"
         return s
     return type(source).__name__
+
+
+def media_source(source: str | os.PathLike, cannot_read) -> tuple[io.BytesIO | str, str]:
+    """A media path given as text (a path, `file://` path or base64 `data:` URI): the file path or the data URI's
+    decoded bytes, and the name errors use. Remote URLs and malformed data URIs are `cannot_read(name, reason)`
+    (the caller's QvlError: images and videos word theirs differently)."""
+    name = _source_name(source)
+    s = os.fspath(source)
+    if isinstance(s, bytes):
+        s = os.fsdecode(s)
+    if s.startswith(("http://", "https://")):
+        raise cannot_read(name, "remote URLs are not supported; download the file first")
+    if s.startswith("data:"):
+        header, sep, payload = s.partition(",")
+        if not sep or ";base64" not in header:
+            raise cannot_read(name, "only base64 data URIs are supported")
+        try:
+            return io.BytesIO(base64.b64decode(payload, validate=False)), name
+        except (ValueError, TypeError) as e:
+            raise cannot_read(name, f"bad base64 ({e})") from None
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+        name = s
+    return s, name
 
 
 def _cannot_read(name: str, reason: Any) -> QvlError:
@@ -327,25 +353,7 @@ def load_image(source: Any) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _open_bytes_or_path(io.BytesIO(bytes(source)), "<bytes>")
     if isinstance(source, (str, os.PathLike)):
-        name = _source_name(source)
-        s = os.fspath(source)
-        if isinstance(s, bytes):
-            s = os.fsdecode(s)
-        if s.startswith(("http://", "https://")):
-            raise _cannot_read(name, "remote URLs are not supported; download the file first")
-        if s.startswith("data:"):
-            header, sep, payload = s.partition(",")
-            if not sep or ";base64" not in header:
-                raise _cannot_read(name, "only base64 data URIs are supported")
-            try:
-                raw = base64.b64decode(payload, validate=False)
-            except (ValueError, TypeError) as e:
-                raise _cannot_read(name, f"bad base64 ({e})") from None
-            return _open_bytes_or_path(io.BytesIO(raw), name)
-        if s.startswith("file://"):
-            s = s[len("file://") :]
-            name = s
-        return _open_bytes_or_path(s, name)
+        return _open_bytes_or_path(*media_source(source, _cannot_read))
     raise QvlError(f"cannot read image {type(source).__name__}: unsupported image input type")
 
 

@@ -38,7 +38,6 @@ both are checked on the container's header, before a frame is decoded.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import io
 import json
@@ -51,7 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from qvl.errors import QvlError
-from qvl.runtime.image_preprocess import MAX_IMAGE_PIXELS
+from qvl.runtime.image_preprocess import MAX_IMAGE_PIXELS, media_source
 
 # transformers' class defaults (Qwen3VLVideoProcessor / VideoProcessorMixin / image_utils).
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -483,17 +482,6 @@ def _av():
     return av
 
 
-def _source_name(source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        s = os.fspath(source)
-        if isinstance(s, bytes):
-            s = os.fsdecode(s)
-        if s.startswith("data:"):
-            return "data:" + s[5:].split(",", 1)[0].split(";", 1)[0] + " URI"
-        return s
-    return f"<{type(source).__name__}>"
-
-
 def _cannot_read(name: str, reason: Any) -> QvlError:
     text = str(reason).strip().replace("\n", " ") or type(reason).__name__
     return QvlError(f"cannot read video {name}: {text}", hint="pass a readable video file (mp4, mkv, webm, avi, ...)")
@@ -509,23 +497,9 @@ def _open_target(source: Any) -> tuple[Any, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source)), "<bytes>"
     if isinstance(source, (str, os.PathLike)):
-        name = _source_name(source)
-        s = os.fspath(source)
-        if isinstance(s, bytes):
-            s = os.fsdecode(s)
-        if s.startswith(("http://", "https://")):
-            raise _cannot_read(name, "remote URLs are not supported; download the file first")
-        if s.startswith("data:"):
-            header, sep, payload = s.partition(",")
-            if not sep or ";base64" not in header:
-                raise _cannot_read(name, "only base64 data URIs are supported")
-            try:
-                return io.BytesIO(base64.b64decode(payload, validate=False)), name
-            except (ValueError, TypeError) as e:
-                raise _cannot_read(name, f"bad base64 ({e})") from None
-        if s.startswith("file://"):
-            s = s[len("file://"):]
-            name = s
+        s, name = media_source(source, _cannot_read)
+        if not isinstance(s, str):  # a data URI's bytes
+            return s, name
         path = Path(s)
         if not path.exists():
             raise _cannot_read(name, "no such file")

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from qvl.runtime.image_preprocess import load_image
-from qvl.runtime.prompt import collect_images, normalize_messages
+from qvl.runtime.prompt import collect_images, collect_videos, normalize_messages
 from qvl.toolchain.export.checkpoint_io import validate_checkpoint
 from qvl.toolchain.export.hf_compat import image_only_processor
-from qvl.toolchain.eval.video_reference import collect_video_blocks, process_with_videos
+from qvl.toolchain.eval.video_reference import process_with_videos
 
 
 @dataclass
@@ -65,7 +65,7 @@ class EagerReference:
     def prepare(self, messages: list[dict]):
         images = _load_images(messages)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        videos = collect_video_blocks(normalize_messages(messages))
+        videos = collect_videos(normalize_messages(messages))
         if videos:  # transformers' own video processor (toolchain/eval/video_reference.py)
             return process_with_videos(self.processor, self.info.path, text, images, videos)
         return self.processor(text=[text], images=images or None, return_tensors="pt")

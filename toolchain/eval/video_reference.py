@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from qvl.runtime.video import VIDEO_OPTION_KEYS, VIDEO_SOURCE_KEYS
-
 
 def _stand_in_functional():
     import torch
@@ -130,20 +128,6 @@ def read_video(source: str | Path):
         return np.arange(metadata.total_num_frames, dtype=int)
 
     return read_video_pyav(str(source), sample_indices_fn=every_frame)
-
-
-def collect_video_blocks(messages: list[dict]) -> list[tuple[Any, dict]]:
-    """(source, options) of each `type == "video"` block in order (ProcessorMixin's keys; qvl's per-video keys)."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for block in content:
-            if isinstance(block, dict) and block.get("type") == "video":
-                source = next(block[k] for k in VIDEO_SOURCE_KEYS if k in block)
-                out.append((source, {k: block[k] for k in VIDEO_OPTION_KEYS if block.get(k) is not None}))
-    return out
 
 
 def process_with_videos(processor, checkpoint: Path, text: str, images: list, videos: list[tuple[Any, dict]],
