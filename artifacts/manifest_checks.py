@@ -202,7 +202,8 @@ def check_schema(m) -> None:
     _need(isinstance(source.get("config"), dict) and isinstance(source["config"].get("vision_config"), dict),
           "source.config.vision_config is missing")
     _need(isinstance(source.get("sha256", ""), str), "source.sha256 is not a string")
-    _need(source.get("chat_template") is None or source["chat_template"] in side,
+    _need(source.get("chat_template") is None or (isinstance(source["chat_template"], str)
+                                                   and source["chat_template"] in side),
           "source.chat_template does not name a recorded side file")
     emb = _section(m, "embedding")
     if emb.get("format") == EMBEDDING_MATMULNBITS:
