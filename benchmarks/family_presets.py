@@ -51,7 +51,7 @@ def _cpu() -> dict:
     return {"model": model, "cores": os.cpu_count(), "simd": simd}
 
 
-def measure(work: Path, preset: str, weights: str, threads: int | None, log: Path, cleanup: bool = False) -> dict:
+def measure(work: Path, preset: str, weights: str, threads: list[int] | None, log: Path, cleanup: bool = False) -> dict:
     ckpt, export, art = work / f"ckpt-{preset}", work / f"export-{preset}", work / f"{preset}-cpu-{weights}"
     row: dict = {"preset": preset, "weights": weights}
     steps = (("make_checkpoint", ckpt, ["make-checkpoint", "--preset", preset, "--out", str(ckpt)]),
@@ -79,14 +79,17 @@ def measure(work: Path, preset: str, weights: str, threads: int | None, log: Pat
             row["bytes"] = {"export": _bytes(export), "artifact": _bytes(art)}
             if cleanup:  # an 8B fp32 export is 35 GB: free it before the next preset's
                 shutil.rmtree(export)
-    run = ["run", str(art), "--prompt", "Describe a sunny day at the beach in detail.", "--max-new-tokens", "32",
-           "--device", "cpu", "--json"] + (["--threads", str(threads)] if threads else [])
-    result = _step(run, log)
-    row["run"] = {k: result[k] for k in ("seconds", "peak_rss_gb", "rc")}
-    if result["rc"] == 0:
-        stats = json.loads(result["stdout"].strip().splitlines()[-1])
-        row["run"].update({k: stats[k] for k in ("prompt_tokens", "generated_tokens", "time_to_first_token_s",
-                                                 "decode_tokens_per_s")})
+    row["runs"] = []
+    for n in threads or [None]:  # one decode measurement per thread count asked for
+        run = ["run", str(art), "--prompt", "Describe a sunny day at the beach in detail.", "--max-new-tokens",
+               "32", "--device", "cpu", "--json"] + (["--threads", str(n)] if n else [])
+        result = _step(run, log)
+        measured = {"threads": n, **{k: result[k] for k in ("seconds", "peak_rss_gb", "rc")}}
+        if result["rc"] == 0:
+            stats = json.loads(result["stdout"].strip().splitlines()[-1])
+            measured.update({k: stats[k] for k in ("prompt_tokens", "generated_tokens", "time_to_first_token_s",
+                                                   "decode_tokens_per_s")})
+        row["runs"].append(measured)
     if cleanup:
         for path in (ckpt, export, art):
             shutil.rmtree(path, ignore_errors=True)
@@ -98,7 +101,8 @@ def main() -> int:
     ap.add_argument("work", type=Path)
     ap.add_argument("--presets", default="4b,8b")
     ap.add_argument("--weights", default="int4", choices=["int4", "int8"])
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=lambda v: [int(n) for n in v.split(",")], default=None,
+                    help="decode thread counts, comma-separated (one run each; default: ORT's)")
     ap.add_argument("--cleanup", action="store_true", help="delete each preset's files once measured (disk)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here (also printed)")
     a = ap.parse_args()
