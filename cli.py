@@ -59,11 +59,36 @@ def _device_note(note: str | None) -> None:
         err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _load(artifact: Path, device: str, threads: int | None):
+RAM_BUDGET_HELP = ("run a partitioned artifact within this much process RAM (e.g. 1.5GiB): parts that do not fit are "
+                   "streamed from disk per use (slower, same output); `qvl-compile plan` shows the placement")
+VRAM_BUDGET_HELP = ("put decoder parts on the GPU up to this much device memory (e.g. 2GiB; enforced through the CUDA "
+                    "arena limit), the rest on the CPU; needs a partitioned artifact")
+CONTEXT_HELP = ("with --ram-budget / --vram-budget: positions (prompt + answer) the plan holds a KV cache for "
+                "(default 4096); a longer conversation is refused with the numbers")
+WARM_HELP = "read the artifact's files into the page cache first (parallel sequential reads): faster cold starts"
+
+
+def _budgets(ram_budget: Optional[str], vram_budget: Optional[str]) -> tuple[int | None, int | None]:
+    """--ram-budget / --vram-budget -> bytes, checked before any work."""
+    if ram_budget is None and vram_budget is None:
+        return None, None
+    from qvl.runtime.placement import parse_size
+
+    return (None if ram_budget is None else parse_size(ram_budget, "--ram-budget"),
+            None if vram_budget is None else parse_size(vram_budget, "--vram-budget"))
+
+
+def _load(artifact: Path, device: str, threads: int | None, ram_budget: int | None = None,
+          vram_budget: int | None = None, warm: bool = False, context: int | None = None, vision: bool = True):
     from qvl.runtime import load
 
-    model = load(artifact, device=device, threads=threads)
+    model = load(artifact, device=device, threads=threads, ram_budget=ram_budget, vram_budget=vram_budget, warm=warm,
+                 context=context, vision=vision)
     _device_note(model.device_note)
+    if model.plan is not None:
+        from qvl.runtime.backends.select import plan_note
+
+        _device_note(plan_note(model.plan))
     return model
 
 
@@ -513,6 +538,64 @@ def pack_cmd(
     err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
 
 
+@app.command("partition")
+def partition_cmd(
+    artifact: Path = typer.Argument(..., help="compiled ONNX Runtime artifact directory"),
+    out: Path = typer.Option(..., help="partitioned artifact directory to write (atomically)"),
+    every: Optional[int] = typer.Option(None, help="a new part every N decoder layers (1: one part per layer)"),
+    at: Optional[str] = typer.Option(None, help="comma-separated layer indices where a new part starts, e.g. 7,14,21"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+):
+    """Cut the decoder into layer-range parts (plus the final norm + lm_head as its own part) that share the
+    artifact's weights, so `run --ram-budget / --vram-budget` can place, stream and split them. Same output as the
+    unpartitioned artifact, bit for bit on the same device; weight files are hard-linked, not copied."""
+    from qvl.toolchain.compile.partition import partition_artifact
+
+    with err.status("partitioning") as status:
+        report = partition_artifact(artifact, out, every=every, at=at, overwrite=overwrite,
+                                    step=lambda m: status.update(m))
+    typer.echo(f"wrote {out}: {report.summary()}")
+    for p in report.parts:
+        start, stop = p["layers"]
+        what = f"layers {start}..{stop - 1}" if stop > start else "final norm + lm_head"
+        typer.echo(f"  {p['name']:<14} {what:<22} {p['weight_bytes'] / 1e6:9.2f} MB")
+
+
+@app.command("plan")
+def plan_cmd(
+    artifact: Path = typer.Argument(..., help="partitioned artifact directory (`qvl-compile partition`)"),
+    vram: Optional[str] = typer.Option(None, help="VRAM the parts may use, e.g. 2GiB (default: the GPU's, from NVML)"),
+    ram: Optional[str] = typer.Option(None, help="RAM budget, e.g. 1.5GiB or 8GB: parts past it are streamed"),
+    device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU) | cpu | cuda"),
+    context: Optional[int] = typer.Option(None, help="positions the KV cache is sized for (default: min(model, 4096))"),
+    prompt_tokens: int = typer.Option(256, help="text tokens of the prompt the TTFT is predicted for (no image)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of the measurement sessions"),
+    no_measure: bool = typer.Option(False, "--no-measure", help="stated speeds only (no timing on this machine)"),
+    as_json: bool = typer.Option(False, "--json", help="print Plan.to_json()"),
+    text_only: bool = typer.Option(False, "--text-only", help="plan no room for the vision encoder (what `run` "
+                                                               "does for a prompt without --image / --video)"),
+):
+    """Where each decoder part and the vision encoder run under a RAM / VRAM budget, why, and the predicted time to
+    first token and decode tok/s (measured on this machine in a few seconds, or stated with --no-measure)."""
+    _check_options(threads=threads)
+    from qvl.artifacts.manifest import read_manifest
+    from qvl.runtime.placement import describe, make_plan, measure_host, parse_size, require_partition, resolve_device
+
+    ram_budget = parse_size(ram, "--ram") if ram is not None else None
+    vram_budget = parse_size(vram, "--vram") if vram is not None else None
+    manifest = read_manifest(artifact, verify_graphs=False)
+    require_partition(manifest)
+    resolved, _ = resolve_device(manifest, device)
+    speeds = measure_host(manifest, threads=threads, device=resolved, measure=not no_measure, prompt_tokens=prompt_tokens)
+    plan = make_plan(manifest, ram_budget=ram_budget, vram_budget=vram_budget, device=device, context=context,
+                     prompt_tokens=prompt_tokens, speeds=speeds, vision=not text_only)
+    if as_json:
+        typer.echo(json.dumps(plan.to_json(), indent=1))
+        return
+    for line in describe(plan):
+        typer.echo(line)
+
+
 cache_app = typer.Typer(help="The content-addressed weight cache that `export` / `compile --cache` write into.",
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -646,6 +729,10 @@ def run_cmd(
     stop: List[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)"),
     device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
+    ram_budget: Optional[str] = typer.Option(None, "--ram-budget", help=RAM_BUDGET_HELP),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help=VRAM_BUDGET_HELP),
+    warm: bool = typer.Option(False, "--warm", help=WARM_HELP),
+    context: Optional[int] = typer.Option(None, "--context", help=CONTEXT_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming"),
     max_image_tokens: Optional[int] = typer.Option(None, help=MAX_IMAGE_TOKENS_HELP),
     min_pixels: Optional[int] = typer.Option(None, help=MIN_PIXELS_HELP),
@@ -674,6 +761,7 @@ def run_cmd(
                         max_video_tokens=max_video_tokens)
     _check_text("--prompt", prompt)
     _check_text("--stop", *stop)
+    budgets = _budgets(ram_budget, vram_budget)
     if draw_boxes is not None:
         from qvl.runtime.grounding import check_draw_target
 
@@ -683,7 +771,8 @@ def run_cmd(
         check_draw_target(draw_boxes)
     from qvl.runtime import GenerationStats
 
-    model = _load(artifact, device, threads)
+    # a text-only run under a budget plans no room for the vision encoder
+    model = _load(artifact, device, threads, *budgets, warm=warm, context=context, vision=bool(image or video))
     model.prompts.set_image_limits(max_image_tokens, min_pixels, max_pixels, flags=True)
     model.prompts.set_video_limits(max_video_tokens, fps, video_max_frames, video_total_pixels, flags=True)
     stats = GenerationStats()
@@ -772,6 +861,10 @@ def chat_cmd(
     max_new_tokens: int = typer.Option(256),
     threads: Optional[int] = typer.Option(None),
     device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
+    ram_budget: Optional[str] = typer.Option(None, "--ram-budget", help=RAM_BUDGET_HELP),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help=VRAM_BUDGET_HELP),
+    warm: bool = typer.Option(False, "--warm", help=WARM_HELP),
+    context: Optional[int] = typer.Option(None, "--context", help=CONTEXT_HELP),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache",
                                       help="keep the conversation's KV cache and encoded images between turns"),
     max_image_tokens: Optional[int] = typer.Option(None, help=MAX_IMAGE_TOKENS_HELP),
@@ -795,9 +888,10 @@ def chat_cmd(
     draft = _draft_config(speculative, draft_tokens, temperature)
     _decoding(None, greedy, temperature, top_p, top_k, draft is not None)  # flag conflicts, before any work
     _check_image_limits(max_image_tokens, min_pixels, max_pixels)
+    budgets = _budgets(ram_budget, vram_budget)
     from qvl.runtime import GenerationStats
 
-    model = _load(artifact, device, threads)
+    model = _load(artifact, device, threads, *budgets, warm=warm, context=context)
     model.prompts.set_image_limits(max_image_tokens, min_pixels, max_pixels, flags=True)
     decoding = _decoding(model, greedy, temperature, top_p, top_k, draft is not None)
     session = model.session() if prefix_cache else None
@@ -859,6 +953,9 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
     port: int = typer.Option(8000, help="TCP port (0: a free one, named on stderr)"),
     device: str = typer.Option("auto", help="auto (CUDA if usable, else CPU with a note) | cpu | cuda | trt (engine kit)"),
+    ram_budget: Optional[str] = typer.Option(None, "--ram-budget", help=RAM_BUDGET_HELP),
+    vram_budget: Optional[str] = typer.Option(None, "--vram-budget", help=VRAM_BUDGET_HELP),
+    warm: bool = typer.Option(False, "--warm", help=WARM_HELP),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)"),
     max_batch: int = typer.Option(4, help="KV slots: sequences decoded together in one decoder step (CPU, in-place "
                                           "GQA cache; elsewhere one at a time) and conversations whose cache is kept"),
@@ -896,9 +993,11 @@ def serve_cmd(
     limits = ServeLimits(max_body_bytes=max_body_bytes, max_image_pixels=max_image_pixels, max_images=max_images,
                          max_queue=max_queue, default_max_tokens=default_max_tokens, allow_dir=allow_dir,
                          max_videos=max_videos, max_video_frames=max_video_frames)
+    ram_bytes, vram_bytes = _budgets(ram_budget, vram_budget)
     opts = ServeOptions(host=host, port=port, device=device, threads=threads, max_batch=max_batch,
                         max_context=max_context, api_key=api_key, model_name=model_name, limits=limits,
-                        max_image_tokens=max_image_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
+                        max_image_tokens=max_image_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
+                        ram_budget=ram_bytes, vram_budget=vram_bytes, warm=warm)
     check_options(opts)
 
     def echo(line: str) -> None:

@@ -80,7 +80,13 @@ def _iter_chunks(path: Path, chunk_bytes: int):
             view = memoryview(m)
             try:
                 for k, off in enumerate(range(0, size, chunk_bytes)):
-                    digest = _blake3(view[off:off + chunk_bytes]).hexdigest()
+                    # each slice released before the next: the map cannot close while a view of it is exported
+                    # (seen on Python 3.12 with blake3's threaded hasher: "cannot close exported pointers exist")
+                    with view[off:off + chunk_bytes] as chunk:
+                        hasher = _blake3()
+                        hasher.update(chunk)
+                        digest = hasher.hexdigest()
+                        del hasher
                     if _DONTNEED is not None:  # unmap the chunk's pages: a mapped 8.5 GB store counts in our RSS
                         m.madvise(_DONTNEED, off, min(chunk_bytes, size - off))
                     yield k, off, digest

@@ -177,6 +177,41 @@ def _check_weights(w: dict, version: int) -> None:
           "weights.digest does not match weights.chunks")
 
 
+def _check_partition(p: dict, graphs: dict, weights: dict, model: dict) -> None:
+    """`partition`: version 1, parts naming graphs of the artifact, covering layers 0..L-1 once in order, the head
+    last; byte counts non-negative integers; ranges inside the weight files."""
+    _need(p.get("version") == 1, f"partition.version {p.get('version')!r} is not supported (this reader: 1)")
+    for key in ("vision_weight_bytes", "embedding_bytes", "boundary_bytes_per_position"):
+        _need(_is_int(p.get(key, 0)), f"partition.{key} is not a non-negative integer")
+    parts = p.get("parts")
+    _need(isinstance(parts, list) and len(parts) >= 2 and all(isinstance(q, dict) for q in parts),
+          "partition.parts is not a list of at least two parts")
+    layers = model.get("num_layers")
+    expect = 0
+    for i, q in enumerate(parts):
+        where = f"partition.parts[{i}]"
+        _need(isinstance(q.get("name"), str) and q["name"], f"{where}.name is missing")
+        _need(q.get("graph") in graphs and q["graph"] not in ("decoder", "vision"),
+              f"{where}.graph does not name a part graph of the artifact")
+        head = i == len(parts) - 1
+        _need(q.get("kind") == ("head" if head else "layers"), f"{where}.kind must be {'head' if head else 'layers'!r}")
+        span = q.get("layers")
+        _need(isinstance(span, list) and len(span) == 2 and all(_is_int(x) for x in span),
+              f"{where}.layers is not [start, stop]")
+        _need(span[0] == expect and (span[1] == span[0] if head else span[1] > span[0]),
+              f"{where}.layers {span} does not continue the parts before it")
+        expect = span[1]
+        _need(_is_int(q.get("weight_bytes")), f"{where}.weight_bytes is not a non-negative integer")
+        for key in ("inputs", "outputs"):
+            _need(isinstance(q.get(key, []), list) and all(isinstance(n, str) for n in q.get(key, [])),
+                  f"{where}.{key} is not a list of names")
+        for r in q.get("ranges", []):
+            ok = isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and _is_int(r[1]) and _is_int(r[2], 1)
+            size = _weight_file_bytes(weights, r[0]) if ok else None
+            _need(ok and size is not None and r[1] + r[2] <= size, f"{where}.ranges has a run outside the weight files")
+    _need(expect == layers, f"partition.parts cover layers 0..{expect - 1}, the model has {layers}")
+
+
 def check_schema(m) -> None:
     """Types of every manifest field the toolchain and runtime read (format and version checked before)."""
     graphs = _section(m, "graphs")
@@ -232,6 +267,9 @@ def check_schema(m) -> None:
     adapter = _section(m, "adapter", optional=True)
     if adapter is not None:
         _check_adapter(adapter)
+    partition = _section(m, "partition", optional=True)
+    if partition is not None:
+        _check_partition(partition, graphs, w, model)
     _need(isinstance(m.get("target", ""), str) and isinstance(m.get("created", ""), str), "target/created is not a string")
     _need(isinstance(m.get("steps", []), list) and all(isinstance(s, dict) for s in m.get("steps", [])),
           "steps is not a list of objects")

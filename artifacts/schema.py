@@ -16,6 +16,7 @@ Sections (keys of the top-level object):
   (`SideFile` per name), `decoder` (`DecoderInfo`, optional), `ort_optimized` (`OrtOptimized`, optional),
   `kit` (`Kit`, TensorRT engine kits only), `precision` / `sparsity` (opaque reports of the approximate steps).
 * `adapter` (`Adapter`, optional): the LoRA adapter merged into the weights before export (`compile --lora`).
+* `partition` (`Partition`, optional): the decoder's layer-range part graphs (`qvl-compile partition`).
 
 The file checks (hashes, the graphs' weight references, the weight store's digests) are `manifest.read_manifest`'s.
 The JSON-level checks and the format's constants are in `manifest_checks.py`. Standard library only besides
@@ -386,6 +387,49 @@ class Adapter(_Json):
 
 
 @dataclass(frozen=True)
+class DecoderPart(_Json):
+    """One part of a partitioned decoder (`partition.parts[i]`): graph `graph` runs layers [start, stop) (`kind`
+    "layers"), or the final norm and lm_head (`kind` "head", layers [L, L]). `inputs` / `outputs`: its graph's I/O
+    names (the decoder's own inputs it needs, its layers' KV, and the values crossing from / to other parts);
+    `weight_bytes`: the distinct external weight bytes it reads; `ranges`: those bytes as (file, offset, length)
+    runs of the weight files, in the graph's order (what prefetching or evicting the part touches)."""
+
+    name: str
+    graph: str
+    kind: str
+    layers: tuple
+    weight_bytes: int
+    inputs: tuple = ()
+    outputs: tuple = ()
+    ranges: tuple = ()
+
+    @classmethod
+    def from_json(cls, d):
+        return cls._load(d, layers=tuple, inputs=tuple, outputs=tuple,
+                         ranges=lambda rs: tuple(tuple(r) for r in rs))
+
+    @property
+    def layer_count(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass(frozen=True)
+class Partition(_Json):
+    """`partition` (`qvl-compile partition`, toolchain/compile/partition.py): the decoder cut into layer-range parts
+    sharing the artifact's weights, in execution order, the head last. The whole `decoder` graph stays too."""
+
+    version: int
+    parts: tuple
+    vision_weight_bytes: int = 0
+    embedding_bytes: int = 0
+    boundary_bytes_per_position: int = 0
+
+    @classmethod
+    def from_json(cls, d):
+        return cls._load(d, parts=lambda ps: tuple(DecoderPart.from_json(p) for p in ps))
+
+
+@dataclass(frozen=True)
 class Manifest(_Json):
     """`manifest.json`. Build one with `from_json` (validated) or in code; `to_json()` is what is written."""
 
@@ -407,6 +451,7 @@ class Manifest(_Json):
     activations: Mapping | None = None  # the fp16-activation step's report (`cuda` target)
     packing: Mapping | None = None  # the sibling-linear merge's report
     adapter: Adapter | None = None  # the merged LoRA adapter (`compile --lora`); absent: none
+    partition: Partition | None = None  # decoder parts (`qvl-compile partition`); absent: one decoder graph
     tool_versions: Mapping | None = None
     steps: tuple | None = None
     artifact_dir: Path | None = field(default=None, compare=False, metadata={"key": None})
@@ -424,7 +469,7 @@ class Manifest(_Json):
         m = cls._load(raw, source=Source.from_json, model=ModelInfo.from_json, graphs=_mapping_of(GraphEntry),
                       weights=Weights.from_json, embedding=Embedding.from_json, side_files=_mapping_of(SideFile),
                       decoder=DecoderInfo.from_json, ort_optimized=OrtOptimized.from_json, kit=Kit.from_json,
-                      adapter=Adapter.from_json,
+                      adapter=Adapter.from_json, partition=Partition.from_json,
                       steps=tuple)
         return dataclasses.replace(m, artifact_dir=Path(artifact_dir) if artifact_dir is not None else None)
 
@@ -468,6 +513,7 @@ def load_kit(kit) -> Kit:
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "FORMAT_VERSION_OBJECTS", "READ_VERSIONS", "MANIFEST", "WEIGHTS", "SIDE_FILES", "KIT_FORMAT", "KIT_VERSION",
     "Manifest", "Source", "ModelInfo", "GraphEntry", "IOValue", "Weights", "SideFile", "TensorRef", "Embedding",
-    "DecoderInfo", "OrtOptimized", "OptimizedGraph", "Kit", "KitGraph", "KitBuild", "MemoryFit", "Adapter", "load_kit",
+    "DecoderInfo", "OrtOptimized", "OptimizedGraph", "Kit", "KitGraph", "KitBuild", "MemoryFit", "Adapter", "Partition",
+    "DecoderPart", "load_kit",
     "check_manifest", "check_paths",
 ]

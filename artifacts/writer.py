@@ -109,8 +109,12 @@ def load_graphs(manifest: Manifest) -> dict:
     artifact's cached payloads are memory-mapped, see `_map_weight_objects`)."""
     import onnx_ir as ir
 
-    graphs = {name: ir.load(str(manifest.graph_path(name))) for name in manifest.graphs}
-    if manifest.weights.is_objects:
+    # A partitioned artifact's part graphs are cuts of its decoder: a derived artifact (compile, passes) starts from
+    # the whole decoder again and is partitioned afresh if wanted.
+    parts = {p.graph for p in manifest.partition.parts} if manifest.partition is not None else set()
+    graphs = {name: ir.load(str(manifest.graph_path(name))) for name in manifest.graphs if name not in parts}
+    # a format-1 store hard-linked into a partitioned copy (`qvl-compile partition`) has more than one link too
+    if manifest.weights.is_objects or any(os.stat(manifest.path(rel)).st_nlink > 1 for rel in manifest.weights.files):
         for model in graphs.values():
             _map_weight_objects(model, manifest)
     if "decoder" in graphs:
@@ -144,11 +148,12 @@ def _stored_host_embedding(manifest: Manifest, decoder) -> dict | None:
 
 
 def _map_weight_objects(model, manifest: Manifest) -> None:
-    """Replace each initializer that references a format-2 weight object by a read-only memory map of it.
+    """Replace each initializer that references a weight file (a format-2 object, or a hard-linked format-1 store) by
+    a read-only memory map of it.
 
     onnx-ir >= 1.1 (like onnx >= 1.19) refuses external-data files with more than one hard link (a guard against
     a hard-linked secret passing its path checks), and a cached payload is such a link by design (the weight
-    cache and every artifact using it). `read_manifest` has checked each object's bytes against the blake3 its
+    cache and every artifact using it), as is the store of an artifact that was partitioned. `read_manifest` has checked each object's bytes against the blake3 its
     name and the manifest record -- content the writer chose, so nothing unknown is read -- and numpy maps them
     without the guard. The models are re-saved through `save_graphs` (a new store); no copy is made here."""
     import numpy as np

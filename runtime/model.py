@@ -98,6 +98,7 @@ class Model:
         self.engine = runner  # the name callers used before the runner protocol
         self.device = runner.device
         self.device_note = device_note  # why `device="auto"` ended on the CPU (or an int8 saturation note), else None
+        self.plan = None  # the placement plan under --ram-budget / --vram-budget (`load`), else None
         artifact = Path(runner.artifact)
         # The chat template from the file the exporter resolved (manifest `source.chat_template`; artifacts
         # exported before it was recorded resolve transformers' precedence again, which gives the same file).
@@ -566,13 +567,29 @@ def _fill(messages: list, images: list) -> list:
     return out
 
 
-def load(artifact: str | Path, device: str = "auto", threads: int | None = None) -> Model:
+def load(artifact: str | Path, device: str = "auto", threads: int | None = None, ram_budget: int | None = None,
+         vram_budget: int | None = None, warm: bool = False, context: int | None = None,
+         vision: bool = True) -> Model:
     """Load `artifact` on `device`: "auto" (CUDA when onnxruntime has a usable CUDA provider for it, else the
     CPU, with `Model.device_note` saying why), "cpu", "cuda" (ONNX Runtime's CUDA provider) or "trt" (a
-    TensorRT engine kit's built engines). The rules are in `runtime/backends/select.py`."""
+    TensorRT engine kit's built engines). The rules are in `runtime/backends/select.py`.
+
+    `ram_budget` / `vram_budget` (bytes): run a partitioned artifact (`qvl-compile partition`) as the placement
+    planner decides (`runtime/placement.py`; the plan is `Model.plan`), its KV cache planned for `context` positions
+    (default: the planner's, 4096; a longer sequence is refused), and with `vision` False for text-only requests
+    (the vision encoder is then not planned for; an image later is refused). `warm`: read the artifact's files into the
+    page cache first, in parallel sequential reads (`runtime/residency.warm_artifact`), instead of the scattered
+    reads of session creation."""
     from qvl.runtime.backends.select import check_device, load_runner
 
     check_device(device)
     check_options(threads=threads)
-    runner, sel = load_runner(Path(artifact), device=device, threads=threads)
-    return Model(runner, device_note=sel.note)
+    if warm:
+        from qvl.runtime.residency import warm_artifact
+
+        warm_artifact(Path(artifact), threads=threads or 2)
+    runner, sel = load_runner(Path(artifact), device=device, threads=threads, ram_budget=ram_budget,
+                              vram_budget=vram_budget, context=context, vision=vision)
+    model = Model(runner, device_note=sel.note)
+    model.plan = sel.plan
+    return model

@@ -26,8 +26,9 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 
 @dataclass(frozen=True)
 class Selection:
-    device: str  # the resolved device: "cpu" | "cuda" | "trt"
+    device: str  # the resolved device: "cpu" | "cuda" | "trt" | "cpu+cuda" (a split placement)
     note: str | None = None  # set when "auto" fell back to the CPU: why
+    plan: object | None = None  # the `runtime.placement.Plan` a --ram-budget / --vram-budget load executes
 
 
 def check_device(device: str) -> str:
@@ -145,9 +146,14 @@ def _check_trt(artifact: Path, manifest) -> None:
     _import_tensorrt()  # one line naming the missing library
 
 
-def load_runner(artifact: str | Path, device: str = "auto", threads: int | None = None):
-    """(runner, Selection) for `artifact` on `device` (rules in the module docstring)."""
+def load_runner(artifact: str | Path, device: str = "auto", threads: int | None = None,
+                ram_budget: int | None = None, vram_budget: int | None = None, prefetch: bool = True,
+                context: int | None = None, vision: bool = True):
+    """(runner, Selection) for `artifact` on `device` (rules in the module docstring). With a RAM or VRAM budget
+    the artifact must be partitioned: the placement planner's plan runs on a `PartitionedEngine`."""
     artifact = Path(artifact)
+    if ram_budget is not None or vram_budget is not None:
+        return _load_planned(artifact, device, threads, ram_budget, vram_budget, prefetch, context, vision)
     sel = resolve(artifact, device)
     if sel.device == "trt":
         from qvl.runtime.backends.tensorrt import TrtEngine
@@ -163,3 +169,51 @@ def load_runner(artifact: str | Path, device: str = "auto", threads: int | None 
                 raise
             sel = Selection("cpu", f"running on CPU: the CUDA provider could not load the artifact: {exc}")
     return Engine(artifact, device="cpu", threads=threads), sel
+
+
+def _load_planned(artifact: Path, device: str, threads: int | None, ram_budget: int | None,
+                  vram_budget: int | None, prefetch: bool, context: int | None, vision: bool):
+    """A partitioned artifact under budgets: `placement.make_plan` decides per part (device, kept or streamed),
+    `PartitionedEngine` executes it, a `Prefetcher` reads the next streamed part's weights while one computes."""
+    from qvl.artifacts.manifest import read_manifest
+    from qvl.runtime.backends.partitioned import release_freed_memory
+    from qvl.runtime.placement import make_plan, measure_host, resolve_device
+
+    check_device(device)
+    if device == "trt":
+        raise QvlError("--ram-budget / --vram-budget place ONNX Runtime parts; TensorRT engine kits are not partitioned",
+                       hint="use --device auto, cpu or cuda with a partitioned ONNX Runtime artifact")
+    manifest = read_manifest(artifact)  # verified before the planner opens any part graph
+    if manifest.partition is None:
+        raise QvlError(f"--ram-budget / --vram-budget need a partitioned artifact; {artifact} has one decoder graph",
+                       hint=f"make one with `qvl-compile partition {artifact} --out DIR --every 1`")
+    planned_device, _ = resolve_device(manifest, device)  # `--device cuda` without a CUDA provider: one line, here
+    speeds = measure_host(manifest, threads=threads, device=planned_device)  # ~1 s: the first layer part and the head
+    release_freed_memory()  # the measuring sessions' heap, before the budgeted runner loads
+    plan = make_plan(manifest, ram_budget=ram_budget, vram_budget=vram_budget, device=device, speeds=speeds,
+                     context=context, prompt_tokens=min(256, context or 256), vision=vision,
+                     ram_flag="--ram-budget", vram_flag="--vram-budget")
+    from qvl.runtime.backends.partitioned import PartitionedEngine
+
+    prefetcher = None
+    if prefetch and any(p.residency == "stream" for p in plan.placement().values()):
+        from qvl.runtime.residency import Prefetcher
+
+        prefetcher = Prefetcher()
+    runner = PartitionedEngine(artifact, plan.placement(), threads=threads, vision_placement=plan.vision_placement(),
+                               prefetcher=prefetcher, max_positions=plan.context, vision=vision)
+    return runner, Selection(runner.device, None, plan)
+
+
+def plan_note(plan) -> str:
+    """One line for stderr: how many parts (and weight bytes) run where, kept or streamed."""
+    groups: dict[str, list] = {}
+    for d in plan.parts:
+        pl = d.placement
+        where = f"{pl.residency} on {pl.device}" + (f" (prefill on {pl.prefill_device})"
+                                                     if pl.prefill_device and pl.prefill_device != pl.device else "")
+        groups.setdefault(where, []).append(d)
+    parts = ", ".join(f"{len(ds)} {'part' if len(ds) == 1 else 'parts'} {k} ({sum(x.weight_bytes for x in ds) / 1e6:.0f} MB)"
+                      for k, ds in groups.items())
+    vision = plan.vision_placement()
+    return f"placement: {parts}; vision {vision.residency} on {vision.device} (`qvl-compile plan` explains it)"

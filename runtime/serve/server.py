@@ -36,6 +36,11 @@ class ServeOptions:
     max_image_tokens: int | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # a partitioned artifact under budgets (runtime/placement.py): decoded one sequence at a time (the parts have
+    # no batched step); `warm`: page-cache warming at load
+    ram_budget: int | None = None
+    vram_budget: int | None = None
+    warm: bool = False
 
 
 def check_options(opts: ServeOptions) -> None:
@@ -102,9 +107,14 @@ def build_state(artifact: Path, opts: ServeOptions, echo=None):
     from qvl.runtime.serve.metrics import ServeMetrics
     from qvl.runtime.serve.scheduler import Scheduler
 
-    model = load(artifact, device=opts.device, threads=opts.threads)
+    model = load(artifact, device=opts.device, threads=opts.threads, ram_budget=opts.ram_budget,
+                 vram_budget=opts.vram_budget, warm=opts.warm)
     if model.device_note and echo:
         echo(f"note: {model.device_note}")
+    if model.plan is not None and echo:
+        from qvl.runtime.backends.select import plan_note
+
+        echo(f"note: {plan_note(model.plan)}")
     model.prompts.set_image_limits(opts.max_image_tokens, opts.min_pixels, opts.max_pixels, flags=True)
     capacity = min(model.context_length, opts.max_context or 4096)
     metrics = ServeMetrics()

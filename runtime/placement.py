@@ -1,0 +1,817 @@
+"""The placement planner of a partitioned artifact (`qvl-compile plan`; `run/chat/serve --ram-budget/--vram-budget`):
+per decoder part and for the vision encoder, where it runs (`PartPlacement`: device, residency, prefill device,
+VRAM cap), why, and what that predicts (time to first token, decode tok/s). `make_plan` is pure arithmetic on the
+manifest's byte counts and a `HostSpeeds`; `measure_host` makes that from this machine (or from stated constants).
+
+Memory model. RAM: `process` (this process's RSS after importing numpy + onnxruntime; stated 100 MB) + `tokenizer`
+(the RSS a load of the artifact's tokenizer.json adds; stated 10x the file) + `embedding_rows` (the mmap pages a
+context of token ids can touch: context x pages per row, at most the table) + the KV cache of the parts decoding on
+the CPU (2 x layers x kv_heads x head_dim x itemsize x context, per part) + resident weights (ORT copies every
+initializer into its heap) + the one stream slot (the largest streamed part, alive only while it runs) + the vision
+weights when resident on the CPU + `cuda_runtime` (CUDA_HOST_BYTES, stated) when anything runs on CUDA. VRAM:
+CUDA_CONTEXT_BYTES + per resident part its weights, KV and its session's workspace (`_Costs.session_vram`: WORKSPACE_BYTES
+stated, plus MatMulNBits' fp32 dequantization scratch for quantized layers), plus the largest transient
+session (a CPU part's prefill on the GPU, a streamed vision encoder).
+
+Rules (deterministic; tests/test_plan.py):
+1. Device: `cpu`, or `auto` without a usable CUDA provider (`select.cuda_provider_missing`) or with a blocked artifact
+   (`select.cuda_blocker`: a `shared` KV artifact's fp32 GroupQueryAttention has no CUDA kernel): every part on the
+   CPU, with a note. `make_plan(device="cuda")` plans for the GPU that `gpu_memory` (else NVML, else the VRAM
+   budget) describes without probing the provider; `resolve_device` / `require_cuda` probe it (the CLI does).
+   A `scatter` KV artifact (cuda-sm61, the Pascal form: ONNX TensorScatter + Attention) splits like the others
+   where this onnxruntime's CPU provider has TensorScatter (`cpu_runs_scatter`, onnxruntime >= 1.23). With an older
+   CPU provider its parts cannot run on the CPU: every part goes to CUDA, its KV in VRAM, and the parts that do not
+   fit stream to the GPU each use (rule 3's choice, applied to VRAM).
+2. GPU: parts take VRAM in execution order (a prefix: one crossing per step) while weights + KV at context +
+   workspace fit and the GPU decode step is predicted faster; each gets `vram_limit` = weights + workspace.
+   A CPU part gets `prefill_device="cuda"` when prompt_tokens >= the engine's prefill_min_tokens, its session fits
+   the VRAM left, and GPU prefill + session + copying its weights (file -> host -> device at h2d) + its KV back beats
+   the CPU prefill. The vision encoder: on CUDA when that beats the CPU for a REFERENCE_PATCHES image, `vram` if it
+   fits beside the residents and the largest prefill session, else `stream`.
+3. RAM: without a budget every CPU part is resident ("ram"). With one, parts stream smallest first (ties: later in
+   execution order first) until the resident set + the slot fit, then streamed parts return to resident, largest
+   first (ties: earlier first), while it still fits. The vision encoder streams first, before any decoder part,
+   whenever everything resident does not fit: it runs once per image, a decoder part once per token (its slot is
+   shared with the parts': they never run at the same time). Below the all-streamed minimum:
+   QvlError naming it. Streaming one part alone saves nothing (its slot is its size): at least two stream.
+4. Times: a part's decode step = (weights + KV read at prompt_tokens) / its device's rate (+ session creation and
+   its bytes at min(load, disk) when streamed; + GPU step overhead on CUDA); prefill = weights x positions /
+   prefill rate (the head runs one position); a device boundary costs its tensors / h2d + crossing latency; the
+   KV read and attention's quadratic term are not modelled beyond that. TTFT = prefill of a prompt_tokens text
+   prompt (no image; `phases["vision"]["seconds"]` is the per-image cost). Every number's source is "measured"
+   or "stated" (`HostSpeeds`, `Speed.how` says which part was timed or what constant it is).
+
+`Plan.to_json()` keys (stable): artifact, device, context, prompt_tokens, image (false), ram_budget, vram_budget,
+gpu_memory, ram_bytes, vram_bytes, fixed {process, tokenizer, embedding_rows, kv, vision, stream_slot, cuda_runtime},
+parts [{name, kind, layers, weight_bytes, kv_bytes, placement {device, residency, prefill_device, vram_limit, exclusive},
+decode_s, prefill_s, reason}], vision (the same keys), phases {vision, prefill, decode}, predicted {ttft_s,
+decode_tok_s, prompt_tokens, image, vision_s}, speeds {name: {value, unit, source, how}}, notes [str].
+`placements_from_json` reads the placements back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, fields, replace
+
+from qvl.errors import QvlError
+from qvl.runtime.backends.partitioned import PartPlacement
+
+MB, MIB = 10**6, 2**20
+PAGE = 4096
+DEFAULT_CONTEXT = 4096  # serve's default slot size; --context overrides
+PREFILL_CAP = 128  # positions of the measured prefill step (prefill cost is linear in them here)
+REFERENCE_PATCHES = 1024  # a 512x512 image: 256 image tokens
+WORKSPACE_BYTES = 64 * MIB  # stated per CUDA decoder session: activations of a prefill step, cuBLAS workspace
+VISION_WORKSPACE_BYTES = 256 * MIB  # stated: the vision encoder's activations for a reference image
+CUDA_CONTEXT_BYTES = 300 * MIB  # stated: the CUDA context + ORT's kernels on the card
+CUDA_HOST_BYTES = 300 * MIB  # stated: host RSS the CUDA runtime adds to the process
+# Stated speeds of the 2019 laptop (i5-10210U, DDR4-2666 x2, NVMe, MX250 2 GB on PCIe 3 x4).
+CPU_MEMORY_BW, CPU_EFFICIENCY, CPU_FLOPS = 40e9, 0.5, 120e9
+GPU_MEMORY_BW, GPU_EFFICIENCY, GPU_FLOPS = 48e9, 0.6, 0.5e12
+DISK_BW, H2D_BW, LOAD_BW = 2e9, 3e9, 4e9
+CPU_SESSION_S, GPU_SESSION_S, GPU_STEP_S, CROSSING_S = 0.02, 0.1, 2e-4, 5e-5
+PROCESS_BYTES, TOKENIZER_FACTOR = 100 * MB, 10
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*", re.I)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes from "2GiB", "512MiB", "8GB" (decimal), "1.5G" (a bare K/M/G/T is binary), "1000000"; QvlError naming
+    `flag` for anything else or a size <= 0."""
+    m = _SIZE.fullmatch(str(text))
+    if m is None or (m.group(3).lower() == "i") or (m.group(3).lower() == "ib" and not m.group(2)):
+        raise QvlError(f"{flag} {text!r} is not a size", hint="e.g. 2GiB, 512MiB, 8GB, 1.5G or a byte count")
+    unit = "kmgt".index(m.group(2).lower()) + 1 if m.group(2) else 0
+    base = 1000 if m.group(3).lower() == "b" else 1024
+    value = int(float(m.group(1)) * base ** unit)
+    if value <= 0:
+        raise QvlError(f"{flag} {text!r} must be larger than 0 bytes", hint="e.g. 2GiB")
+    return value
+
+
+@dataclass(frozen=True)
+class Speed:
+    value: float
+    unit: str
+    source: str  # "measured" | "stated"
+    how: str
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "unit": self.unit, "source": self.source, "how": self.how}
+
+
+@dataclass(frozen=True)
+class HostSpeeds:
+    """What the plan's times and fixed RAM come from; every field a `Speed` with its source."""
+
+    cpu_decode: Speed  # weight bytes / s of a layer part's one-position step on the CPU
+    cpu_head: Speed  # the same for the head (final norm + lm_head)
+    cpu_prefill: Speed  # weight bytes x positions / s of a layer part's prefill step on the CPU
+    cpu_session: Speed  # s a streamed use costs beyond its bytes at `load` (session made, dropped, heap trimmed)
+    load: Speed  # bytes / s ORT reads and copies initializers at session creation
+    disk: Speed  # bytes / s a streamed part's weights are read from the disk
+    process: Speed  # bytes: RSS of the process with numpy + onnxruntime imported
+    tokenizer: Speed  # bytes: RSS the artifact's tokenizer adds
+    gpu_decode: Speed
+    gpu_prefill: Speed
+    gpu_session: Speed
+    gpu_step: Speed  # s of kernel launches per part step on CUDA
+    h2d: Speed  # bytes / s host <-> device
+    crossing: Speed  # s of latency per device crossing
+    heap: Speed | None = None  # RSS a kept CPU session holds per weight byte (ORT's prepacked copies, allocator)
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name).to_json() for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class PartDecision:
+    name: str
+    kind: str  # "layers" | "head" | "vision"
+    layers: tuple
+    weight_bytes: int
+    kv_bytes: int
+    placement: PartPlacement
+    reason: str
+    decode_s: float = 0.0  # per token (the vision encoder: 0)
+    prefill_s: float = 0.0  # for prompt_tokens positions (the vision encoder: per reference image)
+
+    def to_json(self) -> dict:
+        p = self.placement
+        placement = {"device": p.device, "residency": p.residency, "prefill_device": p.prefill_device,
+                     "vram_limit": p.vram_limit, "exclusive": p.exclusive}
+        return {"name": self.name, "kind": self.kind, "layers": list(self.layers), "weight_bytes": self.weight_bytes,
+                "kv_bytes": self.kv_bytes, "placement": placement, "decode_s": self.decode_s,
+                "prefill_s": self.prefill_s, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Plan:
+    artifact: str
+    device: str
+    parts: tuple
+    vision: PartDecision
+    phases: dict
+    ram_budget: int | None
+    vram_budget: int | None
+    gpu_memory: int | None
+    context: int
+    prompt_tokens: int
+    ram_bytes: int
+    vram_bytes: int
+    fixed: dict
+    predicted: dict
+    speeds: HostSpeeds
+    notes: tuple
+
+    def placement(self) -> dict:
+        """What `PartitionedEngine(placement=...)` takes."""
+        return {d.name: d.placement for d in self.parts}
+
+    def vision_placement(self) -> PartPlacement:
+        return self.vision.placement
+
+    def to_json(self) -> dict:
+        return {"artifact": self.artifact, "device": self.device, "context": self.context,
+                "prompt_tokens": self.prompt_tokens, "image": False, "ram_budget": self.ram_budget,
+                "vram_budget": self.vram_budget, "gpu_memory": self.gpu_memory, "ram_bytes": self.ram_bytes,
+                "vram_bytes": self.vram_bytes, "fixed": dict(self.fixed), "parts": [d.to_json() for d in self.parts],
+                "vision": self.vision.to_json(), "phases": self.phases, "predicted": self.predicted,
+                "speeds": self.speeds.to_json(), "notes": list(self.notes)}
+
+
+def placements_from_json(data: dict) -> tuple[dict, PartPlacement]:
+    """(part name -> PartPlacement, the vision encoder's) from `Plan.to_json()` output."""
+    parts = {p["name"]: PartPlacement(**p["placement"]) for p in data["parts"]}
+    return parts, PartPlacement(**data["vision"]["placement"])
+
+
+def cpu_runs_scatter() -> bool:
+    """Whether this onnxruntime's CPU provider runs ONNX TensorScatter (opset 24), the in-place KV write of a
+    `scatter` artifact: a one-node session, made once per process."""
+    global _CPU_SCATTER
+    if _CPU_SCATTER is None:
+        import base64
+
+        import onnxruntime as ort
+
+        try:
+            ort.InferenceSession(base64.b64decode(_SCATTER_PROBE), providers=["CPUExecutionProvider"])
+            _CPU_SCATTER = True
+        except Exception:  # NOT_IMPLEMENTED / INVALID_GRAPH: no CPU kernel for it in this onnxruntime
+            _CPU_SCATTER = False
+    return _CPU_SCATTER
+
+
+# One TensorScatter node (past [1,1,2,1], new [1,1,1,1], write index [1] -> out; axis 2; opset 24, IR 10), serialized
+# with onnx.helper: the runtime does not depend on the onnx package. tests/test_plan.py rebuilds it with onnx.
+_SCATTER_PROBE = ("CAo6lwEKMAoEcGFzdAoDbmV3CgJhdBIDb3V0Ig1UZW5zb3JTY2F0dGVyKgsKBGF4aXMYAqABAhIFcHJvYmVaHgoEcGFzdBIWChQIARIQ"
+                  "CgIIAQoCCAEKAggCCgIIAVodCgNuZXcSFgoUCAESEAoCCAEKAggBCgIIAQoCCAFaEAoCYXQSCgoICAcSBAoCCAFiCwoDb3V0EgQKAggBQgQKABAY")
+_CPU_SCATTER: bool | None = None
+
+
+def require_partition(manifest):
+    if manifest.partition is None:
+        art = manifest.artifact_dir or "ART"
+        raise QvlError(f"{art} is not partitioned: there are no parts to place",
+                       hint=f"make a partitioned copy with `qvl-compile partition {art} --out DIR --every 1`")
+    return manifest.partition
+
+
+def require_cuda() -> None:
+    from qvl.runtime.backends.select import cuda_provider_missing
+
+    if cuda_provider_missing():
+        raise QvlError("device 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDA provider",
+                       hint="pip install onnxruntime-gpu (and check the driver with nvidia-smi), or --device cpu")
+
+
+def resolve_device(manifest, device: str) -> tuple[str, list[str]]:
+    """("cpu" | "cuda", notes) for `--device auto|cpu|cuda` on this machine (rule 1)."""
+    from qvl.runtime.backends.select import cuda_blocker, cuda_provider_missing
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise QvlError(f"unknown device {device!r} for a plan", hint="use auto, cpu or cuda")
+    if device == "cuda":
+        require_cuda()
+    if device == "auto":
+        why = cuda_provider_missing() or cuda_blocker(manifest)
+        return ("cpu", [f"planning for the CPU: {why}"]) if why else ("cuda", [])
+    return device, []
+
+
+# -- measuring this machine --------------------------------------------------------------------------------------
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _params_per_byte(manifest) -> float:
+    """Decoder parameters per weight byte (prefill FLOPs = 2 x parameters x positions): from the precision report's
+    fp32 bytes before / after quantization, else the activation dtype's size."""
+    layers = (manifest.precision or {}).get("layers") or {}
+    before = sum(d.get("bytes_before", 0) for k, d in layers.items() if k.startswith("decoder") and isinstance(d, dict))
+    after = sum(d.get("bytes_after", 0) for k, d in layers.items() if k.startswith("decoder") and isinstance(d, dict))
+    return before / 4 / after if before and after else 1 / _kv_itemsize(manifest)
+
+
+def _kv_itemsize(manifest) -> int:
+    inputs = {v.name: v for v in manifest.graphs["decoder"].inputs} if "decoder" in manifest.graphs else {}
+    return 2 if getattr(inputs.get("past_key_0"), "dtype", None) == "float16" else 4
+
+
+def stated_speeds(manifest) -> HostSpeeds:
+    flops_per_byte = 2 * _params_per_byte(manifest)
+    tok = manifest.artifact_dir / "tokenizer.json" if manifest.artifact_dir else None
+    tok_bytes = TOKENIZER_FACTOR * tok.stat().st_size if tok is not None and tok.is_file() else 50 * MB
+    s = lambda v, unit, how: Speed(float(v), unit, "stated", how)  # noqa: E731
+    roofline = f"{CPU_MEMORY_BW / 1e9:g} GB/s DDR4 roofline x {CPU_EFFICIENCY}"
+    return HostSpeeds(
+        cpu_decode=s(CPU_MEMORY_BW * CPU_EFFICIENCY, "B/s", roofline),
+        cpu_head=s(CPU_MEMORY_BW * CPU_EFFICIENCY, "B/s", roofline),
+        cpu_prefill=s(CPU_FLOPS / flops_per_byte, "B*pos/s",
+                      f"{CPU_FLOPS / 1e9:g} GFLOP/s AVX2, {flops_per_byte:.2f} FLOP per weight byte"),
+        cpu_session=s(CPU_SESSION_S, "s", "ORT session creation"),
+        load=s(LOAD_BW, "B/s", "initializer copy at session creation"),
+        disk=s(DISK_BW, "B/s", "NVMe read"),
+        process=s(PROCESS_BYTES, "B", "numpy + onnxruntime + the CLI"),
+        tokenizer=s(tok_bytes, "B", f"{TOKENIZER_FACTOR}x tokenizer.json" if tok is not None else "stated"),
+        gpu_decode=s(GPU_MEMORY_BW * GPU_EFFICIENCY, "B/s", f"MX250 {GPU_MEMORY_BW / 1e9:g} GB/s x {GPU_EFFICIENCY}"),
+        gpu_prefill=s(GPU_FLOPS / flops_per_byte, "B*pos/s", f"MX250 {GPU_FLOPS / 1e12:g} TFLOP/s effective fp32"),
+        gpu_session=s(GPU_SESSION_S, "s", "CUDA session creation"),
+        gpu_step=s(GPU_STEP_S, "s", "kernel launches per part step"),
+        h2d=s(H2D_BW, "B/s", "PCIe 3 x4 (MX250)"),
+        crossing=s(CROSSING_S, "s", "per device crossing"),
+        heap=s(1.0, "x", "a kept session's RSS = its weight bytes (no packing overhead assumed)"))
+
+
+def _zero_feeds(session, positions: int, kv_mode: str) -> dict:
+    import numpy as np
+
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32}
+    feeds = {}
+    for inp in session.get_inputs():
+        past = 0 if kv_mode == "concat" else positions  # concat grows from empty; in-place caches hold `positions`
+        shape = [d if isinstance(d, int) else 1 if d in ("batch", "positions") else past if "past" in str(d)
+                 else positions for d in inp.shape]
+        if inp.name == "position_ids":
+            feeds[inp.name] = np.broadcast_to(np.arange(positions, dtype=np.int64), shape).copy()
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones(shape, np.int64)
+        elif inp.name == "logit_positions":
+            feeds[inp.name] = np.array([positions - 1], np.int64)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtypes.get(inp.type, np.float32))
+    return feeds
+
+
+def _time_part(manifest, spec, providers, threads, positions: tuple, cycles: int = 1):
+    """(best s of one streamed use's overhead, {positions: median step s}) for one part, on real zero inputs. A
+    streamed use is what `PartitionedEngine` does per use: a session with the arena off, dropped, the heap trimmed."""
+    import onnxruntime as ort
+
+    from qvl.runtime.backends.partitioned import part_session_options, release_freed_memory
+
+    path, best = str(manifest.graph_path(spec.graph)), math.inf
+    for _ in range(cycles):
+        start = time.perf_counter()
+        session = ort.InferenceSession(path, part_session_options(threads, kept=False), providers=providers)
+        session = None
+        release_freed_memory()
+        best = min(best, time.perf_counter() - start)
+    before = _rss()
+    session = ort.InferenceSession(path, part_session_options(threads), providers=providers)
+    after = _rss()
+    _time_part.rss_growth = (after - before) if before is not None and after is not None else None
+    steps = {}
+    on_gpu = providers[0] != "CPUExecutionProvider"
+    for n in positions:
+        feeds = _zero_feeds(session, n, manifest.kv_mode)
+        if on_gpu:  # as the engine binds a CUDA part: its KV and outputs stay in device memory (no copies timed)
+            from qvl.runtime.backends.ort_cache import ortvalue
+
+            io = session.io_binding()
+            for name, value in feeds.items():
+                if name.startswith("past_"):
+                    io.bind_ortvalue_input(name, ortvalue(value, "cuda"))
+                else:
+                    io.bind_cpu_input(name, value)
+            for o in session.get_outputs():
+                io.bind_output(o.name, "cuda")
+            run = lambda: session.run_with_iobinding(io)  # noqa: E731
+        else:
+            run = lambda: session.run(None, feeds)  # noqa: E731
+        run()  # warm-up
+        times, until = [], time.perf_counter() + 1.0
+        while len(times) < 5 and (len(times) < 2 or time.perf_counter() < until):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        steps[n] = statistics.median(times)
+    return best, steps
+
+
+def measure_host(manifest, threads: int | None = None, device: str = "cpu", measure: bool = True,
+                 prompt_tokens: int = 256) -> HostSpeeds:
+    """This machine's `HostSpeeds`: stated constants, with `measure` the CPU's (and, with device "cuda", the GPU's)
+    replaced by timings of the artifact's first layer part and its head (a few seconds at 2B size)."""
+    require_partition(manifest)
+    speeds = stated_speeds(manifest)
+    if not measure:
+        return speeds
+    import numpy  # noqa: F401  (the baseline is this process with both imported)
+    import onnxruntime  # noqa: F401
+
+    got = {}
+    rss = _rss()
+    if rss is not None:
+        got["process"] = Speed(float(rss), "B", "measured", "RSS of this process with numpy + onnxruntime imported")
+        tok = manifest.artifact_dir / "tokenizer.json"
+        if tok.is_file():
+            from tokenizers import Tokenizer
+
+            loaded = Tokenizer.from_file(str(tok))
+            grown = (_rss() or rss) - rss
+            del loaded
+            if grown > 0:
+                got["tokenizer"] = Speed(float(grown), "B", "measured", "RSS growth loading tokenizer.json")
+    from qvl.runtime.backends.select import cuda_blocker
+
+    got.update(_measure_parts(manifest, "cpu", ["CPUExecutionProvider"], threads, prompt_tokens))
+    if device == "cuda" and not cuda_blocker(manifest):  # a blocked artifact's parts stay on the CPU anyway
+        require_cuda()
+        from qvl.runtime.backends.ort import _ORT_ERRORS, Engine
+
+        try:
+            got.update(_measure_parts(manifest, "gpu", Engine._providers("cuda"), threads, prompt_tokens))
+            got["gpu_step"] = Speed(0.0, "s", "measured", "included in gpu_decode / gpu_prefill's timed steps")
+            got["h2d"] = _measure_h2d()
+        except _ORT_ERRORS as exc:  # no device, driver too old: the stated GPU speeds stay, saying why
+            why = str(exc).splitlines()[0][:120]
+            got.update({f.name: replace(getattr(speeds, f.name), how=f"{getattr(speeds, f.name).how} (measuring "
+                                        f"failed: {why})") for f in fields(speeds) if f.name.startswith("gpu")})
+    return replace(speeds, **got)
+
+
+def _measure_parts(manifest, dev: str, providers: list, threads: int | None, prompt_tokens: int) -> dict:
+    """Measured `HostSpeeds` fields of one device from the first layer part and the head."""
+    parts = manifest.partition.parts
+    layer = next((p for p in parts if p.kind == "layers"), None)
+    head = next((p for p in parts if p.kind == "head"), None)
+    n = max(1, min(prompt_tokens, PREFILL_CAP))
+    m = lambda v, unit, how: Speed(float(v), unit, "measured", how)  # noqa: E731
+    got = {}
+    if layer is not None:
+        cycle, steps = _time_part(manifest, layer, providers, threads, (1, n), cycles=2)
+        w = layer.weight_bytes
+        got[f"{dev}_decode"] = m(w / steps[1], "B/s", f"{layer.name}: {w / MB:.2f} MB, {steps[1] * 1e3:.3f} ms a step")
+        got[f"{dev}_prefill"] = m(w * n / steps[n], "B*pos/s", f"{layer.name}: {n} positions, {steps[n] * 1e3:.2f} ms")
+        got[f"{dev}_session"] = m(cycle, "s", f"{layer.name}: session created, dropped, heap trimmed")
+    if head is not None and dev == "cpu":
+        head_cycle, head_steps = _time_part(manifest, head, providers, threads, (1,))
+        hw = head.weight_bytes
+        grown = getattr(_time_part, "rss_growth", None)
+        if grown and hw >= MIB:
+            got["heap"] = m(max(1.0, grown / hw), "x", f"head: RSS grew {grown / MB:.1f} MB for {hw / MB:.1f} MB of "
+                            "weights at session creation")
+        got["cpu_head"] = m(hw / head_steps[1], "B/s", f"head: {hw / MB:.2f} MB in {head_steps[1] * 1e3:.3f} ms a step")
+        if layer is not None and hw - layer.weight_bytes >= MIB and head_cycle > cycle:
+            load = (hw - layer.weight_bytes) / (head_cycle - cycle)
+            got["load"] = m(load, "B/s", "streamed-use time per byte, head vs layer part")
+            # the cycle's fixed part: a use costs cpu_session + bytes / load (the bytes are not counted twice)
+            got["cpu_session"] = m(max(0.0, cycle - layer.weight_bytes / load), "s",
+                                   f"{layer.name}: session cycle {cycle * 1e3:.1f} ms less its bytes at the load rate")
+    return got
+
+
+def _measure_h2d() -> Speed:
+    import numpy as np
+    import onnxruntime as ort
+
+    host = np.ones(16 * MIB // 4, np.float32)
+    ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)  # warm-up
+    start = time.perf_counter()
+    ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0).numpy()
+    return Speed(2 * host.nbytes / (time.perf_counter() - start), "B/s", "measured", "16 MiB host -> device -> host")
+
+
+def gpu_total_memory() -> int | None:
+    """GPU 0's memory from NVML (nvidia-ml-py), or None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
+    except Exception:  # no nvidia-ml-py, no driver, no GPU
+        return None
+
+
+# -- the plan ------------------------------------------------------------------------------------------------------
+
+def _mb(n: float) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+def choose_streamed(weights: list, room: int, extra_slot: int = 0) -> list | None:
+    """Indexes into `weights` to stream so that resident bytes + the slot (the largest streamed, or `extra_slot`)
+    fit in `room` (rule 3), or None when even streaming every one does not."""
+    total = sum(weights)
+
+    def fits(streamed) -> bool:
+        return total - sum(weights[i] for i in streamed) + max([weights[i] for i in streamed] + [extra_slot]) <= room
+
+    streamed: list = []
+    for i in sorted(range(len(weights)), key=lambda i: (weights[i], -i)):
+        if fits(streamed):
+            break
+        streamed.append(i)
+    if not fits(streamed):
+        return None
+    for i in sorted(streamed, key=lambda i: (-weights[i], i)):
+        if fits([j for j in streamed if j != i]):
+            streamed.remove(i)
+    return sorted(streamed)
+
+
+class _Costs:
+    """The time model of rule 4 for one artifact, `HostSpeeds` and prompt length."""
+
+    def __init__(self, manifest, sp: HostSpeeds, positions: int):
+        self.parts, self.sp, self.positions, self.mi = list(manifest.partition.parts), sp, positions, manifest.model
+        self.kv_pos = 2 * self.mi.num_kv_heads * self.mi.head_dim * _kv_itemsize(manifest)  # per position and layer
+        # A streamed part's bytes come from the page cache (the prefetcher reads them ahead; a RAM budget bounds
+        # the process, not the page cache), so a use costs the session's fixed cost + its bytes at the load rate.
+        # `disk` matters for a cold start only (benchmarks/cold_start.py).
+        self.read = sp.load.value
+        self.params_per_byte = _params_per_byte(manifest)
+
+    def session_vram(self, i: int) -> int:
+        """VRAM a part's CUDA session takes beyond its weights: the stated workspace, plus for a quantized layer part
+        the fp32 copy of its largest matrix that MatMulNBits dequantizes into at M > 1 (prefill; measured on ORT
+        1.31 CUDA: 96 MiB for the 2B's fused gate/up), about half a Qwen3 layer's parameters. Each part session has
+        its own arena, so this is paid per CUDA part."""
+        p = self.parts[i]
+        quantized = self.params_per_byte > 0.26  # fp32 weights: 0.25 parameters per byte
+        scratch = int(0.5 * p.weight_bytes * self.params_per_byte * 4) if quantized and p.kind == "layers" else 0
+        return WORKSPACE_BYTES + scratch
+
+    def load_s(self, nbytes: int, dev: str) -> float:
+        if dev == "cpu":
+            return self.sp.cpu_session.value + nbytes / self.read
+        return self.sp.gpu_session.value + nbytes / self.read + nbytes / self.sp.h2d.value
+
+    def decode_s(self, i: int, dev: str, stream: bool = False) -> float:
+        p, sp = self.parts[i], self.sp
+        nbytes = p.weight_bytes + p.layer_count * self.kv_pos * self.positions  # weights + the prompt's KV, once a step
+        load = self.load_s(p.weight_bytes, dev) if stream else 0.0
+        if dev == "cpu":
+            return nbytes / (sp.cpu_head if p.kind == "head" else sp.cpu_decode).value + load
+        return nbytes / sp.gpu_decode.value + sp.gpu_step.value + load
+
+    def prefill_s(self, i: int, dev: str, stream: bool = False, borrowed: bool = False) -> float:
+        """`borrowed`: a CPU part prefilling on CUDA (its session made for the step, its KV copied back after)."""
+        p, sp, n = self.parts[i], self.sp, self.positions
+        if p.kind == "head":  # one position: the logit gather ran before it
+            compute = self.decode_s(i, dev)
+        elif dev == "cpu":
+            compute = p.weight_bytes * n / sp.cpu_prefill.value
+        else:
+            compute = p.weight_bytes * n / sp.gpu_prefill.value + sp.gpu_step.value
+        back = p.layer_count * self.kv_pos * n / sp.h2d.value if borrowed else 0.0
+        return compute + (self.load_s(p.weight_bytes, dev) if stream or borrowed else 0.0) + back
+
+    def crossings_s(self, devices: list, positions: int) -> float:
+        """A step's moves between devices: the embeddings into the first part, each boundary's tensors, the logits
+        out of the head; each costs its bytes at h2d plus the stated latency."""
+        seconds, prev, hidden = 0.0, "cpu", self.mi.hidden_size * 4
+        for i, (p, dev) in enumerate(zip(self.parts, devices)):
+            tensors = 1 if i == 0 else len([o for o in self.parts[i - 1].outputs if not o.startswith("present_")])
+            nbytes = tensors * (1 if p.kind == "head" else positions) * hidden
+            if dev != prev:
+                seconds += nbytes / self.sp.h2d.value + self.sp.crossing.value
+            prev = dev
+        if prev != "cpu":
+            seconds += self.mi.vocab_size * 4 / self.sp.h2d.value + self.sp.crossing.value
+        return seconds
+
+
+@dataclass
+class _Draft:
+    """The decisions while they are made: per part its placement and reason, the VRAM taken."""
+
+    place: list
+    reasons: list
+    usable: int = 0  # VRAM for sessions and caches (the budget less the CUDA context)
+    used: int = 0  # resident parts, their KV, the resident vision encoder
+    transient: int = 0  # the largest session made for one step (a borrowed prefill, a streamed vision encoder)
+
+
+def _gpu_prefix(costs: _Costs, kv: list, d: _Draft) -> None:
+    """Rule 2: parts take VRAM in execution order while they fit and decode faster there."""
+    parts = costs.parts
+    for i, p in enumerate(parts):
+        work = costs.session_vram(i)
+        need = p.weight_bytes + kv[i] + work
+        gpu_t, cpu_t = costs.decode_s(i, "cuda"), costs.decode_s(i, "cpu")
+        if d.used + need > d.usable:
+            d.reasons[i] = f"VRAM full: needs {_mb(need)} (weights + KV + workspace), {_mb(d.usable - d.used)} left"
+        elif gpu_t >= cpu_t:
+            d.reasons[i] = f"GPU decode {gpu_t * 1e3:.3f} ms is not faster than CPU {cpu_t * 1e3:.3f} ms"
+        else:
+            d.place[i] = PartPlacement("cuda", "vram", vram_limit=p.weight_bytes + work)
+            d.reasons[i] = (f"fits VRAM ({_mb(p.weight_bytes)} weights + {_mb(kv[i])} KV + {_mb(work)} "
+                            f"workspace); GPU decode {gpu_t * 1e3:.3f} ms < CPU {cpu_t * 1e3:.3f} ms")
+            d.used += need
+            continue
+        for j in range(i + 1, len(parts)):
+            d.reasons[j] = f"after {p.name}: the GPU holds a prefix of the parts (one crossing per step)"
+        return
+
+
+def _borrow_prefill(costs: _Costs, kv: list, d: _Draft) -> None:
+    """Rule 2: a CPU part prefills on CUDA when that is faster, its weights copied over included."""
+    for i, p in enumerate(costs.parts):
+        if d.place[i].device != "cpu":
+            continue
+        work = costs.session_vram(i)
+        need = p.weight_bytes + kv[i] + work
+        gpu_t, cpu_t = costs.prefill_s(i, "cuda", borrowed=True), costs.prefill_s(i, "cpu")
+        if d.used + need <= d.usable and gpu_t < cpu_t:
+            d.place[i] = replace(d.place[i], prefill_device="cuda", vram_limit=p.weight_bytes + work)
+            d.transient = max(d.transient, need)
+            d.reasons[i] += (f"{'; ' if d.reasons[i] else ''}prefill on cuda: {gpu_t:.3f} s incl. copying "
+                             f"{_mb(p.weight_bytes)} host->device < {cpu_t:.3f} s on the CPU")
+
+
+def _place_vision(costs: _Costs, vw: int, d: _Draft, gpu: bool) -> tuple[PartPlacement, str, float]:
+    """Rule 2 for the vision encoder: (placement, reason, seconds per REFERENCE_PATCHES image)."""
+    sp = costs.sp
+    cpu_t = vw * REFERENCE_PATCHES / sp.cpu_prefill.value
+    if not gpu:
+        return PartPlacement("cpu", "ram"), "on the CPU", cpu_t
+    gpu_t = vw * REFERENCE_PATCHES / sp.gpu_prefill.value + sp.gpu_step.value
+    need = vw + VISION_WORKSPACE_BYTES
+    if d.used + need + d.transient <= d.usable and gpu_t < cpu_t:
+        d.used += need
+        return (PartPlacement("cuda", "vram", vram_limit=need), f"fits VRAM beside the parts; {gpu_t:.3f} s < "
+                f"{cpu_t:.3f} s on the CPU per image", gpu_t)
+    streamed_t = gpu_t + costs.load_s(vw, "cuda")
+    if d.used + need <= d.usable and streamed_t < cpu_t:
+        d.transient = max(d.transient, need)
+        return (PartPlacement("cuda", "stream", vram_limit=need), f"streamed to the GPU per image batch: "
+                f"{streamed_t:.3f} s < {cpu_t:.3f} s on the CPU", streamed_t)
+    return PartPlacement("cpu", "ram"), f"on the CPU ({cpu_t:.3f} s an image): no room on the GPU or not faster", cpu_t
+
+
+def make_plan(manifest, *, ram_budget: int | None, vram_budget: int | None, device: str = "auto",
+              context: int | None = None, prompt_tokens: int = 256, speeds: HostSpeeds | None = None,
+              gpu_memory: int | None = None, ram_flag: str = "--ram", vram_flag: str = "--vram",
+              vision: bool = True) -> Plan:
+    """The placement of every part and the vision encoder, and its predictions (module docstring: the rules).
+    `speeds` None: `stated_speeds`. `ram_flag` / `vram_flag`: how errors name the budgets. `vision` False: the
+    requests have no image or video (`run` with a text prompt), so the encoder is planned as never loaded."""
+    from qvl.runtime.backends.partitioned import PartitionedEngine
+    from qvl.runtime.backends.select import cuda_blocker
+
+    partition = require_partition(manifest)
+    mi = manifest.model
+    context = min(mi.context_length, DEFAULT_CONTEXT) if context is None else int(context)
+    if not 1 <= context <= mi.context_length:
+        raise QvlError(f"--context must be in [1, {mi.context_length}] (the model's context), got {context}")
+    if not 1 <= prompt_tokens <= context:
+        raise QvlError(f"--prompt-tokens must be in [1, {context}] (the context), got {prompt_tokens}")
+    sp = speeds or stated_speeds(manifest)
+    notes: list[str] = []
+    if device == "auto":
+        device, notes = resolve_device(manifest, "auto")
+    elif device not in ("cpu", "cuda"):
+        raise QvlError(f"unknown device {device!r} for a plan", hint="use auto, cpu or cuda")
+    blocker = cuda_blocker(manifest) if device == "cuda" else None
+    if blocker:
+        notes.append(f"every part stays on the CPU: {blocker}")
+        device = "cpu"
+    cuda_only = manifest.kv_mode == "scatter" and not cpu_runs_scatter()
+    if device == "cpu" and cuda_only:
+        raise QvlError(f"this artifact's KV layout (TensorScatter, target {manifest.target}) does not run its parts on "
+                       "the CPU", hint="plan it with --device cuda on a GPU, or partition a CPU-target artifact")
+    costs = _Costs(manifest, sp, prompt_tokens)
+    parts, n = costs.parts, len(costs.parts)
+    w = [p.weight_bytes for p in parts]
+    kv = [p.layer_count * costs.kv_pos * context for p in parts]
+    d = _Draft([PartPlacement("cpu", "ram") for _ in parts], ["" for _ in parts])
+    gpu_mem = None
+    if device == "cuda":
+        gpu_mem = gpu_memory or gpu_total_memory() or vram_budget
+        if gpu_mem is None:
+            raise QvlError(f"cannot read the GPU's memory (NVML is not available): give {vram_flag} SIZE",
+                           hint=f"e.g. {vram_flag} 2GiB, or pip install nvidia-ml-py to read it")
+        if vram_budget and vram_budget > gpu_mem:
+            notes.append(f"{vram_flag} {_mb(vram_budget)} is more than the GPU's {_mb(gpu_mem)}: planned with that")
+        vram = min(vram_budget or gpu_mem, gpu_mem)
+        d.usable = max(0, vram - CUDA_CONTEXT_BYTES)
+        if cuda_only:
+            d.used = _scatter_on_gpu(w, kv, d, vram_flag, vram, costs)
+        else:
+            _gpu_prefix(costs, kv, d)
+        if prompt_tokens >= getattr(PartitionedEngine, "prefill_min_tokens", 32):
+            _borrow_prefill(costs, kv, d)
+    if vision:
+        v_place, v_reason, v_time = _place_vision(costs, partition.vision_weight_bytes, d, device == "cuda")
+    else:  # streamed = made on first use, which never comes: no RAM or VRAM is planned for it
+        v_place, v_reason, v_time = PartPlacement("cpu", "stream"), "not loaded: the request has no image or video", 0.0
+
+    # RAM (rule 3): the CPU parts' residency
+    cpu_idx = [i for i in range(n) if d.place[i].device == "cpu"]
+    row = partition.embedding_bytes / max(1, mi.vocab_size)
+    pages = math.ceil(row / PAGE) + (1 if manifest.embedding.quantized else 0)  # packed codes and scales: two runs
+    uses_cuda = any(p.device == "cuda" or p.prefill_device == "cuda" for p in d.place) or v_place.device == "cuda"
+    fixed = {"process": int(sp.process.value), "tokenizer": int(sp.tokenizer.value),
+             "embedding_rows": int(min(partition.embedding_bytes, min(context, mi.vocab_size) * pages * PAGE)),
+             "kv": sum(kv[i] for i in cpu_idx), "vision": 0, "stream_slot": 0,
+             "cuda_runtime": CUDA_HOST_BYTES if uses_cuda else 0}
+    base = sum(fixed.values())
+    vision_ram = int(partition.vision_weight_bytes * (sp.heap.value if sp.heap is not None else 1.0)) \
+        if v_place.device == "cpu" and vision else 0
+    heap = sp.heap.value if sp.heap is not None else 1.0
+    cpu_w = [int(w[i] * heap) for i in cpu_idx]  # what a kept (or the streamed) session holds in RAM
+    streamed, vision_streams, exclusive = [], False, False
+    if ram_budget is not None:
+        # The vision encoder streams first: it runs once per image, a decoder part once per token. When it does not
+        # fit beside the resident parts either, it runs exclusive: they are released while it encodes and load
+        # again at the next decoder step (once per image request, not per token).
+        vision_streams = bool(vision_ram) and base + vision_ram + sum(cpu_w) > ram_budget
+        streamed = choose_streamed(cpu_w, ram_budget - base - (0 if vision_streams else vision_ram))
+        if streamed is None or base + vision_ram > ram_budget:
+            minimum = base + max(cpu_w + [vision_ram])
+            raise QvlError(f"{ram_flag} {_mb(ram_budget)} is below the {_mb(minimum)} this artifact needs with every "
+                           f"part streamed ({_mb(fixed['kv'])} of it the KV cache at {context} positions)",
+                           hint=f"give {ram_flag} at least {math.ceil(minimum / MIB)}MiB" +
+                           (", or a smaller --context" if fixed["kv"] * 10 > minimum else ""))
+        resident = sum(cpu_w[k] for k in range(len(cpu_w)) if k not in streamed)
+        exclusive = vision_streams and base + resident + vision_ram > ram_budget
+    slot = max([cpu_w[k] for k in streamed] + [0])
+    for k, i in enumerate(cpu_idx):
+        if k in streamed:
+            d.place[i] = replace(d.place[i], residency="stream")
+            why = f"streamed: resident parts + the {_mb(slot)} slot must fit {ram_flag} (smallest parts stream first)"
+        else:
+            why = "resident in RAM (" + ("no RAM budget" if ram_budget is None else f"fits {ram_flag}") + ")"
+        d.reasons[i] = why + (f"; {d.reasons[i]}" if d.reasons[i] else "")
+    if vision_streams:
+        v_place = replace(v_place, residency="stream", exclusive=exclusive)
+        v_time += costs.load_s(partition.vision_weight_bytes, "cpu")
+        v_reason = (f"streamed per image: the model does not fit {ram_flag} resident" +
+                    ("; exclusive (resident parts released while it encodes)" if exclusive else ""))
+        slot = max(slot, 0 if exclusive else vision_ram)
+    fixed["vision"] = 0 if vision_streams else vision_ram
+    fixed["stream_slot"] = slot
+    ram_bytes = sum(fixed.values()) + sum(cpu_w[k] for k in range(len(cpu_idx)) if k not in streamed)
+    if exclusive:  # the other phase: the vision encoder alone beside the fixed costs
+        ram_bytes = max(ram_bytes, base + vision_ram)
+    vram_bytes = CUDA_CONTEXT_BYTES + d.used + d.transient if uses_cuda else 0
+    if streamed:
+        notes.append(f"{len(streamed)} of {len(cpu_idx)} CPU parts stream: each costs its session creation every token")
+
+    # predictions (rule 4)
+    place = d.place
+    decode = [costs.decode_s(i, place[i].device, place[i].residency == "stream") for i in range(n)]
+    prefill = [costs.prefill_s(i, p.prefill_device or p.device, p.residency == "stream",
+                               borrowed=p.prefill_device == "cuda" and p.device == "cpu") for i, p in enumerate(place)]
+    hops_decode = costs.crossings_s([p.device for p in place], 1)
+    hops_prefill = costs.crossings_s([p.prefill_device or p.device for p in place], prompt_tokens)
+    ttft, per_token = sum(prefill) + hops_prefill, sum(decode) + hops_decode
+    decisions = tuple(PartDecision(p.name, p.kind, tuple(p.layers), w[i], kv[i], place[i], d.reasons[i], decode[i],
+                                   prefill[i]) for i, p in enumerate(parts))
+    vision = PartDecision("vision", "vision", (0, 0), partition.vision_weight_bytes, 0, v_place, v_reason, 0.0, v_time)
+    phases = {"vision": {"device": v_place.device, "residency": v_place.residency, "seconds": v_time,
+                         "patches": REFERENCE_PATCHES, "in_ttft": False},
+              "prefill": {"positions": prompt_tokens, "seconds": ttft, "crossing_s": hops_prefill,
+                          "devices": {p.name: place[i].prefill_device or place[i].device for i, p in enumerate(parts)}},
+              "decode": {"seconds_per_token": per_token, "crossing_s": hops_decode, "kv_positions": prompt_tokens,
+                         "devices": {p.name: f"{place[i].device}/{place[i].residency}" for i, p in enumerate(parts)}}}
+    predicted = {"ttft_s": ttft, "decode_tok_s": 1.0 / per_token, "prompt_tokens": prompt_tokens, "image": False,
+                 "vision_s": v_time}
+    return Plan(str(manifest.artifact_dir or ""), "cuda" if uses_cuda else "cpu", decisions, vision, phases, ram_budget,
+                vram_budget, gpu_mem, context, prompt_tokens, ram_bytes, vram_bytes, fixed, predicted, sp, tuple(notes))
+
+
+def _scatter_on_gpu(w: list, kv: list, d: _Draft, vram_flag: str, vram: int, costs: "_Costs") -> int:
+    """Every part of a `scatter` artifact on CUDA (rule 1): every KV cache in VRAM, and rule 3's streaming choice
+    applied to VRAM (a part costs its weights + a workspace); returns the VRAM they hold."""
+    cost = [b + costs.session_vram(i) for i, b in enumerate(w)]
+    streamed = choose_streamed(cost, d.usable - sum(kv))
+    if streamed is None:
+        minimum = CUDA_CONTEXT_BYTES + sum(kv) + max(cost)
+        raise QvlError(f"{vram_flag} {_mb(vram)} is below the {_mb(minimum)} this CUDA-only artifact needs with every "
+                       "part streamed", hint="give more VRAM, a smaller --context, or use a CPU-target artifact")
+    for i in range(len(w)):
+        d.place[i] = PartPlacement("cuda", "stream" if i in streamed else "vram", vram_limit=cost[i])
+        d.reasons[i] = ("streamed to the GPU each use: VRAM is full" if i in streamed else "fits VRAM") + \
+            " (the TensorScatter KV layout runs on CUDA only)"
+    return sum(kv) + sum(c for i, c in enumerate(cost) if i not in streamed) + max([cost[i] for i in streamed] + [0])
+
+
+def _rates(plan: Plan, phase: str) -> str:
+    """The `HostSpeeds` a phase's time comes from, each with its source: "cpu_decode measured, ..."."""
+    names: list[str] = []
+    for d in plan.parts:
+        p = d.placement
+        dev = p.device if phase == "decode" else (p.prefill_device or p.device)
+        if dev == "cpu":
+            names.append("cpu_head" if d.kind == "head" else "cpu_decode" if phase == "decode" else "cpu_prefill")
+        else:
+            names += ["gpu_decode" if phase == "decode" or d.kind == "head" else "gpu_prefill", "gpu_step"]
+        if p.residency == "stream" or dev != p.device:
+            names += [f"{'cpu' if dev == 'cpu' else 'gpu'}_session", "load", "disk"] + (["h2d"] if dev != "cpu" else [])
+    if plan.phases[phase]["crossing_s"]:
+        names += ["h2d", "crossing"]
+    return ", ".join(f"{n} {getattr(plan.speeds, n).source}" for n in dict.fromkeys(names))
+
+
+def describe(plan: Plan) -> list[str]:
+    """The human report: a table of the parts, the phases, the memory and the prediction, with sources."""
+    sp, ph, pr, f = plan.speeds, plan.phases, plan.predicted, plan.fixed
+    rows = [("part", "layers", "weight MB", "KV MB", "decode", "prefill", "reason")]
+    for d in (*plan.parts, plan.vision):
+        a, b = d.layers
+        layers = "-" if d.kind == "vision" else (f"{a}..{b - 1}" if b > a else "head")
+        p = d.placement
+        rows.append((d.name, layers, f"{d.weight_bytes / MB:.2f}", f"{d.kv_bytes / MB:.2f}",
+                     f"{p.device}/{p.residency}", p.prefill_device or p.device, d.reason))
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    lines = ["  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6] for r in rows]
+    v = ph["vision"]
+    vision_rate = sp.cpu_prefill if v["device"] == "cpu" else sp.gpu_prefill
+    rate = f"{'cpu' if v['device'] == 'cpu' else 'gpu'}_prefill {vision_rate.source}"
+    lines.append(f"vision:  {v['device']}/{v['residency']}, {v['seconds']:.3f} s per {REFERENCE_PATCHES}-patch image "
+                 f"(from {rate}, scaled by weight bytes)")
+    lines.append(f"prefill: {ph['prefill']['positions']} positions in {ph['prefill']['seconds']:.3f} s, crossings "
+                 f"{ph['prefill']['crossing_s'] * 1e3:.2f} ms (from {_rates(plan, 'prefill')})")
+    dec = ph["decode"]
+    lines.append(f"decode:  {dec['seconds_per_token'] * 1e3:.3f} ms per token with {dec['kv_positions']} positions "
+                 f"of KV, crossings {dec['crossing_s'] * 1e3:.2f} ms (from {_rates(plan, 'decode')})")
+    budget = "no budget" if plan.ram_budget is None else f"budget {_mb(plan.ram_budget)}"
+    cuda = f", CUDA runtime {_mb(f['cuda_runtime'])} (stated)" if f["cuda_runtime"] else ""
+    lines.append(f"RAM:     {_mb(plan.ram_bytes)} ({budget}; KV for {plan.context} positions): process "
+                 f"{_mb(f['process'])} ({sp.process.source}), tokenizer {_mb(f['tokenizer'])} ({sp.tokenizer.source}), "
+                 f"embedding rows {_mb(f['embedding_rows'])}, KV {_mb(f['kv'])}, vision {_mb(f['vision'])}, "
+                 f"stream slot {_mb(f['stream_slot'])}{cuda}")
+    if plan.device == "cuda":
+        vram = min(plan.vram_budget or plan.gpu_memory, plan.gpu_memory)
+        lines.append(f"VRAM:    {_mb(plan.vram_bytes)} of {_mb(vram)} (CUDA context {_mb(CUDA_CONTEXT_BYTES)} and "
+                     f"{_mb(WORKSPACE_BYTES)} per session: stated)")
+    lines.append(f"predicted: time to first token {pr['ttft_s']:.3f} s for a {pr['prompt_tokens']}-token text prompt "
+                 f"(no image; an image adds {pr['vision_s']:.3f} s), decode {pr['decode_tok_s']:.1f} tok/s")
+    lines.append("speeds:")
+    for name, speed in ((fl.name, getattr(sp, fl.name)) for fl in fields(sp)):
+        lines.append(f"  {name}: {speed.value:.4g} {speed.unit} ({speed.source}: {speed.how})")
+    lines += [f"note: {n}" for n in plan.notes]
+    return lines

@@ -1,0 +1,335 @@
+"""`qvl-compile plan` and `runtime/placement.py` (issue #15 item 2): where each part of a partitioned artifact runs
+under a RAM / VRAM budget, and why.
+
+The decision rules are checked on the API with stated speeds (deterministic); the RAM rule against an exhaustive
+search over every streamed set, built from the manifest's own byte counts. The command is checked through the
+console script: tables, JSON, errors, and which numbers are measured or stated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from qvl.artifacts.manifest import read_manifest
+from qvl.errors import QvlError
+from qvl.runtime import placement as pl
+from qvl.runtime.backends.partitioned import PartPlacement
+
+
+def _partitioned(source, root, **cut):
+    """`source` partitioned into `root/parted` (its weight files hard-linked)."""
+    from qvl.toolchain.compile.partition import partition_artifact
+
+    partition_artifact(source, root / "parted", **cut)
+    return root / "parted"
+
+
+@pytest.fixture(scope="module")
+def parted(tiny_cpu_artifact, tmp_path_factory):
+    """The cpu-target artifact (`shared` KV layout) cut after every layer."""
+    return _partitioned(tiny_cpu_artifact, tmp_path_factory.mktemp("plan-every1"), every=1)
+
+
+@pytest.fixture(scope="module")
+def parted_uneven(tiny_cpu_artifact, tmp_path_factory):
+    """Parts of different sizes: layer 0, layers 1-2, layer 3, head."""
+    return _partitioned(tiny_cpu_artifact, tmp_path_factory.mktemp("plan-at"), at="1,3")
+
+
+@pytest.fixture(scope="module")
+def parted_concat(tiny_artifact, tmp_path_factory):
+    """The plain fp32 export (`concat` KV layout, which ORT's CUDA provider runs) cut after every layer."""
+    return _partitioned(tiny_artifact, tmp_path_factory.mktemp("plan-concat"), every=1)
+
+
+@pytest.fixture(scope="module")
+def parted_scatter(tiny_artifact, tmp_path_factory):
+    """The tiny export compiled for cuda-sm61 (the Pascal target: `scatter` KV layout), cut per layer."""
+    from qvl.toolchain.compile.pipeline import compile_artifact
+
+    root = tmp_path_factory.mktemp("plan-sm61")
+    compile_artifact(tiny_artifact, "cuda-sm61", root / "sm61")
+    return _partitioned(root / "sm61", root, every=1)
+
+
+def _manifest(path):
+    return read_manifest(path, verify_graphs=False)
+
+
+def _plan(path, **kw):
+    m = _manifest(path)
+    kw.setdefault("speeds", pl.stated_speeds(m))
+    return pl.make_plan(m, **{"ram_budget": None, "vram_budget": None, "device": "cpu", **kw})
+
+
+def _plan_json(*args):
+    proc = run_cli("plan", *map(str, args), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _base(plan) -> int:
+    """The RAM every placement pays: everything but weights (vision, resident parts, the stream slot)."""
+    f = plan.fixed
+    return f["process"] + f["tokenizer"] + f["embedding_rows"] + f["kv"] + f["cuda_runtime"]
+
+
+def _best_streamed(weights, vision, budget, base):
+    """Exhaustive search of rule 3: the vision encoder streams whenever everything resident does not fit (exclusive
+    when it does not fit beside the resident parts either); then the most resident weight bytes, the fewest
+    streamed parts, the latest ones streamed. Returns (streamed indexes, vision streams, exclusive, peak)."""
+    vision_streams = base + vision + sum(weights) > budget
+    room = budget - base - (0 if vision_streams else vision)
+    best = None
+    for k in range(len(weights) + 1):
+        for s in itertools.combinations(range(len(weights)), k):
+            resident = sum(w for i, w in enumerate(weights) if i not in s)
+            slot = max([weights[i] for i in s] + [0])
+            if resident + slot > room:
+                continue
+            key = (resident, -k, tuple(sorted(s, reverse=True)))
+            if best is None or key > best[0]:
+                best = (key, list(s), resident, slot)
+    if best is None or base + vision > budget:
+        return None
+    _, s, resident, slot = best
+    exclusive = vision_streams and base + resident + vision > budget
+    slot = max(slot, vision if vision_streams and not exclusive else 0)
+    peak = base + resident + slot + (0 if vision_streams else vision)
+    return s, vision_streams, exclusive, max(peak, base + vision if exclusive else 0)
+
+
+def test_no_budget_keeps_every_part_resident_on_the_cpu(parted):
+    data = _plan_json(parted, "--no-measure")
+    m = _manifest(parted)
+    assert [p["name"] for p in data["parts"]] == [p.name for p in m.partition.parts]
+    assert {(p["placement"]["device"], p["placement"]["residency"], p["placement"]["prefill_device"])
+            for p in data["parts"]} == {("cpu", "ram", None)}
+    assert data["vision"]["placement"]["device"] == "cpu" and data["vision"]["placement"]["residency"] == "ram"
+    assert data["device"] == "cpu" and data["ram_budget"] is None and data["image"] is False
+    assert any("no CUDA provider" in n for n in data["notes"])  # auto on this CPU-only onnxruntime
+    weights = sum(p.weight_bytes for p in m.partition.parts) + m.partition.vision_weight_bytes
+    fixed = data["fixed"]
+    assert data["ram_bytes"] == weights + fixed["process"] + fixed["tokenizer"] + fixed["embedding_rows"] + fixed["kv"]
+    mi = m.model  # the KV cache at the default context (the model's 2048 < 4096), per part for its layers
+    per_layer = 2 * mi.num_kv_heads * mi.head_dim * 4 * mi.context_length
+    assert [p["kv_bytes"] for p in data["parts"]] == [p.layer_count * per_layer for p in m.partition.parts]
+    assert data["context"] == mi.context_length and fixed["kv"] == mi.num_layers * per_layer
+
+
+@pytest.mark.parametrize("fixture", ["parted", "parted_uneven"])
+@pytest.mark.parametrize("short", ["one layer", "three layers", "all layers", "vision too", "exact minimum"])
+def test_ram_budget_streams_the_set_the_rule_says(fixture, short, request):
+    path = request.getfixturevalue(fixture)
+    m = _manifest(path)
+    weights = [p.weight_bytes for p in m.partition.parts]
+    vision = m.partition.vision_weight_bytes
+    free = _plan(path)
+    base = _base(free)
+    layer = min(weights)
+    layers = sum(w for p, w in zip(m.partition.parts, weights) if p.kind == "layers")
+    deficit = {"one layer": layer // 2, "three layers": layer * 5 // 2, "all layers": layers - layer // 2,
+               "vision too": layers + vision // 2}
+    if short == "exact minimum":
+        budget = base + max(weights + [vision])
+    else:
+        budget = free.ram_bytes - deficit[short]
+    plan = _plan(path, ram_budget=budget)
+    want, vision_streams, exclusive, peak = _best_streamed(weights, vision, budget, base)
+    got = [i for i, d in enumerate(plan.parts) if d.placement.residency == "stream"]
+    assert got == sorted(want), (short, [(d.name, d.weight_bytes) for d in plan.parts])
+    assert (plan.vision.placement.residency == "stream") is vision_streams
+    assert plan.vision.placement.exclusive is exclusive
+    assert plan.ram_bytes == peak <= budget
+    assert all(d.placement.device == "cpu" for d in plan.parts)
+    for i in want:
+        assert plan.parts[i].reason.startswith("streamed")
+
+
+def test_ram_budget_through_the_console_script_matches_the_api(parted):
+    free = _plan(parted)
+    budget = free.ram_bytes - free.vision.weight_bytes - min(d.weight_bytes for d in free.parts) * 3 // 2
+    data = _plan_json(parted, "--ram", budget, "--no-measure", "--device", "cpu")
+    placement, vision = pl.placements_from_json(data)
+    api = _plan(parted, ram_budget=budget)
+    assert placement == api.placement() and vision == api.vision_placement()
+    assert vision.residency == "stream" and any(p.residency == "stream" for p in placement.values())
+    assert data["ram_bytes"] == api.ram_bytes <= budget
+
+
+def test_budget_below_the_minimum_is_one_error_with_the_number(parted):
+    m = _manifest(parted)
+    free = _plan(parted)
+    minimum = _base(free) + max([p.weight_bytes for p in m.partition.parts] + [m.partition.vision_weight_bytes])
+    proc = run_cli("plan", str(parted), "--ram", str(minimum - 1), "--no-measure")
+    assert_one_line_error(proc, f"{minimum / 1e6:.1f} MB", "every part streamed", "--ram",
+                          f"at least {-(-minimum // 2**20)}MiB")
+    with pytest.raises(QvlError, match="--ram-budget"):
+        _plan(parted, ram_budget=minimum - 1, ram_flag="--ram-budget")
+    everything = _plan(parted, ram_budget=minimum)  # at the minimum: every part and the vision encoder stream
+    assert {d.placement.residency for d in (*everything.parts, everything.vision)} == {"stream"}
+
+
+def test_device_cuda_without_the_cuda_provider_is_one_error(parted):
+    assert_one_line_error(run_cli("plan", str(parted), "--device", "cuda"), "onnxruntime-gpu")
+
+
+def test_gpu_takes_the_prefix_of_parts_that_fits(parted_concat):
+    m = _manifest(parted_concat)
+    # stated speeds of a card whose kernel launches cost nothing: at tiny size the launch overhead would otherwise
+    # make the CPU faster for every part (which the planner would rightly choose)
+    stated = replace(pl.stated_speeds(m), gpu_step=pl.Speed(0.0, "s", "stated", "no launch overhead"))
+    probe = _plan(parted_concat, device="cuda", gpu_memory=64 << 30, speeds=stated)
+    need = [d.weight_bytes + d.kv_bytes + pl.WORKSPACE_BYTES for d in probe.parts]
+    for fit in (0, 1, 2, len(need)):
+        room = pl.CUDA_CONTEXT_BYTES + sum(need[:fit]) + (need[fit] - 1 if fit < len(need) else 0)
+        for kw in ({"gpu_memory": room}, {"gpu_memory": 64 << 30, "vram_budget": room}):
+            plan = _plan(parted_concat, device="cuda", speeds=stated, **kw)
+            devices = [(d.placement.device, d.placement.residency) for d in plan.parts]
+            assert devices == [("cuda", "vram")] * fit + [("cpu", "ram")] * (len(need) - fit), (fit, kw)
+            for d in plan.parts[:fit]:
+                assert d.placement.vram_limit == d.weight_bytes + pl.WORKSPACE_BYTES
+            if fit < len(need):
+                assert plan.parts[fit].reason.startswith("resident in RAM") and "VRAM full" in plan.parts[fit].reason
+            assert plan.vram_bytes <= room
+    everything = _plan(parted_concat, device="cuda", gpu_memory=64 << 30, speeds=stated)
+    assert all(d.placement.device == "cuda" for d in everything.parts)
+    assert everything.vision.placement == PartPlacement("cuda", "vram", vram_limit=m.partition.vision_weight_bytes
+                                                         + pl.VISION_WORKSPACE_BYTES)
+    assert everything.fixed["kv"] == 0 and everything.fixed["cuda_runtime"] == pl.CUDA_HOST_BYTES
+    with pytest.raises(QvlError, match="--vram"):  # no NVML here, no budget: the plan asks for one
+        _plan(parted_concat, device="cuda", speeds=stated)
+
+
+def test_prefill_moves_to_the_gpu_when_it_beats_the_cpu(parted_concat):
+    m = _manifest(parted_concat)
+    stated = pl.stated_speeds(m)
+    # a machine whose GPU decodes slower than its CPU (no part stays in VRAM) but prefills much faster
+    slow = replace(stated, gpu_decode=pl.Speed(1e6, "B/s", "stated", "slow card"),
+                   cpu_prefill=pl.Speed(1e6, "B*pos/s", "stated", "slow cpu"))
+    plan = _plan(parted_concat, device="cuda", gpu_memory=64 << 30, speeds=slow)
+    for d in plan.parts:
+        assert d.placement.device == "cpu" and d.placement.residency == "ram"
+        if d.kind == "layers":
+            assert d.placement.prefill_device == "cuda"
+            assert d.placement.vram_limit == d.weight_bytes + pl.WORKSPACE_BYTES
+            assert "prefill on cuda" in d.reason
+        else:  # the head prefills one position: copying its weights never pays
+            assert d.placement.prefill_device is None
+    assert plan.phases["prefill"]["devices"]["layer.0"] == "cuda"
+    assert plan.phases["decode"]["devices"]["layer.0"] == "cpu/ram"
+    short = _plan(parted_concat, device="cuda", gpu_memory=64 << 30, speeds=slow, prompt_tokens=8)
+    assert all(d.placement.prefill_device is None for d in short.parts)  # below the engine's prefill_min_tokens
+
+
+def test_scatter_probe_is_the_onnx_model_it_says():
+    """The runtime's serialized TensorScatter probe (no onnx dependency at run time) is the model onnx builds."""
+    import base64
+
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    g = helper.make_graph([helper.make_node("TensorScatter", ["past", "new", "at"], ["out"], axis=2)], "probe",
+                          [helper.make_tensor_value_info("past", f, [1, 1, 2, 1]),
+                           helper.make_tensor_value_info("new", f, [1, 1, 1, 1]),
+                           helper.make_tensor_value_info("at", TensorProto.INT64, [1])],
+                          [helper.make_tensor_value_info("out", f, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 24)], ir_version=10)
+    assert base64.b64decode(pl._SCATTER_PROBE) == model.SerializeToString()
+
+
+def test_scatter_artifact_splits_between_cuda_and_the_cpu(parted_scatter):
+    """This onnxruntime's CPU provider runs TensorScatter: a cuda-sm61 artifact's parts split like any other's."""
+    m = _manifest(parted_scatter)
+    assert pl.cpu_runs_scatter()
+    cpu = _plan(parted_scatter, device="cpu", speeds=pl.stated_speeds(m))
+    assert all(d.placement == PartPlacement("cpu", "ram") for d in cpu.parts)
+    free = replace(pl.stated_speeds(m), gpu_step=pl.Speed(0.0, "s", "stated", "no launch cost"))
+    big = _plan(parted_scatter, device="cuda", gpu_memory=64 << 30, speeds=free)
+    assert all(d.placement.device == "cuda" and d.placement.residency == "vram" for d in big.parts)
+    need = [d.weight_bytes + d.kv_bytes + pl.WORKSPACE_BYTES for d in big.parts]
+    room = pl.CUDA_CONTEXT_BYTES + need[0] + need[1] + need[2] // 2
+    small = _plan(parted_scatter, device="cuda", gpu_memory=room, speeds=free)
+    assert [d.placement.device for d in small.parts] == ["cuda", "cuda"] + ["cpu"] * (len(need) - 2)
+
+
+def test_scatter_artifact_on_a_cpu_provider_without_tensorscatter_stays_on_cuda(parted_scatter, monkeypatch):
+    """An onnxruntime older than TensorScatter's CPU kernel (the probe's answer set to False here: this one has it)."""
+    monkeypatch.setattr(pl, "_CPU_SCATTER", False)
+    m = _manifest(parted_scatter)
+    assert m.kv_mode == "scatter"
+    stated = pl.stated_speeds(m)
+    big = _plan(parted_scatter, device="cuda", gpu_memory=64 << 30, speeds=stated)
+    cost = [d.weight_bytes + pl.WORKSPACE_BYTES for d in big.parts]
+    base = pl.CUDA_CONTEXT_BYTES + sum(d.kv_bytes for d in big.parts)
+    assert all(d.placement == PartPlacement("cuda", "vram", vram_limit=c) for d, c in zip(big.parts, cost))
+    for room in (base + max(cost), base + sum(cost) - min(cost) // 2, base + sorted(cost)[-1] + 2 * sorted(cost)[0]):
+        plan = _plan(parted_scatter, device="cuda", gpu_memory=room, speeds=stated)
+        want, _, _, peak = _best_streamed(cost, 0, room, base)
+        assert [i for i, d in enumerate(plan.parts) if d.placement.residency == "stream"] == sorted(want)
+        assert {d.placement.device for d in plan.parts} == {"cuda"} and plan.vram_bytes == peak <= room
+    with pytest.raises(QvlError, match=f"{(base + max(cost)) / 1e6:.1f} MB"):
+        _plan(parted_scatter, device="cuda", gpu_memory=base + max(cost) - 1, speeds=stated)
+    with pytest.raises(QvlError, match="does not run its parts on the CPU"):
+        _plan(parted_scatter, device="cpu", speeds=stated)
+
+
+def test_shared_kv_artifact_stays_on_the_cpu_with_a_note(parted):
+    plan = _plan(parted, device="cuda", gpu_memory=64 << 30)
+    assert all(d.placement == PartPlacement("cpu", "ram") for d in (*plan.parts, plan.vision))
+    assert plan.device == "cpu" and any("GroupQueryAttention" in n for n in plan.notes)
+
+
+def test_json_round_trips_and_every_speed_says_its_source(parted):
+    stated = _plan_json(parted, "--no-measure", "--ram", _plan(parted).ram_bytes - 1)
+    assert {s["source"] for s in stated["speeds"].values()} == {"stated"}
+    measured = _plan_json(parted, "--prompt-tokens", "64", "--context", "512", "--threads", "1")
+    sources = {name: s["source"] for name, s in measured["speeds"].items()}
+    for name in ("cpu_decode", "cpu_head", "cpu_prefill", "cpu_session", "process"):
+        assert sources[name] == "measured", (name, measured["speeds"][name])
+    assert sources["disk"] == "stated" and all(sources[n] == "stated" for n in sources if n.startswith("gpu"))
+    assert measured["context"] == 512 and measured["prompt_tokens"] == 64
+    assert measured["predicted"]["ttft_s"] > 0 and measured["predicted"]["decode_tok_s"] > 0
+    placement, vision = pl.placements_from_json(measured)
+    assert set(placement) == {p["name"] for p in measured["parts"]}
+    assert all(isinstance(p, PartPlacement) for p in [*placement.values(), vision])
+
+
+def test_human_table_names_every_part_and_the_sources(parted):
+    proc = run_cli("plan", str(parted), "--no-measure", "--ram", str(_plan(parted).ram_bytes - 1))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[0].split()[:6] == ["part", "layers", "weight", "MB", "KV", "MB"]
+    for d in _plan(parted).parts:
+        assert any(line.startswith(d.name + " ") for line in out)
+    assert any(line.startswith("predicted: time to first token") and "no image" in line for line in out)
+    assert "cpu/stream" in proc.stdout and "(stated" in proc.stdout and "(measured" not in proc.stdout
+
+
+def test_unpartitioned_artifact_is_one_error_with_the_partition_hint(tiny_cpu_artifact):
+    assert_one_line_error(run_cli("plan", str(tiny_cpu_artifact)), "not partitioned", "qvl-compile partition",
+                          "--every 1")
+
+
+@pytest.mark.parametrize("text,value", [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("8GB", 8 * 10**9),
+                                        ("1.5G", 3 << 29), ("1000000", 10**6), ("64k", 64 << 10), ("3 MB", 3 * 10**6)])
+def test_parse_size_reads_units(text, value):
+    assert pl.parse_size(text, "--ram") == value
+
+
+@pytest.mark.parametrize("text", ["", "0", "0.1", "-1GiB", "2GX", "GiB", "1e9", "2 i"])
+def test_parse_size_rejects_naming_the_flag(text):
+    with pytest.raises(QvlError, match="--vram"):
+        pl.parse_size(text, "--vram")
+
+
+def test_bad_flags_are_one_error_line(parted):
+    assert_one_line_error(run_cli("plan", str(parted), "--ram", "lots"), "--ram", "not a size")
+    assert_one_line_error(run_cli("plan", str(parted), "--context", "0", "--no-measure"), "--context")
+    assert_one_line_error(run_cli("plan", str(parted), "--prompt-tokens", "999999", "--no-measure"), "--prompt-tokens")
+    assert_one_line_error(run_cli("plan", str(parted), "--device", "trt"), "unknown device")
