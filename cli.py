@@ -65,7 +65,8 @@ VRAM_BUDGET_HELP = ("put decoder parts on the GPU up to this much device memory 
                     "arena limit), the rest on the CPU; needs a partitioned artifact")
 CONTEXT_HELP = ("with --ram-budget / --vram-budget: positions (prompt + answer) the plan holds a KV cache for "
                 "(default 4096); a longer conversation is refused with the numbers")
-WARM_HELP = "read the artifact's files into the page cache first (parallel sequential reads): faster cold starts"
+WARM_HELP = ("read the artifact's files into the page cache in parallel sequential reads while the sessions load "
+             "(benchmarks/README.md \"Cold start\" says when that helps)")
 
 
 def _budgets(ram_budget: Optional[str], vram_budget: Optional[str]) -> tuple[int | None, int | None]:

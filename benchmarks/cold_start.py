@@ -78,7 +78,8 @@ def worker(spec: dict) -> dict:
     from qvl.runtime.residency import warm_artifact, warm_in_background
 
     art, threads, case = Path(spec["artifact"]), spec["threads"], spec["case"]
-    kwargs = {"ram_budget": spec["ram_budget"]} if spec.get("ram_budget") else {}
+    # a budgeted load plans a text-only KV cache of 512 positions (the prompt + --new-tokens fit in it)
+    kwargs = {"ram_budget": spec["ram_budget"], "context": 512, "vision": False} if spec.get("ram_budget") else {}
     io0 = _proc_io()
     t0 = time.perf_counter()
     warm, pending = None, None

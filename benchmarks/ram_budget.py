@@ -60,7 +60,8 @@ def _run_case(artifact: Path, threads: int, max_new: int, budget: int | None, co
     predicted = None
     if budget is not None:  # the planner's prediction for the same budget, measured the same way `run` measures
         plan = _child(argv[:3] + ["plan", str(artifact), "--ram", str(budget), "--context", str(context), "--device",
-                                  "cpu", "--threads", str(threads), "--text-only", "--json"])
+                                  "cpu", "--threads", str(threads), "--text-only", "--json",
+                                  "--prompt-tokens", str(out["prompt_tokens"])])
         p = json.loads(plan["stdout"])
         predicted = {"ttft_s": p["predicted"]["ttft_s"], "prompt_tokens": p["predicted"]["prompt_tokens"],
                      "decode_tok_s": p["predicted"]["decode_tok_s"], "ram_bytes": p["ram_bytes"]}

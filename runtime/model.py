@@ -578,16 +578,16 @@ def load(artifact: str | Path, device: str = "auto", threads: int | None = None,
     planner decides (`runtime/placement.py`; the plan is `Model.plan`), its KV cache planned for `context` positions
     (default: the planner's, 4096; a longer sequence is refused), and with `vision` False for text-only requests
     (the vision encoder is then not planned for; an image later is refused). `warm`: read the artifact's files into the
-    page cache first, in parallel sequential reads (`runtime/residency.warm_artifact`), instead of the scattered
-    reads of session creation."""
+    page cache in parallel sequential reads on a background thread while the sessions load
+    (`runtime/residency.warm_in_background`)."""
     from qvl.runtime.backends.select import check_device, load_runner
 
     check_device(device)
     check_options(threads=threads)
-    if warm:
-        from qvl.runtime.residency import warm_artifact
+    if warm:  # while the sessions load (benchmarks/README.md "Cold start": reading first, then loading, was slower)
+        from qvl.runtime.residency import warm_in_background
 
-        warm_artifact(Path(artifact), threads=threads or 2)
+        warm_in_background(Path(artifact), threads=threads or 2)
     runner, sel = load_runner(Path(artifact), device=device, threads=threads, ram_budget=ram_budget,
                               vram_budget=vram_budget, context=context, vision=vision)
     model = Model(runner, device_note=sel.note)

@@ -127,3 +127,33 @@ def tiny_checkpoint_seed1(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt-seed1") / "tiny-seed1"
     make_checkpoint("tiny", out, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def sm61_cuda_artifact(tiny_artifact, tmp_path_factory) -> Path:
+    """The tiny export compiled for cuda-sm61 (TensorScatter in-place cache, fp32)."""
+    from qvl.toolchain.compile.pipeline import compile_artifact
+
+    out = tmp_path_factory.mktemp("cuda-sm61") / "art"
+    compile_artifact(tiny_artifact, "cuda-sm61", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sm61_cuda_int4(sm61_cuda_artifact, tmp_path_factory) -> Path:
+    from qvl.toolchain.compile.pipeline import compile_with_precision
+
+    out = tmp_path_factory.mktemp("cuda-sm61-int4") / "art"
+    # from the compiled fp32 artifact (its fusions re-run and find nothing left to fuse): saves a second export
+    compile_with_precision(sm61_cuda_artifact, "cuda-sm61", out, weights="int4")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cpu_int4(tiny_cpu_artifact, tmp_path_factory) -> Path:
+    """The cpu artifact with every eligible linear int4 (no budget), from the compiled fp32 artifact."""
+    from qvl.toolchain.compile.pipeline import compile_with_precision
+
+    out = tmp_path_factory.mktemp("cpu-int4") / "art"
+    compile_with_precision(tiny_cpu_artifact, "cpu", out, weights="int4")
+    return out

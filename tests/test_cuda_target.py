@@ -27,25 +27,6 @@ CUDA = TargetCapabilities("cuda-sm61", ort_contrib_ops=True, kv_cache="tensor-sc
 CPU = TargetCapabilities("cpu-avx2", ort_contrib_ops=True)
 
 
-@pytest.fixture(scope="module")
-def sm61_cuda_artifact(tiny_artifact, tmp_path_factory):
-    from qvl.toolchain.compile.pipeline import compile_artifact
-
-    out = tmp_path_factory.mktemp("cuda-sm61") / "art"
-    compile_artifact(tiny_artifact, "cuda-sm61", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def sm61_cuda_int4(sm61_cuda_artifact, tmp_path_factory):
-    from qvl.toolchain.compile.pipeline import compile_with_precision
-
-    out = tmp_path_factory.mktemp("cuda-sm61-int4") / "art"
-    # from the compiled fp32 artifact (its fusions re-run and find nothing left to fuse): saves a second export
-    compile_with_precision(sm61_cuda_artifact, "cuda-sm61", out, weights="int4")
-    return out
-
-
 # -- the capability tables ------------------------------------------------------------------------------
 
 

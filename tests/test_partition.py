@@ -20,18 +20,21 @@ from conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
-def int4_artifact(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("p-int4") / "int4"
-    proc = run_cli("compile", str(tiny_checkpoint), "--out", str(out), "--weights", "int4", "--no-budget")
-    assert proc.returncode == 0, proc.stderr
+def cpu_source(tiny_cpu_artifact, tmp_path_factory):
+    """A copy of the fp32 cpu artifact: partitioning hard-links its weights, and the session fixture stays as it is
+    for the modules that test it (hard links are tested here)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("p-src") / "cpu"
+    shutil.copytree(tiny_cpu_artifact, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def parted(tiny_cpu_artifact, tmp_path_factory):
+def parted(cpu_source, tmp_path_factory):
     """The fp32 cpu artifact cut after every layer, through the console script: (dir, stdout)."""
     out = tmp_path_factory.mktemp("p-every1") / "parted"
-    proc = run_cli("partition", str(tiny_cpu_artifact), "--out", str(out), "--every", "1")
+    proc = run_cli("partition", str(cpu_source), "--out", str(out), "--every", "1")
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 
@@ -40,7 +43,7 @@ def _manifest(path):
     return json.loads((path / "manifest.json").read_text())
 
 
-def test_partition_cli_writes_parts_sharing_the_weights(tiny_cpu_artifact, parted):
+def test_partition_cli_writes_parts_sharing_the_weights(cpu_source, parted):
     out, stdout = parted
     m = _manifest(out)
     layers = m["model"]["num_layers"]
@@ -56,8 +59,8 @@ def test_partition_cli_writes_parts_sharing_the_weights(tiny_cpu_artifact, parte
         assert pasts == ({f"past_key_{p['layers'][0]}", f"past_value_{p['layers'][0]}"} if p["kind"] == "layers" else set())
     from qvl.artifacts.manifest import read_manifest
 
-    for rel in read_manifest(tiny_cpu_artifact).weights.files:
-        assert os.stat(out / rel).st_ino == os.stat(tiny_cpu_artifact / rel).st_ino  # hard-linked, not copied
+    for rel in read_manifest(cpu_source).weights.files:
+        assert os.stat(out / rel).st_ino == os.stat(cpu_source / rel).st_ino  # hard-linked, not copied
     verify = run_cli("verify", str(out))
     assert verify.returncode == 0, verify.stderr
     assert m["steps"][-1]["name"] == "partition"
@@ -77,13 +80,13 @@ def _steps_equal(whole, parts, seed=0):
     return worst, ca.length, cb.length
 
 
-@pytest.mark.parametrize("cut", [("--every", "1"), ("--every", "2"), ("--at", "1,3")])
-@pytest.mark.parametrize("which", ["fp32", "int4"])
-def test_partitioned_logits_equal_the_whole_decoder_bit_for_bit(which, cut, tiny_cpu_artifact, int4_artifact, tmp_path):
+@pytest.mark.parametrize("which, cut", [("fp32", ("--every", "2")), ("int4", ("--every", "1")),
+                                        ("int4", ("--at", "1,3"))])
+def test_partitioned_logits_equal_the_whole_decoder_bit_for_bit(which, cut, cpu_source, tiny_cpu_int4, tmp_path):
     from qvl.runtime.backends.ort import Engine
     from qvl.runtime.backends.partitioned import PartitionedEngine
 
-    src = tiny_cpu_artifact if which == "fp32" else int4_artifact
+    src = cpu_source if which == "fp32" else tiny_cpu_int4  # tiny_cpu_int4: used by this module only
     out = tmp_path / "p"
     proc = run_cli("partition", str(src), "--out", str(out), *cut)
     assert proc.returncode == 0, proc.stderr
@@ -91,16 +94,16 @@ def test_partitioned_logits_equal_the_whole_decoder_bit_for_bit(which, cut, tiny
     assert worst == 0.0 and la == lb == 14
 
 
-def test_scatter_layout_parts_equal_on_the_cpu(tiny_checkpoint, tmp_path):
+def test_scatter_layout_parts_equal_on_the_cpu(sm61_cuda_int4, tmp_path):
     """The cuda-sm61 artifact (TensorScatter in-place cache, the form a CPU+GPU split runs) partitions and its
     parts run on ORT's CPU provider with the whole decoder's result (an index crossing a boundary keeps int64)."""
     from qvl.runtime.backends.ort import Engine
     from qvl.runtime.backends.partitioned import PartitionedEngine
 
+    import shutil
+
     src = tmp_path / "sm61"
-    proc = run_cli("compile", str(tiny_checkpoint), "--out", str(src), "--target", "cuda-sm61", "--weights", "int4",
-                   "--no-budget")
-    assert proc.returncode == 0, proc.stderr
+    shutil.copytree(sm61_cuda_int4, src)  # the session fixture keeps its single-linked weights
     part = tmp_path / "sm61p"
     assert run_cli("partition", str(src), "--out", str(part), "--every", "2").returncode == 0
     engine = PartitionedEngine(part, threads=1)
@@ -235,3 +238,30 @@ def test_manifest_partition_section_is_validated(parted, tmp_path):
         (copy / "manifest.json").write_text(json.dumps(m))
         proc = run_cli("verify", str(copy))
         assert_one_line_error(proc, needle)
+
+
+def test_run_under_a_ram_budget_answers_like_the_whole_artifact(parted, tiny_cpu_artifact, tmp_path):
+    """The console script end to end: `run --ram-budget` on the partitioned artifact (a budget that makes the planner
+    stream) gives the whole artifact's greedy answer, with an image, and says what it placed where."""
+    from PIL import Image
+
+    out, _ = parted
+    img = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(2).random((48, 64, 3)) * 255).astype("uint8")).save(img)
+    plan = run_cli("plan", str(out), "--device", "cpu", "--context", "256", "--json")
+    assert plan.returncode == 0, plan.stderr
+    free = json.loads(plan.stdout)
+    budget = free["ram_bytes"] - free["vision"]["weight_bytes"] // 2  # everything resident does not fit
+    args = ("--image", str(img), "--prompt", "what is it?", "--greedy", "--json", "--max-new-tokens", "8",
+            "--device", "cpu")
+    whole = run_cli("run", str(tiny_cpu_artifact), *args)
+    assert whole.returncode == 0, whole.stderr
+    budgeted = run_cli("run", str(out), *args, "--ram-budget", str(budget), "--context", "256")
+    assert budgeted.returncode == 0, budgeted.stderr
+    assert json.loads(budgeted.stdout)["text"] == json.loads(whole.stdout)["text"]
+    notes = [l for l in budgeted.stderr.splitlines() if l.startswith("note: placement:")]
+    assert len(notes) == 1 and "vision stream on cpu" in notes[0], budgeted.stderr
+    # a prompt longer than the planned context is refused with the numbers, nothing generated
+    long = run_cli("run", str(out), "--prompt", "hi", "--max-new-tokens", "300", "--device", "cpu",
+                   "--ram-budget", str(budget), "--context", "64")
+    assert_one_line_error(long, "the memory plan holds 64", "--context")

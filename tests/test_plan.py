@@ -22,10 +22,14 @@ from qvl.runtime.backends.partitioned import PartPlacement
 
 
 def _partitioned(source, root, **cut):
-    """`source` partitioned into `root/parted` (its weight files hard-linked)."""
+    """A copy of `source` partitioned into `root/parted`: partition hard-links the weight files, and the shared
+    session fixtures stay single-linked for the modules that test them as they are."""
+    import shutil
+
     from qvl.toolchain.compile.partition import partition_artifact
 
-    partition_artifact(source, root / "parted", **cut)
+    shutil.copytree(source, root / "source")
+    partition_artifact(root / "source", root / "parted", **cut)
     return root / "parted"
 
 
@@ -48,13 +52,9 @@ def parted_concat(tiny_artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def parted_scatter(tiny_artifact, tmp_path_factory):
+def parted_scatter(sm61_cuda_artifact, tmp_path_factory):
     """The tiny export compiled for cuda-sm61 (the Pascal target: `scatter` KV layout), cut per layer."""
-    from qvl.toolchain.compile.pipeline import compile_artifact
-
-    root = tmp_path_factory.mktemp("plan-sm61")
-    compile_artifact(tiny_artifact, "cuda-sm61", root / "sm61")
-    return _partitioned(root / "sm61", root, every=1)
+    return _partitioned(sm61_cuda_artifact, tmp_path_factory.mktemp("plan-sm61"), every=1)
 
 
 def _manifest(path):
