@@ -1,7 +1,8 @@
 """The placement planner of a partitioned artifact (`qvl-compile plan`; `run/chat/serve --ram-budget/--vram-budget`):
 per decoder part and for the vision encoder, where it runs (`PartPlacement`: device, residency, prefill device,
 VRAM cap), why, and what that predicts (time to first token, decode tok/s). `make_plan` is pure arithmetic on the
-manifest's byte counts and a `HostSpeeds`; `measure_host` makes that from this machine (or from stated constants).
+manifest's byte counts and a `HostSpeeds`; `measure_host` makes that from this machine (or from stated constants):
+both in `runtime/host_speeds.py`.
 
 Memory model. RAM: `process` (this process's RSS after importing numpy + onnxruntime; stated 100 MB) + `tokenizer`
 (the RSS a load of the artifact's tokenizer.json adds; stated 10x the file) + `embedding_rows` (the mmap pages a
@@ -53,28 +54,21 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
-import time
 from dataclasses import dataclass, fields, replace
 
 from qvl.errors import QvlError
 from qvl.runtime.backends.partitioned import PartPlacement
+from qvl.runtime.host_speeds import (  # noqa: F401  (re-exported: the planner's inputs)
+    HostSpeeds, Speed, _kv_itemsize, _params_per_byte, gpu_total_memory, measure_host, stated_speeds)
 
 MB, MIB = 10**6, 2**20
 PAGE = 4096
 DEFAULT_CONTEXT = 4096  # serve's default slot size; --context overrides
-PREFILL_CAP = 128  # positions of the measured prefill step (prefill cost is linear in them here)
 REFERENCE_PATCHES = 1024  # a 512x512 image: 256 image tokens
 WORKSPACE_BYTES = 64 * MIB  # stated per CUDA decoder session: activations of a prefill step, cuBLAS workspace
 VISION_WORKSPACE_BYTES = 256 * MIB  # stated: the vision encoder's activations for a reference image
 CUDA_CONTEXT_BYTES = 300 * MIB  # stated: the CUDA context + ORT's kernels on the card
 CUDA_HOST_BYTES = 300 * MIB  # stated: host RSS the CUDA runtime adds to the process
-# Stated speeds of the 2019 laptop (i5-10210U, DDR4-2666 x2, NVMe, MX250 2 GB on PCIe 3 x4).
-CPU_MEMORY_BW, CPU_EFFICIENCY, CPU_FLOPS = 40e9, 0.5, 120e9
-GPU_MEMORY_BW, GPU_EFFICIENCY, GPU_FLOPS = 48e9, 0.6, 0.5e12
-DISK_BW, H2D_BW, LOAD_BW = 2e9, 3e9, 4e9
-CPU_SESSION_S, GPU_SESSION_S, GPU_STEP_S, CROSSING_S = 0.02, 0.1, 2e-4, 5e-5
-PROCESS_BYTES, TOKENIZER_FACTOR = 100 * MB, 10
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*", re.I)
 
 
@@ -90,41 +84,6 @@ def parse_size(text: str, flag: str) -> int:
     if value <= 0:
         raise QvlError(f"{flag} {text!r} must be larger than 0 bytes", hint="e.g. 2GiB")
     return value
-
-
-@dataclass(frozen=True)
-class Speed:
-    value: float
-    unit: str
-    source: str  # "measured" | "stated"
-    how: str
-
-    def to_json(self) -> dict:
-        return {"value": self.value, "unit": self.unit, "source": self.source, "how": self.how}
-
-
-@dataclass(frozen=True)
-class HostSpeeds:
-    """What the plan's times and fixed RAM come from; every field a `Speed` with its source."""
-
-    cpu_decode: Speed  # weight bytes / s of a layer part's one-position step on the CPU
-    cpu_head: Speed  # the same for the head (final norm + lm_head)
-    cpu_prefill: Speed  # weight bytes x positions / s of a layer part's prefill step on the CPU
-    cpu_session: Speed  # s a streamed use costs beyond its bytes at `load` (session made, dropped, heap trimmed)
-    load: Speed  # bytes / s ORT reads and copies initializers at session creation
-    disk: Speed  # bytes / s a streamed part's weights are read from the disk
-    process: Speed  # bytes: RSS of the process with numpy + onnxruntime imported
-    tokenizer: Speed  # bytes: RSS the artifact's tokenizer adds
-    gpu_decode: Speed
-    gpu_prefill: Speed
-    gpu_session: Speed
-    gpu_step: Speed  # s of kernel launches per part step on CUDA
-    h2d: Speed  # bytes / s host <-> device
-    crossing: Speed  # s of latency per device crossing
-    heap: Speed | None = None  # RSS a kept CPU session holds per weight byte (ORT's prepacked copies, allocator)
-
-    def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name).to_json() for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)
@@ -241,218 +200,6 @@ def resolve_device(manifest, device: str) -> tuple[str, list[str]]:
         why = cuda_provider_missing() or cuda_blocker(manifest)
         return ("cpu", [f"planning for the CPU: {why}"]) if why else ("cuda", [])
     return device, []
-
-
-# -- measuring this machine --------------------------------------------------------------------------------------
-
-def _rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def _params_per_byte(manifest) -> float:
-    """Decoder parameters per weight byte (prefill FLOPs = 2 x parameters x positions): from the precision report's
-    fp32 bytes before / after quantization, else the activation dtype's size."""
-    layers = (manifest.precision or {}).get("layers") or {}
-    before = sum(d.get("bytes_before", 0) for k, d in layers.items() if k.startswith("decoder") and isinstance(d, dict))
-    after = sum(d.get("bytes_after", 0) for k, d in layers.items() if k.startswith("decoder") and isinstance(d, dict))
-    return before / 4 / after if before and after else 1 / _kv_itemsize(manifest)
-
-
-def _kv_itemsize(manifest) -> int:
-    inputs = {v.name: v for v in manifest.graphs["decoder"].inputs} if "decoder" in manifest.graphs else {}
-    return 2 if getattr(inputs.get("past_key_0"), "dtype", None) == "float16" else 4
-
-
-def stated_speeds(manifest) -> HostSpeeds:
-    flops_per_byte = 2 * _params_per_byte(manifest)
-    tok = manifest.artifact_dir / "tokenizer.json" if manifest.artifact_dir else None
-    tok_bytes = TOKENIZER_FACTOR * tok.stat().st_size if tok is not None and tok.is_file() else 50 * MB
-    s = lambda v, unit, how: Speed(float(v), unit, "stated", how)  # noqa: E731
-    roofline = f"{CPU_MEMORY_BW / 1e9:g} GB/s DDR4 roofline x {CPU_EFFICIENCY}"
-    return HostSpeeds(
-        cpu_decode=s(CPU_MEMORY_BW * CPU_EFFICIENCY, "B/s", roofline),
-        cpu_head=s(CPU_MEMORY_BW * CPU_EFFICIENCY, "B/s", roofline),
-        cpu_prefill=s(CPU_FLOPS / flops_per_byte, "B*pos/s",
-                      f"{CPU_FLOPS / 1e9:g} GFLOP/s AVX2, {flops_per_byte:.2f} FLOP per weight byte"),
-        cpu_session=s(CPU_SESSION_S, "s", "ORT session creation"),
-        load=s(LOAD_BW, "B/s", "initializer copy at session creation"),
-        disk=s(DISK_BW, "B/s", "NVMe read"),
-        process=s(PROCESS_BYTES, "B", "numpy + onnxruntime + the CLI"),
-        tokenizer=s(tok_bytes, "B", f"{TOKENIZER_FACTOR}x tokenizer.json" if tok is not None else "stated"),
-        gpu_decode=s(GPU_MEMORY_BW * GPU_EFFICIENCY, "B/s", f"MX250 {GPU_MEMORY_BW / 1e9:g} GB/s x {GPU_EFFICIENCY}"),
-        gpu_prefill=s(GPU_FLOPS / flops_per_byte, "B*pos/s", f"MX250 {GPU_FLOPS / 1e12:g} TFLOP/s effective fp32"),
-        gpu_session=s(GPU_SESSION_S, "s", "CUDA session creation"),
-        gpu_step=s(GPU_STEP_S, "s", "kernel launches per part step"),
-        h2d=s(H2D_BW, "B/s", "PCIe 3 x4 (MX250)"),
-        crossing=s(CROSSING_S, "s", "per device crossing"),
-        heap=s(1.0, "x", "a kept session's RSS = its weight bytes (no packing overhead assumed)"))
-
-
-def _zero_feeds(session, positions: int, kv_mode: str) -> dict:
-    import numpy as np
-
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
-    feeds = {}
-    for inp in session.get_inputs():
-        past = 0 if kv_mode == "concat" else positions  # concat grows from empty; in-place caches hold `positions`
-        shape = [d if isinstance(d, int) else 1 if d in ("batch", "positions") else past if "past" in str(d)
-                 else positions for d in inp.shape]
-        if inp.name == "position_ids":
-            feeds[inp.name] = np.broadcast_to(np.arange(positions, dtype=np.int64), shape).copy()
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones(shape, np.int64)
-        elif inp.name == "logit_positions":
-            feeds[inp.name] = np.array([positions - 1], np.int64)
-        else:
-            feeds[inp.name] = np.zeros(shape, dtypes.get(inp.type, np.float32))
-    return feeds
-
-
-def _time_part(manifest, spec, providers, threads, positions: tuple, cycles: int = 1):
-    """(best s of one streamed use's overhead, {positions: median step s}) for one part, on real zero inputs. A
-    streamed use is what `PartitionedEngine` does per use: a session with the arena off, dropped, the heap trimmed."""
-    import onnxruntime as ort
-
-    from qvl.runtime.backends.partitioned import part_session_options, release_freed_memory
-
-    path, best = str(manifest.graph_path(spec.graph)), math.inf
-    for _ in range(cycles):
-        start = time.perf_counter()
-        session = ort.InferenceSession(path, part_session_options(threads, kept=False), providers=providers)
-        session = None
-        release_freed_memory()
-        best = min(best, time.perf_counter() - start)
-    before = _rss()
-    session = ort.InferenceSession(path, part_session_options(threads), providers=providers)
-    after = _rss()
-    _time_part.rss_growth = (after - before) if before is not None and after is not None else None
-    steps = {}
-    on_gpu = providers[0] != "CPUExecutionProvider"
-    for n in positions:
-        feeds = _zero_feeds(session, n, manifest.kv_mode)
-        if on_gpu:  # as the engine binds a CUDA part: its KV and outputs stay in device memory (no copies timed)
-            from qvl.runtime.backends.ort_cache import ortvalue
-
-            io = session.io_binding()
-            for name, value in feeds.items():
-                if name.startswith("past_"):
-                    io.bind_ortvalue_input(name, ortvalue(value, "cuda"))
-                else:
-                    io.bind_cpu_input(name, value)
-            for o in session.get_outputs():
-                io.bind_output(o.name, "cuda")
-            run = lambda: session.run_with_iobinding(io)  # noqa: E731
-        else:
-            run = lambda: session.run(None, feeds)  # noqa: E731
-        run()  # warm-up
-        times, until = [], time.perf_counter() + 1.0
-        while len(times) < 5 and (len(times) < 2 or time.perf_counter() < until):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        steps[n] = statistics.median(times)
-    return best, steps
-
-
-def measure_host(manifest, threads: int | None = None, device: str = "cpu", measure: bool = True,
-                 prompt_tokens: int = 256) -> HostSpeeds:
-    """This machine's `HostSpeeds`: stated constants, with `measure` the CPU's (and, with device "cuda", the GPU's)
-    replaced by timings of the artifact's first layer part and its head (a few seconds at 2B size)."""
-    require_partition(manifest)
-    speeds = stated_speeds(manifest)
-    if not measure:
-        return speeds
-    import numpy  # noqa: F401  (the baseline is this process with both imported)
-    import onnxruntime  # noqa: F401
-
-    got = {}
-    rss = _rss()
-    if rss is not None:
-        got["process"] = Speed(float(rss), "B", "measured", "RSS of this process with numpy + onnxruntime imported")
-        tok = manifest.artifact_dir / "tokenizer.json"
-        if tok.is_file():
-            from tokenizers import Tokenizer
-
-            loaded = Tokenizer.from_file(str(tok))
-            grown = (_rss() or rss) - rss
-            del loaded
-            if grown > 0:
-                got["tokenizer"] = Speed(float(grown), "B", "measured", "RSS growth loading tokenizer.json")
-    from qvl.runtime.backends.select import cuda_blocker
-
-    got.update(_measure_parts(manifest, "cpu", ["CPUExecutionProvider"], threads, prompt_tokens))
-    if device == "cuda" and not cuda_blocker(manifest):  # a blocked artifact's parts stay on the CPU anyway
-        require_cuda()
-        from qvl.runtime.backends.ort import _ORT_ERRORS, Engine
-
-        try:
-            got.update(_measure_parts(manifest, "gpu", Engine._providers("cuda"), threads, prompt_tokens))
-            got["gpu_step"] = Speed(0.0, "s", "measured", "included in gpu_decode / gpu_prefill's timed steps")
-            got["h2d"] = _measure_h2d()
-        except _ORT_ERRORS as exc:  # no device, driver too old: the stated GPU speeds stay, saying why
-            why = str(exc).splitlines()[0][:120]
-            got.update({f.name: replace(getattr(speeds, f.name), how=f"{getattr(speeds, f.name).how} (measuring "
-                                        f"failed: {why})") for f in fields(speeds) if f.name.startswith("gpu")})
-    return replace(speeds, **got)
-
-
-def _measure_parts(manifest, dev: str, providers: list, threads: int | None, prompt_tokens: int) -> dict:
-    """Measured `HostSpeeds` fields of one device from the first layer part and the head."""
-    parts = manifest.partition.parts
-    layer = next((p for p in parts if p.kind == "layers"), None)
-    head = next((p for p in parts if p.kind == "head"), None)
-    n = max(1, min(prompt_tokens, PREFILL_CAP))
-    m = lambda v, unit, how: Speed(float(v), unit, "measured", how)  # noqa: E731
-    got = {}
-    if layer is not None:
-        cycle, steps = _time_part(manifest, layer, providers, threads, (1, n), cycles=2)
-        w = layer.weight_bytes
-        got[f"{dev}_decode"] = m(w / steps[1], "B/s", f"{layer.name}: {w / MB:.2f} MB, {steps[1] * 1e3:.3f} ms a step")
-        got[f"{dev}_prefill"] = m(w * n / steps[n], "B*pos/s", f"{layer.name}: {n} positions, {steps[n] * 1e3:.2f} ms")
-        got[f"{dev}_session"] = m(cycle, "s", f"{layer.name}: session created, dropped, heap trimmed")
-    if head is not None and dev == "cpu":
-        _, head_steps = _time_part(manifest, head, providers, threads, (1,))
-        hw = head.weight_bytes
-        grown = getattr(_time_part, "rss_growth", None)
-        if grown and hw >= MIB:
-            got["heap"] = m(max(1.0, grown / hw), "x", f"head: RSS grew {grown / MB:.1f} MB for {hw / MB:.1f} MB of "
-                            "weights at session creation")
-        got["cpu_head"] = m(hw / head_steps[1], "B/s", f"head: {hw / MB:.2f} MB in {head_steps[1] * 1e3:.3f} ms a step")
-        if layer is not None and cycle > 0:
-            # A streamed use of a layer-sized part costs what one layer part's whole cycle costs, scaled by bytes:
-            # fitting a fixed + per-byte split between the layer and the head mispredicted 2B streaming by ~2x (the
-            # lm_head's prepacking is slower per byte than a layer's), and layers are what a budget streams.
-            w = layer.weight_bytes
-            got["load"] = m(w / cycle, "B/s", f"{layer.name}: {w / MB:.1f} MB in a {cycle * 1e3:.1f} ms streamed cycle")
-            got["cpu_session"] = m(0.0, "s", f"included in load ({layer.name}'s whole cycle)")
-    return got
-
-
-def _measure_h2d() -> Speed:
-    import numpy as np
-    import onnxruntime as ort
-
-    host = np.ones(16 * MIB // 4, np.float32)
-    ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)  # warm-up
-    start = time.perf_counter()
-    ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0).numpy()
-    return Speed(2 * host.nbytes / (time.perf_counter() - start), "B/s", "measured", "16 MiB host -> device -> host")
-
-
-def gpu_total_memory() -> int | None:
-    """GPU 0's memory from NVML (nvidia-ml-py), or None."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
-    except Exception:  # no nvidia-ml-py, no driver, no GPU
-        return None
 
 
 # -- the plan ------------------------------------------------------------------------------------------------------

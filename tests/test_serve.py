@@ -490,3 +490,32 @@ class _RayServer(Server):
             raise AssertionError(f"Ray Serve did not start: {self.stderr}")
         self.url = f"http://127.0.0.1:{port}/v1"
         self.base = f"http://127.0.0.1:{port}"
+
+
+def test_serve_under_a_ram_budget_answers_like_run(tiny_cpu_artifact, run_answers, files, tmp_path):
+    """`serve --ram-budget` on a partitioned artifact: the server runs the planner's placement on the partitioned
+    runner (one request at a time) and answers as `run` does. The budget leaves room for the server's own imports
+    (fastapi, uvicorn: RSS a `plan` process does not have); what streams under a tight budget is test_partition's."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_cpu_artifact, src)
+    parted = tmp_path / "parted"
+    assert run_cli("partition", str(src), "--out", str(parted), "--every", "1").returncode == 0
+    plan = run_cli("plan", str(parted), "--device", "cpu", "--json")
+    assert plan.returncode == 0, plan.stderr
+    free = json.loads(plan.stdout)
+    budget = free["ram_bytes"] + (256 << 20)
+    srv = Server(parted, "--api-key", KEY, "--ram-budget", str(budget))
+    try:
+        assert any(l.startswith("note: placement:") for l in srv.lines), srv.stderr
+        assert any("one request at a time" in l for l in srv.lines), srv.stderr
+        client = srv.client()
+        r = client.chat.completions.create(model=parted.name, messages=_user("hello there"), max_tokens=MAX_TOKENS,
+                                           temperature=0)
+        assert r.choices[0].message.content == run_answers["text"]["text"]
+        image = _user("Describe the image.", _data_url(files["image"].read_bytes()))
+        r = client.chat.completions.create(model=parted.name, messages=image, max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].message.content == run_answers["image"]["text"]
+    finally:
+        assert srv.stop() == 0

@@ -1,24 +1,29 @@
 """The runner of a partitioned artifact (`qvl-compile partition`): one ONNX Runtime session per decoder part, each
-on the device the placement gives it, the values that cross a part boundary (the hidden state; at a fused residual
-norm also the block output) passed from part to part on the host.
+on the device the placement gives it; the values that cross a part boundary (the hidden state; at a fused residual
+norm also the block output; the position-only tensors the first part computes) go from part to part, staying in
+device memory between two parts on the same GPU and through the host otherwise.
 
 A placement (`PartPlacement` per part, normally from `runtime/placement.make_plan`) says where each part runs and
 how it stays loaded:
 
 * `ram` / `vram`: the part's session is created once and kept (its weights in ONNX Runtime's heap on the CPU, in
-  device memory on CUDA; `vram` parts on CUDA get `gpu_mem_limit` from the VRAM budget).
-* `stream`: the part's session is created for each use and dropped right after, so its weights hold memory only
-  while it runs. That is what bounds RSS under a RAM budget below the model's size: ONNX Runtime copies every
-  initializer into its own heap at session creation (a memory-mapped weight file does not bound RAM by itself).
-  Decode visits every part once per token in the same order, so an LRU of loaded parts would evict exactly the
-  part needed next and reload every part every token; keeping a fixed prefix loaded and streaming the rest through
-  one slot reloads only the streamed ones. While a streamed part runs, the next streamed part's weight pages are
-  read ahead (a `Prefetcher`), so its session creation reads from the page cache instead of the disk.
+  device memory on CUDA, where its `vram_limit` is the session's `gpu_mem_limit`).
+* `stream`: the part's session is created for each use and dropped right after (arena off, heap trimmed), so its
+  weights hold memory only while it runs. That is what bounds RSS under a RAM budget below the model's size: ONNX
+  Runtime copies every initializer into its own heap at session creation (a memory-mapped weight file does not bound
+  RAM by itself). Decode visits every part once per token in the same order, so an LRU of loaded parts would evict
+  exactly the part needed next and reload every part every token; keeping a fixed set loaded and streaming the rest
+  through one slot reloads only the streamed ones. The `Prefetcher` reads the next streamed part's pages while the
+  current one runs, so its session creation reads from the page cache.
+* `prefill_device`: steps of at least `prefill_min_tokens` positions run there (the part's KV cache is copied over
+  and back), so a compute-heavy prefill may use the GPU for a part that decodes on the CPU.
+* the vision encoder's placement (`vision_placement`): kept, or streamed per image; `exclusive` releases every kept
+  part while it encodes (a RAM budget that cannot hold both).
 
+Part sessions do not spin-wait (`part_session_options`): 29 thread pools spinning took the cores from each other.
 The parts' graphs are the compiled decoder's nodes unchanged, so on one device the output equals the unpartitioned
 runner's bit for bit (tests/test_partition.py checks logits and tokens). Implements the runner protocol
-(`base.py`); KV layouts `concat` and `shared` on the CPU, and the in-place layouts on CUDA (device buffers bound as
-past and present).
+(`base.py`) for every KV layout (`concat`, `shared`, `scatter`) on the CPU, and `concat` / `scatter` on CUDA.
 """
 
 from __future__ import annotations

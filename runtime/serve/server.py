@@ -108,7 +108,7 @@ def build_state(artifact: Path, opts: ServeOptions, echo=None):
     from qvl.runtime.serve.scheduler import Scheduler
 
     model = load(artifact, device=opts.device, threads=opts.threads, ram_budget=opts.ram_budget,
-                 vram_budget=opts.vram_budget, warm=opts.warm)
+                 vram_budget=opts.vram_budget, warm=opts.warm, context=opts.max_context)  # the plan's KV: one slot
     if model.device_note and echo:
         echo(f"note: {model.device_note}")
     if model.plan is not None and echo:
@@ -118,9 +118,15 @@ def build_state(artifact: Path, opts: ServeOptions, echo=None):
     model.prompts.set_image_limits(opts.max_image_tokens, opts.min_pixels, opts.max_pixels, flags=True)
     capacity = min(model.context_length, opts.max_context or 4096)
     metrics = ServeMetrics()
-    scheduler = Scheduler(model, opts.max_batch, capacity, opts.limits.max_queue, metrics,
+    slots = opts.max_batch
+    if model.plan is not None:  # the memory plan holds one sequence's KV cache: keep one conversation, not max_batch
+        slots = 1
+        if echo and opts.max_batch > 1:
+            echo("note: under --ram-budget / --vram-budget requests run one at a time and one conversation's KV cache "
+                 "is kept (the memory plan holds one)")
+    scheduler = Scheduler(model, slots, capacity, opts.limits.max_queue, metrics,
                           gather_timeout_s=opts.gather_timeout_s)
-    if opts.max_batch > 1 and not scheduler.batched and echo:
+    if slots > 1 and not scheduler.batched and echo:
         echo(f"note: batched decoding needs the CPU and an in-place GQA cache (this runner: {model.engine.device}, "
              f"{model.engine.kv_mode}; compile with --target cpu); requests run one at a time, "
              f"{opts.max_batch} conversations' caches are kept")
