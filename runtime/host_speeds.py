@@ -128,8 +128,9 @@ def _zero_feeds(session, positions: int, kv_mode: str) -> dict:
 
 
 def _time_part(manifest, spec, providers, threads, positions: tuple, cycles: int = 1):
-    """(best s of one streamed use's overhead, {positions: median step s}) for one part, on real zero inputs. A
-    streamed use is what `PartitionedEngine` does per use: a session with the arena off, dropped, the heap trimmed."""
+    """(best s of one streamed use, {positions: median step s}, RSS bytes the kept session added) for one part, on
+    real zero inputs. A streamed use is what `PartitionedEngine` does per use: a session with the arena off, dropped,
+    the heap trimmed."""
     import onnxruntime as ort
 
     from qvl.runtime.backends.partitioned import part_session_options, release_freed_memory
@@ -144,7 +145,7 @@ def _time_part(manifest, spec, providers, threads, positions: tuple, cycles: int
     before = _rss()
     session = ort.InferenceSession(path, part_session_options(threads), providers=providers)
     after = _rss()
-    _time_part.rss_growth = (after - before) if before is not None and after is not None else None
+    grown = (after - before) if before is not None and after is not None else None
     steps = {}
     on_gpu = providers[0] != "CPUExecutionProvider"
     for n in positions:
@@ -170,7 +171,7 @@ def _time_part(manifest, spec, providers, threads, positions: tuple, cycles: int
             run()
             times.append(time.perf_counter() - start)
         steps[n] = statistics.median(times)
-    return best, steps
+    return best, steps, grown
 
 
 def measure_host(manifest, threads: int | None = None, device: str = "cpu", measure: bool = True,
@@ -226,15 +227,14 @@ def _measure_parts(manifest, dev: str, providers: list, threads: int | None, pro
     m = lambda v, unit, how: Speed(float(v), unit, "measured", how)  # noqa: E731
     got = {}
     if layer is not None:
-        cycle, steps = _time_part(manifest, layer, providers, threads, (1, n), cycles=2)
+        cycle, steps, _ = _time_part(manifest, layer, providers, threads, (1, n), cycles=2)
         w = layer.weight_bytes
         got[f"{dev}_decode"] = m(w / steps[1], "B/s", f"{layer.name}: {w / MB:.2f} MB, {steps[1] * 1e3:.3f} ms a step")
         got[f"{dev}_prefill"] = m(w * n / steps[n], "B*pos/s", f"{layer.name}: {n} positions, {steps[n] * 1e3:.2f} ms")
         got[f"{dev}_session"] = m(cycle, "s", f"{layer.name}: session created, dropped, heap trimmed")
     if head is not None and dev == "cpu":
-        _, head_steps = _time_part(manifest, head, providers, threads, (1,))
+        _, head_steps, grown = _time_part(manifest, head, providers, threads, (1,))
         hw = head.weight_bytes
-        grown = getattr(_time_part, "rss_growth", None)
         if grown and hw >= MIB:
             got["heap"] = m(max(1.0, grown / hw), "x", f"head: RSS grew {grown / MB:.1f} MB for {hw / MB:.1f} MB of "
                             "weights at session creation")

@@ -81,16 +81,25 @@ def _steps_equal(whole, parts, seed=0):
 
 
 @pytest.mark.parametrize("which, cut", [("fp32", ("--every", "2")), ("int4", ("--every", "1")),
-                                        ("int4", ("--at", "1,3"))])
-def test_partitioned_logits_equal_the_whole_decoder_bit_for_bit(which, cut, cpu_source, tiny_cpu_int4, tmp_path):
+                                        ("int4", ("--at", "1,3")), ("export", ("--every", "1"))])
+def test_partitioned_logits_equal_the_whole_decoder_bit_for_bit(which, cut, cpu_source, tiny_cpu_int4, tiny_artifact,
+                                                                tmp_path):
+    """fp32 / int4: the cpu target (`shared` GQA cache); export: the plain export (`concat` cache)."""
+    import shutil
+
     from qvl.runtime.backends.ort import Engine
     from qvl.runtime.backends.partitioned import PartitionedEngine
 
-    src = cpu_source if which == "fp32" else tiny_cpu_int4  # tiny_cpu_int4: used by this module only
+    src = {"fp32": cpu_source, "int4": tiny_cpu_int4}.get(which)  # tiny_cpu_int4: used by this module only
+    if src is None:  # a copy: the session fixture stays single-linked for the modules that load it with onnx_ir
+        src = tmp_path / "export"
+        shutil.copytree(tiny_artifact, src)
     out = tmp_path / "p"
     proc = run_cli("partition", str(src), "--out", str(out), *cut)
     assert proc.returncode == 0, proc.stderr
-    worst, la, lb = _steps_equal(Engine(src, threads=1), PartitionedEngine(out, threads=1))
+    parts = PartitionedEngine(out, threads=1)
+    assert parts.kv_mode == {"export": "concat"}.get(which, "shared")
+    worst, la, lb = _steps_equal(Engine(src, threads=1), parts)
     assert worst == 0.0 and la == lb == 14
 
 

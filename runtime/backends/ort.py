@@ -19,7 +19,7 @@ import onnxruntime as ort
 from qvl.artifacts.manifest import read_manifest
 from qvl.artifacts.weight_store import map_embedding
 from qvl.errors import QvlError
-from qvl.runtime.backends.ort_cache import LOGIT_POSITIONS, CacheBinder, KVCache
+from qvl.runtime.backends.ort_cache import CacheBinder, KVCache, step_feeds
 from qvl.runtime.vision_tables import encode_per_segment
 
 _ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
@@ -171,21 +171,8 @@ class Engine:
         total = cache.length + seq
         if total > self.context_length:
             raise QvlError(f"sequence of {total} tokens exceeds the model context of {self.context_length}")
-        if deepstack is None:
-            deepstack = np.zeros((self.num_deepstack, bsz, seq, self.hidden_size), dtype=np.float32)
-        feeds = {
-            "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            "attention_mask": self.caches.mask(cache, bsz, total, seq),
-            "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32),
-        }
-        if self.caches.has_logit_positions:  # logits for the last position only, or all (a verify step)
-            feeds[LOGIT_POSITIONS] = np.arange(seq, dtype=np.int64) if all_positions else np.array([seq - 1], np.int64)
-        elif all_positions:
-            raise QvlError(f"the decoder graph of {self.artifact} returns the last position's logits only: "
-                           "speculative decoding cannot verify drafts with it",
-                           hint="re-compile it from the checkpoint with this qvl-compile version")
-        return feeds
+        return step_feeds(self, inputs_embeds, position_ids, deepstack, self.caches.mask(cache, bsz, total, seq),
+                          self.caches.has_logit_positions, all_positions)
 
     def step(
         self,

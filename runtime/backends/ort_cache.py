@@ -69,6 +69,29 @@ class DecodeBuffers:
     next_tokens: ort.OrtValue | None = None
 
 
+def step_feeds(runner, inputs_embeds, position_ids, deepstack, mask: np.ndarray, has_logit_positions: bool,
+               all_positions: bool) -> dict:
+    """A decoder step's inputs as host arrays (the whole-decoder `Engine` and the partitioned runner build them the
+    same way): DeepStack zeros when the step has none, `logit_positions` for the last position only or all of them
+    (a speculative verify step), which a graph without that input cannot give."""
+    bsz, seq, _ = inputs_embeds.shape
+    if deepstack is None:
+        deepstack = np.zeros((runner.num_deepstack, bsz, seq, runner.hidden_size), dtype=np.float32)
+    feeds = {
+        "inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
+        "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+        "attention_mask": mask,
+        "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32),
+    }
+    if has_logit_positions:
+        feeds[LOGIT_POSITIONS] = np.arange(seq, dtype=np.int64) if all_positions else np.array([seq - 1], np.int64)
+    elif all_positions:
+        raise QvlError(f"the decoder graph of {runner.artifact} returns the last position's logits only: "
+                       "speculative decoding cannot verify drafts with it",
+                       hint="re-compile it from the checkpoint with this qvl-compile version")
+    return feeds
+
+
 def ortvalue(arr: np.ndarray, device: str) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), device, 0)
 

@@ -39,7 +39,7 @@ from qvl.artifacts.manifest import read_manifest
 from qvl.artifacts.weight_store import map_embedding
 from qvl.errors import QvlError
 from qvl.runtime.backends.ort import _ORT_ERRORS, Engine, session_options
-from qvl.runtime.backends.ort_cache import LOGIT_POSITIONS, NEXT_TOKEN, NEXT_TOKENS, _pick, ortvalue
+from qvl.runtime.backends.ort_cache import LOGIT_POSITIONS, NEXT_TOKEN, NEXT_TOKENS, _pick, ortvalue, step_feeds
 from qvl.runtime.vision_tables import encode_per_segment
 
 _PAST = re.compile(r"past_(key|value)_(\d+)")
@@ -318,23 +318,12 @@ class PartitionedEngine:
             raise QvlError(f"sequence of {total} tokens exceeds the model context of {self.context_length}")
         if self.kv_mode != "concat" and total > cache.capacity:
             raise QvlError(f"sequence of {total} tokens exceeds the preallocated cache of {cache.capacity}")
-        if deepstack is None:
-            deepstack = np.zeros((self.num_deepstack, bsz, seq, self.hidden_size), dtype=np.float32)
         if self.kv_mode == "scatter":
             mask = np.zeros((bsz, cache.capacity), dtype=np.int64)
             mask[:, :total] = 1
         else:
             mask = np.ones((bsz, total), dtype=np.int64)
-        values = {"inputs_embeds": np.ascontiguousarray(inputs_embeds, dtype=np.float32),
-                  "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-                  "attention_mask": mask, "deepstack_embeds": np.ascontiguousarray(deepstack, dtype=np.float32)}
-        if self.has_logit_positions:
-            values[LOGIT_POSITIONS] = np.arange(seq, dtype=np.int64) if all_positions else np.array([seq - 1], np.int64)
-        elif all_positions:
-            raise QvlError(f"the decoder graph of {self.artifact} returns the last position's logits only: "
-                           "speculative decoding cannot verify drafts with it",
-                           hint="re-compile it from the checkpoint with this qvl-compile version")
-        return values
+        return step_feeds(self, inputs_embeds, position_ids, deepstack, mask, self.has_logit_positions, all_positions)
 
     def _device_for(self, part: _Part, seq: int) -> str:
         pre = part.placement.prefill_device
@@ -404,6 +393,11 @@ def release_freed_memory() -> None:
     them leaves the pages resident unless trimmed: without this, streaming does not lower RSS."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+def _on(arr: np.ndarray, device: str):
+    """A host array where a part on `device` binds it: the array itself on the CPU, a device OrtValue on CUDA."""
+    return arr if device == "cpu" else ortvalue(arr, device)
 
 
 def _host(t) -> np.ndarray:

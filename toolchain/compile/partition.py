@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qvl.artifacts import manifest as mf
-from qvl.artifacts.writer import link_weight_files, step_record, write_artifact
+from qvl.artifacts.writer import graph_entry, link_weight_files, step_record, write_artifact
 from qvl.errors import QvlError
 from qvl.toolchain.fsutil import atomic_output_dir, fault_point
 
@@ -262,23 +262,6 @@ def _graph_weight_bytes(path: Path) -> int:
     return weight_runs(onnx.load(str(path), load_external_data=False))[0]
 
 
-def _signature(model) -> dict:
-    def sig(values):
-        out = []
-        for v in values:
-            tt = v.type.tensor_type
-            import onnx
-
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else None
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim] \
-                if tt.HasField("shape") else []
-            out.append({"name": v.name, "dtype": {"float32": "float", "float16": "float16"}.get(dtype, dtype),
-                        "shape": shape})
-        return out
-
-    return {"inputs": sig(model.graph.input), "outputs": sig(model.graph.output)}
-
-
 def _copy_artifact_files(m, dst: Path) -> None:
     """Everything of the source artifact into `dst`: weight files linked (else copied), the rest copied."""
     link_weight_files(m, dst)
@@ -292,6 +275,7 @@ def _copy_artifact_files(m, dst: Path) -> None:
 def partition_artifact(artifact: Path, out: Path, every: int | None = None, at: str | None = None,
                        overwrite: bool = False, step=None) -> PartitionReport:
     import onnx
+    import onnx_ir as ir
 
     t0 = time.perf_counter()
     say = step or (lambda _msg: None)
@@ -320,7 +304,7 @@ def partition_artifact(artifact: Path, out: Path, every: int | None = None, at: 
             gname = "decoder.head" if head else f"decoder.part{i}"
             file = f"{gname}.onnx"
             onnx.save(model, str(tmp / file))
-            graphs[gname] = {"file": file, "sha256": mf.sha256_file(tmp / file), **_signature(model)}
+            graphs[gname] = graph_entry(ir.from_proto(model), tmp / file)  # the entry every graph gets
             nbytes, runs = weight_runs(model)
             sig = graphs[gname]
             parts.append({"name": name, "graph": gname, "kind": "head" if head else "layers", "layers": [start, stop],
