@@ -19,7 +19,7 @@ import onnxruntime as ort
 from qvl.artifacts.manifest import read_manifest
 from qvl.artifacts.weight_store import map_embedding
 from qvl.errors import QvlError
-from qvl.runtime.backends.ort_cache import CacheBinder, KVCache, step_feeds
+from qvl.runtime.backends.ort_cache import LOGIT_POSITIONS, CacheBinder, KVCache, step_feeds
 from qvl.runtime.vision_tables import encode_per_segment
 
 _ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
