@@ -225,6 +225,13 @@ def export_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
 ):
     """Export a checkpoint to an fp32 ONNX artifact (vision encoder + KV-cached decoder)."""
+    from qvl.toolchain.export.checkpoint_io import validate_checkpoint
+    from qvl.toolchain.fsutil import check_output_target
+
+    # A bad checkpoint or --out is refused before the exporter's imports (onnx, onnx-ir: ~1.5 s); the exporter
+    # checks both again under its output lock.
+    check_output_target(out, overwrite, (checkpoint,))
+    validate_checkpoint(checkpoint)
     from qvl.toolchain.export.exporter import export_artifact
 
     weight_cache = _open_weight_cache(cache, cache_dir)

@@ -2,7 +2,7 @@
 all-CPU greedy and the whole-decoder CUDA run, TTFT and decode tok/s per plan, and how close the planner was.
 
     python benchmarks/gpu_plans.py WHOLE_ART PARTITIONED_ART [--budgets 2GiB,4GiB,max] [--context 1024]
-        [--max-new-tokens 64] [--threads N] [--json OUT.json]
+        [--max-new-tokens 64] [--threads N] [--json OUT.json] [--peer-checkpoint CKPT] [--no-join]
 
 Cases, each a fresh `qvl-compile` process through the console script, same prompt (a ~130-token text prompt), greedy:
 * `cpu`: the whole artifact on the CPU (`--device cpu`): the all-CPU greedy reference;
@@ -11,13 +11,22 @@ Cases, each a fresh `qvl-compile` process through the console script, same promp
   nvidia-smi), after `qvl-compile plan ... --json` for the same budget (the prediction and the placement).
 Per case: TTFT, decode tok/s, the answer's tokens equal to the CPU's (and the first position where they differ:
 on random weights near-tied logits can flip between CPU and GPU kernels), the plan's parts per device, its predicted
-TTFT / tok/s and the ratios measured / predicted. Nothing here is needed on a user's machine.
+TTFT / tok/s and the ratios measured / predicted. `--no-join` (QVL_PART_JOIN=0) runs every part in its own session
+(the runner before consecutive parts were joined), for the before/after.
+
+`--peer-checkpoint CKPT` (the checkpoint the artifacts came from) adds llama.cpp's GPU split in the same run, the
+anchor of issue #15: a CUDA build (`peer_llamacpp` flavour `cuda`), CKPT as GGUF Q4_0, and per budget the `-ngl`
+llama.cpp's own fitting picks (`llama-fit-params -fitt MARGIN`, MARGIN = the card's free MiB - the budget: its
+automatic choice on a card of that size), plus `-ngl 0` (layers on the CPU, its large-batch matmuls offloaded to
+the GPU) and all layers; each timed with `llama-bench -p <our prompt tokens> -n <max-new-tokens>` at the same
+threads, its VRAM from `llama-fit-params -fitp on` (model / context / compute MiB on the card).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,6 +58,73 @@ def _gpu_memory() -> int | None:
         return None
 
 
+def _peer_rows(checkpoint: Path, budgets: list, gpu_mem: int | None, prompt_tokens: int, new_tokens: int,
+               threads: int, context: int) -> dict:
+    """llama.cpp's CUDA split on the same checkpoint: {"build", "gguf", "rows": [...]} (module docstring)."""
+    import re
+
+    from qvl.toolchain.eval import peer_gguf, peer_llamacpp, peer_run
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    build = peer_llamacpp.build("cuda", progress=log)
+    cache = peer_llamacpp.cache_root()
+    gg = peer_gguf.ensure_ggufs(checkpoint, build.source, "Q4_0", cache, build.tool("llama-quantize"), build.version,
+                                progress=log)
+    text = Path(gg["text"])
+    work = Path(gg["dir"])
+
+    def fit_params(*args: str) -> str:
+        proc = subprocess.run([str(build.tool("llama-fit-params")), "-m", str(text), "-c", str(context), *args],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-fit-params {' '.join(args)} failed: {proc.stderr.strip()[-400:]}")
+        return proc.stdout
+
+    def free_mib() -> int:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+
+    cases = [("ngl 0", 0, None)]
+    for b in budgets:
+        if b == "max":
+            continue
+        from qvl.runtime.placement import parse_size
+
+        budget_mib = parse_size(b, "--budgets") // (1 << 20)
+        margin = max(0, free_mib() - budget_mib)
+        chosen = fit_params("-fitc", str(context), "-fitt", str(margin))
+        m = re.search(r"-ngl (-?\d+)", chosen)
+        ngl = int(m.group(1)) if m else None
+        # -1: the default left as it is, i.e. every layer (and the output) fits the margin
+        cases.append((f"fit {b}", 99 if ngl == -1 else ngl, {"margin_mib": margin, "printed": chosen.strip()}))
+    cases.append(("all layers", 99, None))
+    rows = []
+    for name, ngl, fit in cases:
+        row = {"case": name, "ngl": ngl, "fit": fit}
+        if ngl is None:
+            row["error"] = "llama-fit-params printed no -ngl"
+            rows.append(row)
+            continue
+        mem = fit_params("-ngl", str(ngl), "-fitp", "on")
+        row["memory_mib"] = {l.split()[0]: dict(zip(("model", "context", "compute"), map(int, l.split()[1:4])))
+                             for l in mem.splitlines() if len(l.split()) == 4 and l.split()[1].isdigit()}
+        out = work / f"bench-ngl{ngl}.json"
+        cmd = [str(build.tool("llama-bench")), "-m", str(text), "-ngl", str(ngl), "-p", str(prompt_tokens), "-n",
+               str(new_tokens), "-t", str(threads), "-r", "3", "-o", "json"]
+        res = peer_run.run_measured(cmd, work / f"bench-ngl{ngl}.log", threads, stdout=out)
+        if res["rc"] != 0:
+            row["error"] = (work / f"bench-ngl{ngl}.log").read_text(errors="replace")[-600:]
+        else:
+            parsed = peer_run.parse_llama_bench(out.read_text())
+            row.update(prefill_tok_s=parsed["pp"]["tok_s"], decode_tok_s=parsed["tg"]["tok_s"],
+                       ttft_s=prompt_tokens / parsed["pp"]["tok_s"], peak_rss_bytes=res["peak_rss_bytes"],
+                       meta=parsed.get("meta"), command=cmd)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("meta", "command")}), flush=True)
+    return {"build": {"label": build.label, "bin_dir": str(build.bin_dir), **build.record}, "gguf": gg, "rows": rows}
+
+
 def _first_difference(a: str, b: str) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
@@ -62,7 +138,11 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--peer-checkpoint", type=Path)
+    ap.add_argument("--no-join", action="store_true")
     a = ap.parse_args()
+    if a.no_join:
+        os.environ["QVL_PART_JOIN"] = "0"
     threads = ["--threads", str(a.threads)] if a.threads else []
     gen = ["--prompt", PROMPT, "--greedy", "--json", "--max-new-tokens", str(a.max_new_tokens), *threads]
     cases = []
@@ -92,7 +172,10 @@ def main() -> int:
             placed = {"cuda_parts": [p["name"] for p in plan["parts"] if p["placement"]["device"] == "cuda"],
                       "cpu_parts": [p["name"] for p in plan["parts"] if p["placement"]["device"] == "cpu"],
                       "prefill_on_cuda": [p["name"] for p in plan["parts"] if p["placement"]["prefill_device"] == "cuda"],
-                      "vram_bytes": plan["vram_bytes"], "predicted": plan["predicted"], "notes": plan["notes"]}
+                      "vram_bytes": plan["vram_bytes"], "predicted": plan["predicted"], "notes": plan["notes"],
+                      "vram_limits": [p["placement"]["vram_limit"] for p in plan["parts"]],
+                      "reasons": {p["name"]: p["reason"] for p in plan["parts"][:2] + plan["parts"][-1:]},
+                      "speeds": {k: v for k, v in plan["speeds"].items() if k.startswith(("gpu", "cpu"))}}
         c = record(f"vram {b}", *_cli("run", str(a.partitioned), "--device", "cuda", "--vram-budget", budget,
                                       "--context", str(a.context), *gen),
                    budget=budget, plan=placed, plan_error=None if plan is not None else perr)
@@ -103,7 +186,14 @@ def main() -> int:
         if c["ok"] and cpu["ok"]:
             c["same_as_cpu"] = c["text"] == cpu["text"]
             c["first_difference_char"] = _first_difference(c["text"], cpu["text"])
-    report = {"gpu_memory_bytes": gpu_mem, "context": a.context, "max_new_tokens": a.max_new_tokens, "cases": cases}
+    report = {"gpu_memory_bytes": gpu_mem, "context": a.context, "max_new_tokens": a.max_new_tokens,
+              "joined_parts": not a.no_join, "cases": cases}
+    if a.peer_checkpoint:
+        from qvl.runtime.backends.ort import physical_cores
+
+        report["llama_cpp"] = _peer_rows(a.peer_checkpoint, a.budgets.split(","), gpu_mem,
+                                         cpu.get("prompt_tokens") or 128, a.max_new_tokens,
+                                         a.threads or physical_cores(), a.context)
     if a.json:
         a.json.write_text(json.dumps(report, indent=1))
     return 0 if all(c["ok"] for c in cases) else 1

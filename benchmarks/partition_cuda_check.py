@@ -3,11 +3,15 @@ whole-decoder runner on the same inputs. Prints one JSON line per check.
 
     python benchmarks/partition_cuda_check.py WHOLE_ART PARTITIONED_ART
 
-* all parts on CUDA (`vram`) vs `Engine(device="cuda")`: the same kernels, so the logits should be equal;
+* all parts on CUDA (`vram`) vs `Engine(device="cuda")`: one session, the artifact's whole decoder graph through the
+  unpartitioned runner's cache binder (CUDA graphs on in-place caches), so the logits should be equal; and with
+  `join=False` (a session per part);
 * a split (the first half of the parts on CUDA, the rest on the CPU) vs the CPU and the CUDA whole runners;
 * CPU parts that prefill on CUDA (`prefill_device="cuda"`, the KV brought back) vs the all-CPU runner;
 * streamed CUDA parts (a session per use) vs resident ones;
-* `vram_limit` of 1 MiB on a part: the arena cap must refuse it (an error naming the part, not a silent overrun).
+* a split whose CUDA parts are joined into one session from the part graphs (a streamed part in the middle);
+* `vram_limit` of 1 MiB on a part (one session per part), and 1 KiB on every part (joined: the group's cap is their
+  sum): the arena cap must refuse it (an error, not a silent overrun).
 """
 
 from __future__ import annotations
@@ -49,8 +53,13 @@ def main() -> int:
 
     def check(label, placement, ref_label, ref, **kw):
         try:
-            got = steps(PartitionedEngine(parted, placement, **kw))
-            print(json.dumps({"check": label, "vs": ref_label, **diff(got, ref)}), flush=True)
+            engine = PartitionedEngine(parted, placement, **kw)
+            got = steps(engine)
+            sessions = [p.spec.name for p in engine.parts]
+            whole = engine.caches is not None
+            print(json.dumps({"check": label, "vs": ref_label, **diff(got, ref), "sessions": sessions,
+                              "whole_decoder_graph": whole, "cuda_graph": bool(whole and engine.caches.cuda_graph),
+                              "cuda_graph_note": engine.cuda_graph_note}), flush=True)
             return got
         except QvlError as exc:
             print(json.dumps({"check": label, "error": str(exc)[:300]}), flush=True)
@@ -59,6 +68,9 @@ def main() -> int:
     print(json.dumps({"check": "whole cuda vs whole cpu", **diff(cuda, cpu)}), flush=True)
     all_cuda = {n: PartPlacement("cuda", "vram") for n in names}
     check("all parts cuda", all_cuda, "whole cuda", cuda)
+    check("all parts cuda, a session per part", all_cuda, "whole cuda", cuda, join=False)
+    middle = {**all_cuda, names[1]: PartPlacement("cuda", "stream")}
+    check("all parts cuda, part 1 streamed (joined groups around it)", middle, "whole cuda", cuda)
     half = len(names) // 2
     split = {n: PartPlacement("cuda", "vram") if i < half else PartPlacement("cpu", "ram") for i, n in enumerate(names)}
     got = check(f"first {half} parts cuda, rest cpu", split, "whole cpu", cpu)
@@ -70,7 +82,9 @@ def main() -> int:
     check("all parts cuda, streamed per use", streamed, "whole cuda", cuda)
     capped = {n: PartPlacement("cuda", "vram", vram_limit=1 << 20) if i == 0 else PartPlacement("cuda", "vram")
               for i, n in enumerate(names)}
-    check("part 0 capped at 1 MiB of VRAM", capped, "whole cuda", cuda)
+    check("part 0 capped at 1 MiB of VRAM (a session per part)", capped, "whole cuda", cuda, join=False)
+    tiny = {n: PartPlacement("cuda", "vram", vram_limit=1 << 10) for n in names}
+    check("every part capped at 1 KiB (joined: the sum caps the session)", tiny, "whole cuda", cuda)
     return 0
 
 

@@ -18,7 +18,7 @@ PREFILL_CAP = 128  # positions of the measured prefill step (prefill cost is lin
 CPU_MEMORY_BW, CPU_EFFICIENCY, CPU_FLOPS = 40e9, 0.5, 120e9
 GPU_MEMORY_BW, GPU_EFFICIENCY, GPU_FLOPS = 48e9, 0.6, 0.5e12
 DISK_BW, H2D_BW, LOAD_BW = 2e9, 3e9, 4e9
-CPU_SESSION_S, GPU_SESSION_S, GPU_STEP_S, CROSSING_S = 0.02, 0.1, 2e-4, 5e-5
+CPU_SESSION_S, GPU_SESSION_S, GPU_STEP_S, CROSSING_S, CPU_STEP_S = 0.02, 0.1, 2e-4, 5e-5, 5e-5
 PROCESS_BYTES, TOKENIZER_FACTOR = 100 * MB, 10
 
 
@@ -37,7 +37,7 @@ class Speed:
 class HostSpeeds:
     """What the plan's times and fixed RAM come from; every field a `Speed` with its source."""
 
-    cpu_decode: Speed  # weight bytes / s of a layer part's one-position step on the CPU
+    cpu_decode: Speed  # weight bytes / s of a layer's share of a one-position step on the CPU (beyond cpu_step)
     cpu_head: Speed  # the same for the head (final norm + lm_head)
     cpu_prefill: Speed  # weight bytes x positions / s of a layer part's prefill step on the CPU
     cpu_session: Speed  # s a streamed use costs beyond its bytes at `load` (session made, dropped, heap trimmed)
@@ -48,10 +48,11 @@ class HostSpeeds:
     gpu_decode: Speed
     gpu_prefill: Speed
     gpu_session: Speed
-    gpu_step: Speed  # s of kernel launches per part step on CUDA
+    gpu_step: Speed  # s a CUDA session's step costs beyond its layers' (binding, launches, the run's sync)
     h2d: Speed  # bytes / s host <-> device
     crossing: Speed  # s of latency per device crossing
     heap: Speed | None = None  # RSS a kept CPU session holds per weight byte (ORT's prepacked copies, allocator)
+    cpu_step: Speed | None = None  # s a CPU session's step costs beyond its layers' (None: 0)
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name).to_json() for f in fields(self) if getattr(self, f.name) is not None}
@@ -103,7 +104,8 @@ def stated_speeds(manifest) -> HostSpeeds:
         gpu_step=s(GPU_STEP_S, "s", "kernel launches per part step"),
         h2d=s(H2D_BW, "B/s", "PCIe 3 x4 (MX250)"),
         crossing=s(CROSSING_S, "s", "per device crossing"),
-        heap=s(1.0, "x", "a kept session's RSS = its weight bytes (no packing overhead assumed)"))
+        heap=s(1.0, "x", "a kept session's RSS = its weight bytes (no packing overhead assumed)"),
+        cpu_step=s(CPU_STEP_S, "s", "session run overhead per step"))
 
 
 def _zero_feeds(session, positions: int, kv_mode: str) -> dict:
@@ -127,23 +129,31 @@ def _zero_feeds(session, positions: int, kv_mode: str) -> dict:
     return feeds
 
 
-def _time_part(manifest, spec, providers, threads, positions: tuple, cycles: int = 1):
-    """(best s of one streamed use, {positions: median step s}, RSS bytes the kept session added) for one part, on
-    real zero inputs. A streamed use is what `PartitionedEngine` does per use: a session with the arena off, dropped,
-    the heap trimmed."""
+def _time_part(manifest, spec, providers, threads, positions: tuple, cycles: int = 1, model: bytes | None = None):
+    """(best s of one streamed use, {positions: median step s}, RSS bytes the kept session added) for one part (or,
+    `model`, the serialized graph of joined parts), on real zero inputs. A streamed use is what `PartitionedEngine`
+    does per use: a session with the arena off, dropped, the heap trimmed."""
     import onnxruntime as ort
 
     from qvl.runtime.backends.partitioned import part_session_options, release_freed_memory
+    from qvl.runtime.part_merge import EXTERNAL_FOLDER_KEY
 
-    path, best = str(manifest.graph_path(spec.graph)), math.inf
+    source, best = model if model is not None else str(manifest.graph_path(spec.graph)), math.inf
+
+    def options(kept: bool):
+        so = part_session_options(threads, kept=kept)
+        if model is not None:
+            so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(manifest.artifact_dir))
+        return so
+
     for _ in range(cycles):
         start = time.perf_counter()
-        session = ort.InferenceSession(path, part_session_options(threads, kept=False), providers=providers)
+        session = ort.InferenceSession(source, options(False), providers=providers)
         session = None
         release_freed_memory()
         best = min(best, time.perf_counter() - start)
     before = _rss()
-    session = ort.InferenceSession(path, part_session_options(threads), providers=providers)
+    session = ort.InferenceSession(source, options(True), providers=providers)
     after = _rss()
     grown = (after - before) if before is not None and after is not None else None
     steps = {}
@@ -209,7 +219,6 @@ def measure_host(manifest, threads: int | None = None, device: str = "cpu", meas
 
         try:
             got.update(_measure_parts(manifest, "gpu", Engine._providers("cuda"), threads, prompt_tokens))
-            got["gpu_step"] = Speed(0.0, "s", "measured", "included in gpu_decode / gpu_prefill's timed steps")
             got["h2d"] = _measure_h2d()
         except _ORT_ERRORS as exc:  # no device, driver too old: the stated GPU speeds stay, saying why
             why = str(exc).splitlines()[0][:120]
@@ -229,7 +238,7 @@ def _measure_parts(manifest, dev: str, providers: list, threads: int | None, pro
     if layer is not None:
         cycle, steps, _ = _time_part(manifest, layer, providers, threads, (1, n), cycles=2)
         w = layer.weight_bytes
-        got[f"{dev}_decode"] = m(w / steps[1], "B/s", f"{layer.name}: {w / MB:.2f} MB, {steps[1] * 1e3:.3f} ms a step")
+        got.update(_split_step(manifest, parts, layer, steps[1], dev, providers, threads))
         got[f"{dev}_prefill"] = m(w * n / steps[n], "B*pos/s", f"{layer.name}: {n} positions, {steps[n] * 1e3:.2f} ms")
         got[f"{dev}_session"] = m(cycle, "s", f"{layer.name}: session created, dropped, heap trimmed")
     if head is not None and dev == "cpu":
@@ -238,7 +247,11 @@ def _measure_parts(manifest, dev: str, providers: list, threads: int | None, pro
         if grown and hw >= MIB:
             got["heap"] = m(max(1.0, grown / hw), "x", f"head: RSS grew {grown / MB:.1f} MB for {hw / MB:.1f} MB of "
                             "weights at session creation")
-        got["cpu_head"] = m(hw / head_steps[1], "B/s", f"head: {hw / MB:.2f} MB in {head_steps[1] * 1e3:.3f} ms a step")
+        # its session's step cost is charged once per session (`cpu_step`), so the head's rate is for the rest
+        step = got["cpu_step"].value if "cpu_step" in got else 0.0
+        head_s = head_steps[1] - step if head_steps[1] > 2 * step else head_steps[1]
+        got["cpu_head"] = m(hw / head_s, "B/s", f"head: {hw / MB:.2f} MB in {head_steps[1] * 1e3:.3f} ms a step"
+                            + (f", {step * 1e3:.3f} ms of it cpu_step" if head_s != head_steps[1] else ""))
         if layer is not None and cycle > 0:
             # A streamed use of a layer-sized part costs what one layer part's whole cycle costs, scaled by bytes:
             # fitting a fixed + per-byte split between the layer and the head mispredicted 2B streaming by ~2x (the
@@ -247,6 +260,37 @@ def _measure_parts(manifest, dev: str, providers: list, threads: int | None, pro
             got["load"] = m(w / cycle, "B/s", f"{layer.name}: {w / MB:.1f} MB in a {cycle * 1e3:.1f} ms streamed cycle")
             got["cpu_session"] = m(0.0, "s", f"included in load ({layer.name}'s whole cycle)")
     return got
+
+
+def _split_step(manifest, parts, layer, one: float, dev: str, providers, threads) -> dict:
+    """`{dev}_decode` and `{dev}_step` from a one-position step of the first layer part alone (`one` s) and of the
+    first k layer parts joined into one session (as the engine joins parts with one placement; k = 2 on the CPU,
+    up to 8 on a GPU, whose per-layer time is small beside its per-run cost): the k - 1 more layers cost their work
+    only, the rest of the single part's step is the per-session step cost. When the joined step is not slower
+    (timing noise beside a large per-run cost), each layer is charged the joined step / k and the step nothing."""
+    from qvl.runtime.part_merge import group_inputs, group_outputs, merge_part_graphs
+
+    m = lambda v, unit, how: Speed(float(v), unit, "measured", how)  # noqa: E731
+    w = layer.weight_bytes
+    layers = [p for p in parts if p.kind == "layers"]
+    joined = [p for p in layers[:2 if dev == "cpu" else 8] if p.weight_bytes == w]
+    if len(joined) < 2 or joined != layers[:len(joined)]:
+        return {f"{dev}_decode": m(w / one, "B/s", f"{layer.name}: {w / MB:.2f} MB, {one * 1e3:.3f} ms a step"),
+                f"{dev}_step": m(0.0, "s", f"included in {dev}_decode (one layer part)")}
+    k = len(joined)
+    others = [p for p in parts if p not in joined]
+    model = merge_part_graphs([manifest.graph_path(p.graph) for p in joined], group_inputs(joined),
+                              group_outputs(joined, others), f"first {k} layer parts")
+    _, steps, _ = _time_part(manifest, None, providers, threads, (1,), model=model)
+    many = steps[1]
+    how = f"{layer.name} alone {one * 1e3:.3f} ms, the first {k} layer parts joined {many * 1e3:.3f} ms a step"
+    if many <= one:
+        return {f"{dev}_decode": m(w * k / many, "B/s", f"{w / MB:.2f} MB a layer part: {how} (not slower: "
+                                   f"{many / k * 1e3:.3f} ms a layer)"),
+                f"{dev}_step": m(0.0, "s", f"included in {dev}_decode: {how}")}
+    layer_s = (many - one) / (k - 1)
+    return {f"{dev}_decode": m(w / layer_s, "B/s", f"{w / MB:.2f} MB a layer part: {how}"),
+            f"{dev}_step": m(max(0.0, one - layer_s), "s", how)}
 
 
 def _measure_h2d() -> Speed:

@@ -10,8 +10,9 @@ context of token ids can touch: context x pages per row, at most the table) + th
 the CPU (2 x layers x kv_heads x head_dim x itemsize x context, per part) + resident weights (ORT copies every
 initializer into its heap) + the one stream slot (the largest streamed part, alive only while it runs) + the vision
 weights when resident on the CPU + `cuda_runtime` (CUDA_HOST_BYTES, stated) when anything runs on CUDA. VRAM:
-CUDA_CONTEXT_BYTES + per resident part its weights, KV and its session's workspace (`_Costs.session_vram`: WORKSPACE_BYTES
-stated, plus MatMulNBits' fp32 dequantization scratch for quantized layers), plus the largest transient
+CUDA_CONTEXT_BYTES + the resident parts' weights and KV + their session's workspace (`_Costs.prefix_vram`: WORKSPACE_BYTES
+stated, plus MatMulNBits' fp32 dequantization scratch of the largest quantized layer: once for the one session the
+resident prefix runs in; per part with QVL_PART_JOIN=0), plus the largest transient
 session (a CPU part's prefill on the GPU, a streamed vision encoder).
 
 Rules (deterministic; tests/test_plan.py):
@@ -23,8 +24,9 @@ Rules (deterministic; tests/test_plan.py):
    where this onnxruntime's CPU provider has TensorScatter (`cpu_runs_scatter`, onnxruntime >= 1.23). With an older
    CPU provider its parts cannot run on the CPU: every part goes to CUDA, its KV in VRAM, and the parts that do not
    fit stream to the GPU each use (rule 3's choice, applied to VRAM).
-2. GPU: parts take VRAM in execution order (a prefix: one crossing per step) while weights + KV at context +
-   workspace fit and the GPU decode step is predicted faster; each gets `vram_limit` = weights + workspace.
+2. GPU: the GPU takes a prefix of the parts in execution order (one crossing per step): of the prefixes whose
+   weights + KV at context + workspace fit, the one whose whole decode step is predicted fastest (ties: the
+   shorter); each part gets `vram_limit` = weights + workspace (a group of joined parts: the sum).
    A CPU part gets `prefill_device="cuda"` when prompt_tokens >= the engine's prefill_min_tokens, its session fits
    the VRAM left, and GPU prefill + session + copying its weights (file -> host -> device at h2d) + its KV back beats
    the CPU prefill. The vision encoder: on CUDA when that beats the CPU for a REFERENCE_PATCHES image, `vram` if it
@@ -36,7 +38,9 @@ Rules (deterministic; tests/test_plan.py):
    shared with the parts': they never run at the same time). Below the all-streamed minimum:
    QvlError naming it. Streaming one part alone saves nothing (its slot is its size): at least two stream.
 4. Times: a part's decode step = (weights + KV read at prompt_tokens) / its device's rate (+ session creation and
-   its bytes at min(load, disk) when streamed; + GPU step overhead on CUDA); prefill = weights x positions /
+   its bytes at min(load, disk) when streamed), plus once per session the device's step cost (`cpu_step` /
+   `gpu_step`): consecutive parts with one kept placement run as one session (`part_merge.part_groups`), so a
+   group pays it once, carried by its first part; prefill = weights x positions /
    prefill rate (the head runs one position); a device boundary costs its tensors / h2d + crossing latency; the
    KV read and attention's quadratic term are not modelled beyond that. TTFT = prefill of a prompt_tokens text
    prompt (no image; `phases["vision"]["seconds"]` is the per-image cost). Every number's source is "measured"
@@ -58,6 +62,7 @@ from dataclasses import dataclass, fields, replace
 
 from qvl.errors import QvlError
 from qvl.runtime.backends.partitioned import PartPlacement
+from qvl.runtime.part_merge import joining_enabled, part_groups
 from qvl.runtime.host_speeds import (  # noqa: F401  (re-exported: the planner's inputs)
     HostSpeeds, Speed, _kv_itemsize, _params_per_byte, gpu_total_memory, measure_host, stated_speeds)
 
@@ -241,28 +246,59 @@ class _Costs:
         self.read = sp.load.value
         self.params_per_byte = _params_per_byte(manifest)
 
-    def session_vram(self, i: int) -> int:
-        """VRAM a part's CUDA session takes beyond its weights: the stated workspace, plus for a quantized layer part
-        the fp32 copy of its largest matrix that MatMulNBits dequantizes into at M > 1 (prefill; measured on ORT
-        1.31 CUDA: 96 MiB for the 2B's fused gate/up), about half a Qwen3 layer's parameters. Each part session has
-        its own arena, so this is paid per CUDA part."""
+    def scratch(self, i: int) -> int:
+        """The fp32 copy of a quantized layer part's largest matrix that MatMulNBits dequantizes into at M > 1
+        (prefill; measured on ORT 1.31 CUDA: 96 MiB for the 2B's fused gate/up), about half a Qwen3 layer's
+        parameters; 0 for unquantized parts and the head."""
         p = self.parts[i]
         quantized = self.params_per_byte > 0.26  # fp32 weights: 0.25 parameters per byte
-        scratch = int(0.5 * p.weight_bytes * self.params_per_byte * 4) if quantized and p.kind == "layers" else 0
-        return WORKSPACE_BYTES + scratch
+        return int(0.5 * p.weight_bytes * self.params_per_byte * 4) if quantized and p.kind == "layers" else 0
+
+    def session_vram(self, i: int) -> int:
+        """VRAM a part's own CUDA session takes beyond its weights: the stated workspace + its `scratch`."""
+        return WORKSPACE_BYTES + self.scratch(i)
+
+    def prefix_vram(self, k: int, kv: list) -> int:
+        """VRAM of the first `k` parts resident on CUDA: weights + KV, and the sessions' workspace and scratch --
+        once for the group when parts are joined into one session (one arena: a layer's scratch is freed before
+        the next layer's), per part otherwise."""
+        if k == 0:
+            return 0
+        held = sum(self.parts[i].weight_bytes + kv[i] for i in range(k))
+        if joining_enabled():
+            return held + WORKSPACE_BYTES + max(self.scratch(i) for i in range(k))
+        return held + sum(self.session_vram(i) for i in range(k))
 
     def load_s(self, nbytes: int, dev: str) -> float:
         if dev == "cpu":
             return self.sp.cpu_session.value + nbytes / self.read
         return self.sp.gpu_session.value + nbytes / self.read + nbytes / self.sp.h2d.value
 
+    def step_s(self, dev: str) -> float:
+        """What one session's step costs beyond its parts' work, paid once per session (parts with one placement
+        run joined, `part_merge.part_groups`)."""
+        if dev == "cpu":
+            return self.sp.cpu_step.value if self.sp.cpu_step is not None else 0.0
+        return self.sp.gpu_step.value
+
+    def session_steps(self, place: list, phase: str) -> list:
+        """Per part, the session step cost it carries in `phase` ("decode" | "prefill"): the first part of each
+        group of joined parts carries its group's, the rest nothing."""
+        out = [0.0] * len(place)
+        for g in part_groups(place):
+            p = place[g[0]]
+            out[g[0]] = self.step_s(p.device if phase == "decode" else (p.prefill_device or p.device))
+        return out
+
     def decode_s(self, i: int, dev: str, stream: bool = False) -> float:
+        """A part's share of a decode step (its bytes at the device's rate; streamed: + its load), without the
+        session step cost (`session_steps`)."""
         p, sp = self.parts[i], self.sp
         nbytes = p.weight_bytes + p.layer_count * self.kv_pos * self.positions  # weights + the prompt's KV, once a step
         load = self.load_s(p.weight_bytes, dev) if stream else 0.0
         if dev == "cpu":
             return nbytes / (sp.cpu_head if p.kind == "head" else sp.cpu_decode).value + load
-        return nbytes / sp.gpu_decode.value + sp.gpu_step.value + load
+        return nbytes / sp.gpu_decode.value + load
 
     def prefill_s(self, i: int, dev: str, stream: bool = False, borrowed: bool = False) -> float:
         """`borrowed`: a CPU part prefilling on CUDA (its session made for the step, its KV copied back after)."""
@@ -272,7 +308,7 @@ class _Costs:
         elif dev == "cpu":
             compute = p.weight_bytes * n / sp.cpu_prefill.value
         else:
-            compute = p.weight_bytes * n / sp.gpu_prefill.value + sp.gpu_step.value
+            compute = p.weight_bytes * n / sp.gpu_prefill.value
         back = p.layer_count * self.kv_pos * n / sp.h2d.value if borrowed else 0.0
         return compute + (self.load_s(p.weight_bytes, dev) if stream or borrowed else 0.0) + back
 
@@ -303,25 +339,41 @@ class _Draft:
 
 
 def _gpu_prefix(costs: _Costs, kv: list, d: _Draft) -> None:
-    """Rule 2: parts take VRAM in execution order while they fit and decode faster there."""
-    parts = costs.parts
-    for i, p in enumerate(parts):
-        work = costs.session_vram(i)
-        need = p.weight_bytes + kv[i] + work
-        gpu_t, cpu_t = costs.decode_s(i, "cuda"), costs.decode_s(i, "cpu")
-        if d.used + need > d.usable:
-            d.reasons[i] = f"VRAM full: needs {_mb(need)} (weights + KV + workspace), {_mb(d.usable - d.used)} left"
-        elif gpu_t >= cpu_t:
-            d.reasons[i] = f"GPU decode {gpu_t * 1e3:.3f} ms is not faster than CPU {cpu_t * 1e3:.3f} ms"
+    """Rule 2: the GPU takes the prefix of the parts that fits VRAM and decodes a token fastest: every prefix
+    length that fits is timed whole (its parts' work on each device, one session step per device, the crossings)."""
+    parts, n = costs.parts, len(costs.parts)
+    fit = 0
+    while fit < n and d.used + costs.prefix_vram(fit + 1, kv) <= d.usable:
+        fit += 1
+
+    def per_token(k: int) -> float:
+        devices = ["cuda"] * k + ["cpu"] * (n - k)
+        work = sum(costs.decode_s(i, dev) for i, dev in enumerate(devices))
+        return work + costs.step_s("cuda") * (k > 0) + costs.step_s("cpu") * (k < n) + costs.crossings_s(devices, 1)
+
+    times = [per_token(k) for k in range(fit + 1)]
+    best = min(range(fit + 1), key=lambda k: (times[k], k))  # a tie: the shorter prefix (less VRAM)
+    joined = joining_enabled()
+    for i in range(best):
+        p = parts[i]
+        # the session's cap: its weights, and (joined: on the group's first part, the group's) workspace + scratch
+        work = costs.session_vram(i) if not joined else \
+            (WORKSPACE_BYTES + max(costs.scratch(j) for j in range(best)) if i == 0 else 0)
+        d.place[i] = PartPlacement("cuda", "vram", vram_limit=p.weight_bytes + work)
+        d.reasons[i] = (f"fits VRAM ({_mb(p.weight_bytes)} weights + {_mb(kv[i])} KV" +
+                        (f" + {_mb(work)} workspace" if work else "") + f"); the GPU prefix of {best} parts decodes "
+                        f"a token in {times[best] * 1e3:.3f} ms (all on the CPU: {times[0] * 1e3:.3f} ms)")
+    d.used += costs.prefix_vram(best, kv)
+    for i in range(best, n):
+        if i < fit:
+            d.reasons[i] = (f"fits VRAM, but the GPU prefix of {best} parts is the fastest: {times[best] * 1e3:.3f} ms "
+                            f"a token, {times[i + 1] * 1e3:.3f} ms with the GPU up to {parts[i].name}")
+        elif i == fit:
+            more = costs.prefix_vram(fit + 1, kv) - costs.prefix_vram(best, kv)
+            d.reasons[i] = (f"VRAM full: the GPU prefix up to {parts[i].name} needs {_mb(more)} more (weights + KV + "
+                            f"workspace), {_mb(d.usable - d.used)} left")
         else:
-            d.place[i] = PartPlacement("cuda", "vram", vram_limit=p.weight_bytes + work)
-            d.reasons[i] = (f"fits VRAM ({_mb(p.weight_bytes)} weights + {_mb(kv[i])} KV + {_mb(work)} "
-                            f"workspace); GPU decode {gpu_t * 1e3:.3f} ms < CPU {cpu_t * 1e3:.3f} ms")
-            d.used += need
-            continue
-        for j in range(i + 1, len(parts)):
-            d.reasons[j] = f"after {p.name}: the GPU holds a prefix of the parts (one crossing per step)"
-        return
+            d.reasons[i] = f"after {parts[fit].name}: the GPU holds a prefix of the parts (one crossing per step)"
 
 
 def _borrow_prefill(costs: _Costs, kv: list, d: _Draft) -> None:
@@ -331,7 +383,8 @@ def _borrow_prefill(costs: _Costs, kv: list, d: _Draft) -> None:
             continue
         work = costs.session_vram(i)
         need = p.weight_bytes + kv[i] + work
-        gpu_t, cpu_t = costs.prefill_s(i, "cuda", borrowed=True), costs.prefill_s(i, "cpu")
+        gpu_t = costs.prefill_s(i, "cuda", borrowed=True) + costs.step_s("cuda")  # a session of its own
+        cpu_t = costs.prefill_s(i, "cpu")
         if d.used + need <= d.usable and gpu_t < cpu_t:
             d.place[i] = replace(d.place[i], prefill_device="cuda", vram_limit=p.weight_bytes + work)
             d.transient = max(d.transient, need)
@@ -465,14 +518,17 @@ def make_plan(manifest, *, ram_budget: int | None, vram_budget: int | None, devi
     if exclusive:  # the other phase: the vision encoder alone beside the fixed costs
         ram_bytes = max(ram_bytes, base + vision_ram)
     vram_bytes = CUDA_CONTEXT_BYTES + d.used + d.transient if uses_cuda else 0
+    _give_slack(d, notes)
     if streamed:
         notes.append(f"{len(streamed)} of {len(cpu_idx)} CPU parts stream: each costs its session creation every token")
 
     # predictions (rule 4)
     place = d.place
-    decode = [costs.decode_s(i, place[i].device, place[i].residency == "stream") for i in range(n)]
+    steps_decode, steps_prefill = costs.session_steps(place, "decode"), costs.session_steps(place, "prefill")
+    decode = [costs.decode_s(i, place[i].device, place[i].residency == "stream") + steps_decode[i] for i in range(n)]
     prefill = [costs.prefill_s(i, p.prefill_device or p.device, p.residency == "stream",
-                               borrowed=p.prefill_device == "cuda" and p.device == "cpu") for i, p in enumerate(place)]
+                               borrowed=p.prefill_device == "cuda" and p.device == "cpu") + steps_prefill[i]
+               for i, p in enumerate(place)]
     hops_decode = costs.crossings_s([p.device for p in place], 1)
     hops_prefill = costs.crossings_s([p.prefill_device or p.device for p in place], prompt_tokens)
     ttft, per_token = sum(prefill) + hops_prefill, sum(decode) + hops_decode
@@ -489,6 +545,23 @@ def make_plan(manifest, *, ram_budget: int | None, vram_budget: int | None, devi
                  "vision_s": v_time}
     return Plan(str(manifest.artifact_dir or ""), "cuda" if uses_cuda else "cpu", decisions, vision, phases, ram_budget,
                 vram_budget, gpu_mem, context, prompt_tokens, ram_bytes, vram_bytes, fixed, predicted, sp, tuple(notes))
+
+
+def _give_slack(d: _Draft, notes: list) -> None:
+    """The VRAM the plan leaves over goes to the one session of the resident CUDA prefix, as the cap of its arena:
+    the plan's workspace is an estimate, and one arena running many layers also holds what its allocator could
+    not reuse between them (on the lent H200 a joined 2B int4 prefix needed ~85 MB beyond weights + workspace +
+    one layer's scratch). The caps of all sessions together still stay within the budget."""
+    slack = d.usable - d.used - d.transient
+    resident = [i for i, p in enumerate(d.place) if p.device == "cuda" and p.residency == "vram"]
+    if not joining_enabled() or slack <= 0 or not resident or resident != list(range(resident[0], resident[-1] + 1)):
+        return
+    first = d.place[resident[0]]
+    if first.vram_limit is None:
+        return
+    d.place[resident[0]] = replace(first, vram_limit=first.vram_limit + slack)
+    notes.append(f"the CUDA parts' session may take the budget's remaining {_mb(slack)} beyond its estimate "
+                 "(its arena cap)")
 
 
 def _scatter_on_gpu(w: list, kv: list, d: _Draft, vram_flag: str, vram: int, costs: "_Costs") -> int:
@@ -515,6 +588,7 @@ def _rates(plan: Plan, phase: str) -> str:
         dev = p.device if phase == "decode" else (p.prefill_device or p.device)
         if dev == "cpu":
             names.append("cpu_head" if d.kind == "head" else "cpu_decode" if phase == "decode" else "cpu_prefill")
+            names += ["cpu_step"] if plan.speeds.cpu_step is not None else []
         else:
             names += ["gpu_decode" if phase == "decode" or d.kind == "head" else "gpu_prefill", "gpu_step"]
         if p.residency == "stream" or dev != p.device:

@@ -97,10 +97,13 @@ def test_partitioned_logits_equal_the_whole_decoder_bit_for_bit(which, cut, cpu_
     out = tmp_path / "p"
     proc = run_cli("partition", str(src), "--out", str(out), *cut)
     assert proc.returncode == 0, proc.stderr
-    parts = PartitionedEngine(out, threads=1)
-    assert parts.kv_mode == {"export": "concat"}.get(which, "shared")
-    worst, la, lb = _steps_equal(Engine(src, threads=1), parts)
-    assert worst == 0.0 and la == lb == 14
+    whole = Engine(src, threads=1)
+    for join in (True, False):  # every part kept on the CPU: one joined session, or one session per part
+        parts = PartitionedEngine(out, threads=1, join=join)
+        assert parts.kv_mode == {"export": "concat"}.get(which, "shared")
+        assert len(parts.parts) == (1 if join else len(parts.manifest.partition.parts))
+        worst, la, lb = _steps_equal(whole, parts)
+        assert worst == 0.0 and la == lb == 14, join
 
 
 def test_scatter_layout_parts_equal_on_the_cpu(sm61_cuda_int4, tmp_path):
@@ -115,10 +118,55 @@ def test_scatter_layout_parts_equal_on_the_cpu(sm61_cuda_int4, tmp_path):
     shutil.copytree(sm61_cuda_int4, src)  # the session fixture keeps its single-linked weights
     part = tmp_path / "sm61p"
     assert run_cli("partition", str(src), "--out", str(part), "--every", "2").returncode == 0
-    engine = PartitionedEngine(part, threads=1)
-    assert engine.kv_mode == "scatter"
-    worst, _, _ = _steps_equal(Engine(src, threads=1), engine)
-    assert worst == 0.0
+    whole = Engine(src, threads=1)
+    for join in (False, True):
+        engine = PartitionedEngine(part, threads=1, join=join)
+        assert engine.kv_mode == "scatter"
+        worst, _, _ = _steps_equal(whole, engine)
+        assert worst == 0.0, join
+
+
+def test_parts_with_one_placement_run_joined_in_one_session(parted, tiny_cpu_artifact):
+    """Consecutive parts with one kept placement share a session (the per-run cost is paid once per group): a
+    streamed part splits the run; the joined graph's outputs are only what leaves the group; logits stay exact."""
+    from qvl.runtime.backends.ort import Engine
+    from qvl.runtime.backends.partitioned import PartitionedEngine, PartPlacement
+    from qvl.runtime.part_merge import part_groups
+
+    out, _ = parted
+    names = [p["name"] for p in _manifest(out)["partition"]["parts"]]
+    whole = Engine(tiny_cpu_artifact, threads=1)
+    stream = PartPlacement("cpu", "stream")
+    for placement, want in (({}, [names]),
+                            ({names[1]: stream}, [names[:1], names[1:2], names[2:]]),
+                            ({names[0]: stream, names[-1]: stream}, [names[:1], names[1:-1], names[-1:]])):
+        engine = PartitionedEngine(out, placement, threads=1)
+        report = engine.residency_report()
+        assert [r["part"] for r in report] == names
+        groups = [[r["part"] for r in report if r["group"] == g] for g in dict.fromkeys(r["group"] for r in report)]
+        assert groups == want, placement
+        # every part in one kept session: the artifact's own decoder graph, stepped like the unpartitioned runner
+        assert (engine.caches is not None) == (len(want) == 1) and (engine.decoder is not None) == (len(want) == 1)
+        for p in engine.parts:
+            if len(p.members) > 1:  # a hidden state passed between members is internal, the KV and logits leave
+                internal = {o for m in p.members[:-1] for o in m.outputs if not o.startswith("present_")}
+                read_later = {i for s in engine.manifest.partition.parts if s not in p.members for i in s.inputs}
+                assert not (set(p.outputs) & (internal - read_later))
+                assert {o for m in p.members for o in m.outputs if o.startswith("present_")} <= set(p.outputs)
+        worst, la, lb = _steps_equal(whole, engine)
+        assert worst == 0.0 and la == lb, placement
+    # the rules, on placements alone: a different device, a streamed part or a prefill elsewhere split a run;
+    # the group's VRAM cap is its parts' caps added up
+    cuda = PartPlacement("cuda", "vram", vram_limit=10)
+    assert part_groups([cuda, cuda, PartPlacement(), PartPlacement(), stream, stream, PartPlacement()]) == \
+        [[0, 1], [2, 3], [4], [5], [6]]
+    borrowed = PartPlacement("cpu", "ram", prefill_device="cuda", vram_limit=5)
+    assert part_groups([PartPlacement(), borrowed, borrowed, PartPlacement("cpu", "ram", prefill_device="cpu")]) == \
+        [[0], [1], [2], [3]]
+    from qvl.runtime.backends.partitioned import _group_placement
+
+    assert _group_placement([cuda, cuda]) == PartPlacement("cuda", "vram", vram_limit=20)
+    assert _group_placement([cuda, PartPlacement("cuda", "vram")]).vram_limit is None
 
 
 def test_streamed_parts_answer_the_same_and_are_released(parted, tiny_cpu_artifact, tmp_path):

@@ -181,20 +181,28 @@ def test_device_cuda_without_the_cuda_provider_is_one_error(parted):
 
 def test_gpu_takes_the_prefix_of_parts_that_fits(parted_concat):
     m = _manifest(parted_concat)
-    # stated speeds of a card whose kernel launches cost nothing: at tiny size the launch overhead would otherwise
-    # make the CPU faster for every part (which the planner would rightly choose)
-    stated = replace(pl.stated_speeds(m), gpu_step=pl.Speed(0.0, "s", "stated", "no launch overhead"))
+    # stated speeds of a card whose session steps and crossings cost nothing: at tiny size they would otherwise
+    # cost more than the GPU saves, and the planner would rightly keep every part on the CPU
+    stated = replace(pl.stated_speeds(m), gpu_step=pl.Speed(0.0, "s", "stated", "no launch overhead"),
+                     crossing=pl.Speed(0.0, "s", "stated", "no crossing latency"))
     probe = _plan(parted_concat, device="cuda", gpu_memory=64 << 30, speeds=stated)
-    need = [d.weight_bytes + d.kv_bytes + pl.WORKSPACE_BYTES for d in probe.parts]
-    for fit in (0, 1, 2, len(need)):
-        room = pl.CUDA_CONTEXT_BYTES + sum(need[:fit]) + (need[fit] - 1 if fit < len(need) else 0)
+    n = len(probe.parts)
+    # the resident prefix runs as one session: its weights + KV, and one workspace (fp32 parts: no dequant scratch)
+    need = lambda k: sum(d.weight_bytes + d.kv_bytes for d in probe.parts[:k]) + (pl.WORKSPACE_BYTES if k else 0)  # noqa: E731
+    for fit in (0, 1, 2, n):
+        room = pl.CUDA_CONTEXT_BYTES + need(fit) + (need(fit + 1) - need(fit) - 1 if fit < n else 0)
         for kw in ({"gpu_memory": room}, {"gpu_memory": 64 << 30, "vram_budget": room}):
             plan = _plan(parted_concat, device="cuda", speeds=stated, **kw)
             devices = [(d.placement.device, d.placement.residency) for d in plan.parts]
-            assert devices == [("cuda", "vram")] * fit + [("cpu", "ram")] * (len(need) - fit), (fit, kw)
-            for d in plan.parts[:fit]:
-                assert d.placement.vram_limit == d.weight_bytes + pl.WORKSPACE_BYTES
-            if fit < len(need):
+            assert devices == [("cuda", "vram")] * fit + [("cpu", "ram")] * (n - fit), (fit, kw)
+            # the group's session cap (its parts' caps added up): its weights + one workspace, + what the plan
+            # leaves over (on the first part); all caps + KV + the CUDA context stay within the budget
+            limits = [d.placement.vram_limit for d in plan.parts[:fit]]
+            assert limits[1:] == [d.weight_bytes for d in plan.parts[1:fit]]
+            if fit:
+                assert limits[0] >= plan.parts[0].weight_bytes + pl.WORKSPACE_BYTES
+                assert pl.CUDA_CONTEXT_BYTES + sum(limits) + sum(d.kv_bytes for d in plan.parts[:fit]) <= room
+            if fit < n:
                 assert plan.parts[fit].reason.startswith("resident in RAM") and "VRAM full" in plan.parts[fit].reason
             assert plan.vram_bytes <= room
     everything = _plan(parted_concat, device="cuda", gpu_memory=64 << 30, speeds=stated)
@@ -204,6 +212,35 @@ def test_gpu_takes_the_prefix_of_parts_that_fits(parted_concat):
     assert everything.fixed["kv"] == 0 and everything.fixed["cuda_runtime"] == pl.CUDA_HOST_BYTES
     with pytest.raises(QvlError, match="--vram"):  # no NVML here, no budget: the plan asks for one
         _plan(parted_concat, device="cuda", speeds=stated)
+
+
+def test_gpu_prefix_is_chosen_by_its_whole_step_one_session_step_per_device(parted_concat):
+    """Joined parts pay the GPU's session step once: with a step cost larger than one part's saving but smaller
+    than all parts' together, every part goes to the GPU when all fit and none when only one does (the old
+    part-by-part rule put none there in both cases)."""
+    from qvl.artifacts.manifest import read_manifest
+
+    m = _manifest(parted_concat)
+    free = replace(pl.stated_speeds(m), crossing=pl.Speed(0.0, "s", "stated", "none"),
+                   cpu_step=pl.Speed(0.0, "s", "stated", "none"))
+    costs = pl._Costs(read_manifest(parted_concat), free, 256)
+    saving = [costs.decode_s(i, "cpu") - costs.decode_s(i, "cuda") for i in range(len(costs.parts))]
+    assert min(saving) > 0
+    step = 0.5 * sum(saving)
+    assert saving[0] < step  # all parts together beat one step; the first part alone does not
+    speeds = replace(free, gpu_step=pl.Speed(step, "s", "stated", "test"))
+    everything = _plan(parted_concat, device="cuda", gpu_memory=64 << 30, speeds=speeds)
+    assert [d.placement.device for d in everything.parts] == ["cuda"] * len(saving)
+    assert everything.parts[0].decode_s == pytest.approx(costs.decode_s(0, "cuda") + step)  # the group's one step
+    assert all(d.decode_s == pytest.approx(costs.decode_s(i, "cuda")) for i, d in enumerate(everything.parts) if i)
+    assert everything.predicted["decode_tok_s"] == pytest.approx(
+        1 / (sum(costs.decode_s(i, "cuda") for i in range(len(saving))) + step + costs.crossings_s(["cuda"] * len(saving), 1)))
+    kv = [d.kv_bytes for d in everything.parts]
+    one = _plan(parted_concat, device="cuda", gpu_memory=pl.CUDA_CONTEXT_BYTES + costs.prefix_vram(2, kv) - 1,
+                speeds=speeds)
+    assert [d.placement.device for d in one.parts] == ["cpu"] * len(saving)
+    assert "fits VRAM, but the GPU prefix of 0 parts is the fastest" in one.parts[0].reason
+    assert "VRAM full" in one.parts[1].reason
 
 
 def test_prefill_moves_to_the_gpu_when_it_beats_the_cpu(parted_concat):
@@ -249,13 +286,18 @@ def test_scatter_artifact_splits_between_cuda_and_the_cpu(parted_scatter):
     assert pl.cpu_runs_scatter()
     cpu = _plan(parted_scatter, device="cpu", speeds=pl.stated_speeds(m))
     assert all(d.placement == PartPlacement("cpu", "ram") for d in cpu.parts)
-    free = replace(pl.stated_speeds(m), gpu_step=pl.Speed(0.0, "s", "stated", "no launch cost"))
+    free = replace(pl.stated_speeds(m), gpu_step=pl.Speed(0.0, "s", "stated", "no launch cost"),
+                   crossing=pl.Speed(0.0, "s", "stated", "no crossing latency"))
     big = _plan(parted_scatter, device="cuda", gpu_memory=64 << 30, speeds=free)
     assert all(d.placement.device == "cuda" and d.placement.residency == "vram" for d in big.parts)
-    need = [d.weight_bytes + d.kv_bytes + pl.WORKSPACE_BYTES for d in big.parts]
-    room = pl.CUDA_CONTEXT_BYTES + need[0] + need[1] + need[2] // 2
+    from qvl.artifacts.manifest import read_manifest
+
+    costs = pl._Costs(read_manifest(parted_scatter), free, 256)
+    kv = [d.kv_bytes for d in big.parts]
+    room = pl.CUDA_CONTEXT_BYTES + (costs.prefix_vram(2, kv) + costs.prefix_vram(3, kv)) // 2
     small = _plan(parted_scatter, device="cuda", gpu_memory=room, speeds=free)
-    assert [d.placement.device for d in small.parts] == ["cuda", "cuda"] + ["cpu"] * (len(need) - 2)
+    assert [d.placement.device for d in small.parts] == ["cuda", "cuda"] + ["cpu"] * (len(kv) - 2)
+    assert small.vram_bytes == pl.CUDA_CONTEXT_BYTES + costs.prefix_vram(2, kv) <= room
 
 
 def test_scatter_artifact_on_a_cpu_provider_without_tensorscatter_stays_on_cuda(parted_scatter, monkeypatch):
@@ -267,7 +309,9 @@ def test_scatter_artifact_on_a_cpu_provider_without_tensorscatter_stays_on_cuda(
     big = _plan(parted_scatter, device="cuda", gpu_memory=64 << 30, speeds=stated)
     cost = [d.weight_bytes + pl.WORKSPACE_BYTES for d in big.parts]
     base = pl.CUDA_CONTEXT_BYTES + sum(d.kv_bytes for d in big.parts)
-    assert all(d.placement == PartPlacement("cuda", "vram", vram_limit=c) for d, c in zip(big.parts, cost))
+    # all resident: one joined session, the VRAM left over added to its cap (on the first part)
+    assert all(d.placement == PartPlacement("cuda", "vram", vram_limit=c) for d, c in zip(big.parts[1:], cost[1:]))
+    assert big.parts[0].placement.vram_limit >= cost[0]
     for room in (base + max(cost), base + sum(cost) - min(cost) // 2, base + sorted(cost)[-1] + 2 * sorted(cost)[0]):
         plan = _plan(parted_scatter, device="cuda", gpu_memory=room, speeds=stated)
         want, _, _, peak = _best_streamed(cost, 0, room, base)
@@ -333,3 +377,33 @@ def test_bad_flags_are_one_error_line(parted):
     assert_one_line_error(run_cli("plan", str(parted), "--context", "0", "--no-measure"), "--context")
     assert_one_line_error(run_cli("plan", str(parted), "--prompt-tokens", "999999", "--no-measure"), "--prompt-tokens")
     assert_one_line_error(run_cli("plan", str(parted), "--device", "trt"), "unknown device")
+
+
+def test_joined_gpu_prefix_holds_one_workspace_and_the_largest_scratch(sm61_cuda_int4, tmp_path, monkeypatch):
+    """An int4 prefix on CUDA runs as one session (one arena): its VRAM is weights + KV + one workspace + the largest
+    layer's dequantization scratch; one session per part (QVL_PART_JOIN=0) pays both per part. At a budget between
+    the two, the joined plan puts more parts on the GPU."""
+    parted_int4 = _partitioned(sm61_cuda_int4, tmp_path, every=1)
+    m = read_manifest(parted_int4)
+    free = replace(pl.stated_speeds(m), gpu_step=pl.Speed(0.0, "s", "stated", "none"),
+                   crossing=pl.Speed(0.0, "s", "stated", "none"))
+    costs = pl._Costs(m, free, 256)
+    parts = m.partition.parts
+    kv = [p.layer_count * costs.kv_pos * 1024 for p in parts]
+    scratch = [costs.scratch(i) for i in range(3)]
+    assert min(scratch) > 0
+    held = sum(parts[i].weight_bytes + kv[i] for i in range(3))
+    joined = costs.prefix_vram(3, kv)
+    assert joined == held + pl.WORKSPACE_BYTES + max(scratch)
+    room = pl.CUDA_CONTEXT_BYTES + joined
+    plan = pl.make_plan(m, ram_budget=None, vram_budget=None, device="cuda", context=1024, speeds=free,
+                        gpu_memory=room)
+    assert [d.placement.device for d in plan.parts][:4] == ["cuda"] * 3 + ["cpu"]
+    assert sum(d.placement.vram_limit for d in plan.parts[:3]) == joined - sum(kv[:3])
+    monkeypatch.setenv("QVL_PART_JOIN", "0")
+    assert costs.prefix_vram(3, kv) == held + 3 * pl.WORKSPACE_BYTES + sum(scratch)
+    apart = pl.make_plan(m, ram_budget=None, vram_budget=None, device="cuda", context=1024, speeds=free,
+                         gpu_memory=room)
+    assert [d.placement.device for d in apart.parts].count("cuda") < 3
+    assert all(d.placement.vram_limit == d.weight_bytes + costs.session_vram(i)
+               for i, d in enumerate(apart.parts) if d.placement.device == "cuda")

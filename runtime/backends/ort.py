@@ -51,6 +51,23 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
+def decoder_session(path: Path, so: ort.SessionOptions, providers: list, device: str, kv_mode: str):
+    """(session, captures CUDA graphs, why not or None). Graph capture is asked for on CUDA for in-place-cache
+    artifacts (`scatter`, `shared`), whose decode steps have fixed shapes and bound buffers; ORT refuses it when any
+    node of the graph would run on the CPU, and then the session is made again without it."""
+    note = None
+    if device == "cuda" and kv_mode != "concat" and os.environ.get("QVL_CUDA_GRAPH", "1") != "0":
+        name, opts = providers[0]
+        try:
+            graphed = [(name, {**opts, "enable_cuda_graph": "1"}), *providers[1:]]
+            return ort.InferenceSession(str(path), so, providers=graphed), True, None
+        except _ORT_ERRORS as exc:
+            note = f"CUDA graphs off: {str(exc).splitlines()[0][:200]}"
+    elif device == "cuda":
+        note = f"CUDA graphs off: the {kv_mode} KV layout has no fixed-shape decode step"
+    return ort.InferenceSession(str(path), so, providers=providers), False, note
+
+
 class Engine:
     """The ONNX Runtime runner: `device` "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider)."""
 
@@ -103,19 +120,8 @@ class Engine:
         self.max_verify_positions = self.context_length if self.caches.has_logit_positions else 0
 
     def _decoder_session(self, path: Path, so: ort.SessionOptions, providers: list):
-        """(session, captures CUDA graphs). Graph capture is asked for on CUDA for in-place-cache artifacts
-        (`scatter`, `shared`), whose decode steps have fixed shapes and bound buffers; ORT refuses it when any node of the graph would run
-        on the CPU, and then the session is made again without it."""
-        if self.device == "cuda" and self.kv_mode != "concat" and os.environ.get("QVL_CUDA_GRAPH", "1") != "0":
-            name, opts = providers[0]
-            try:
-                graphed = [(name, {**opts, "enable_cuda_graph": "1"}), *providers[1:]]
-                return ort.InferenceSession(str(path), so, providers=graphed), True
-            except _ORT_ERRORS as exc:
-                self.cuda_graph_note = f"CUDA graphs off: {str(exc).splitlines()[0][:200]}"
-        elif self.device == "cuda":
-            self.cuda_graph_note = f"CUDA graphs off: the {self.kv_mode} KV layout has no fixed-shape decode step"
-        return ort.InferenceSession(str(path), so, providers=providers), False
+        session, graphed, self.cuda_graph_note = decoder_session(path, so, providers, self.device, self.kv_mode)
+        return session, graphed
 
     def _graph_files(self, device: str, threads: int | None) -> tuple[dict, ort.SessionOptions, bool]:
         """The graphs to load: ORT's saved optimized graphs when this ORT wrote them for this provider

@@ -9,12 +9,17 @@ seconds in `build.json`, and is skipped when a complete build with the same argu
 
 Flavours: `native` (`GGML_NATIVE=ON`: whatever this host's compiler sees, AVX-512 included where present) and,
 only on a host with AVX-512, `avx2` (`GGML_NATIVE=OFF`, AVX/AVX2/FMA/F16C/BMI2/SSE4.2 on, every AVX-512 / VNNI /
-AMX option off: the i5-10210U's ISA). Which kernels a build really runs is read from the `system_info` line
+AMX option off: the i5-10210U's ISA). `cuda` (native CPU kernels + ggml's CUDA backend for one architecture,
+`QVL_CUDA_ARCH` or the first GPU's compute capability from nvidia-smi; needs nvcc; a Pascal card (61) needs a
+CUDA 12 toolkit, CUDA 13 dropped it) builds `llama-bench`, `llama-quantize`, `llama-completion` and
+`llama-fit-params` (its automatic `-ngl` choice for a memory margin): the GPU split anchor of benchmarks/gpu_plans.py. Which kernels a build really runs is read from the `system_info` line
 llama.cpp prints (`peer_run.parse_system_info`), not assumed from the flags.
 
 `QVL_LLAMACPP_DIR` (or `--llamacpp-dir`) points at an existing build instead: a directory holding the binaries,
 or a llama.cpp tree with them in `build/bin/` (its `convert_hf_to_gguf.py` is used when it has one).
 `QVL_PEER_CACHE` moves the cache (default `$XDG_CACHE_HOME/qvl/peers`, i.e. `~/.cache/qvl/peers`).
+`QVL_LLAMACPP_SRC` names a llama.cpp source tree to build instead of downloading the sdist (a machine with no
+package index: the lent GPU machine).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ COMMON_ARGS = (
 )
 FLAVOURS = {
     "native": ("-DGGML_NATIVE=ON",),
+    "cuda": ("-DGGML_NATIVE=ON", "-DGGML_CUDA=ON"),  # + -DCMAKE_CUDA_ARCHITECTURES (cuda_arch)
     "avx2": (
         "-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
         "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF",
@@ -48,7 +54,9 @@ FLAVOURS = {
         "-DGGML_AMX_BF16=OFF",
     ),
 }
-LABELS = {"native": "llama.cpp", "avx2": "llama.cpp-avx2"}
+LABELS = {"native": "llama.cpp", "avx2": "llama.cpp-avx2", "cuda": "llama.cpp-cuda"}
+# the GPU build is for the text split (no vision tower on the GPU comparison): its own tool set
+FLAVOUR_TOOLS = {"cuda": ("llama-bench", "llama-quantize", "llama-completion", "llama-fit-params")}
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,22 @@ def flavours_for_host(cpu_flags: dict) -> list[str]:
 
 
 def source_dir(cache: Path) -> Path:
+    if os.environ.get("QVL_LLAMACPP_SRC"):
+        return Path(os.environ["QVL_LLAMACPP_SRC"])
     return Path(cache) / "src" / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+
+
+def cuda_arch() -> str:
+    """The CUDA architecture a `cuda` build compiles for: QVL_CUDA_ARCH, else the first GPU's compute capability."""
+    if os.environ.get("QVL_CUDA_ARCH"):
+        return os.environ["QVL_CUDA_ARCH"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=True).stdout.split()[0]
+        return out.replace(".", "")
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        raise QvlError("cannot tell which CUDA architecture to build llama.cpp for (no nvidia-smi)",
+                       hint="set QVL_CUDA_ARCH, e.g. 61 for a Pascal MX250 / GTX 10x0") from None
 
 
 def fetch_source(cache: Path, progress=lambda m: None) -> Path:
@@ -87,6 +110,9 @@ def fetch_source(cache: Path, progress=lambda m: None) -> Path:
     src = source_dir(cache)
     if (src / "CMakeLists.txt").is_file() and (src / "convert_hf_to_gguf.py").is_file():
         return src
+    if os.environ.get("QVL_LLAMACPP_SRC"):
+        raise QvlError(f"QVL_LLAMACPP_SRC={src} is not a llama.cpp source tree (no CMakeLists.txt / convert_hf_to_gguf.py)",
+                       hint="point it at the llama.cpp directory, or unset it to download the sdist")
     base = Path(cache) / "src"
     with _locked(base / ".lock"):
         if (src / "CMakeLists.txt").is_file():
@@ -116,7 +142,8 @@ def fetch_source(cache: Path, progress=lambda m: None) -> Path:
 
 def _cmake_args(flavour: str) -> list[str]:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    return [*gen, *COMMON_ARGS, *FLAVOURS[flavour]]
+    arch = [f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch()}"] if flavour == "cuda" else []
+    return [*gen, *COMMON_ARGS, *FLAVOURS[flavour], *arch]
 
 
 def build(flavour: str, cache: Path | None = None, progress=lambda m: None, jobs: int | None = None) -> Build:
@@ -126,21 +153,22 @@ def build(flavour: str, cache: Path | None = None, progress=lambda m: None, jobs
     stamp = out / "build.json"
     args = _cmake_args(flavour)
     bin_dir = out / "build" / "bin"
+    tools = FLAVOUR_TOOLS.get(flavour, TOOLS)
 
     def cached() -> Build | None:
         try:
             rec = json.loads(stamp.read_text())
         except (OSError, ValueError):
             return None
-        if rec.get("cmake_args") == args and all((bin_dir / t).is_file() for t in TOOLS):
+        if rec.get("cmake_args") == args and all((bin_dir / t).is_file() for t in tools):
             return Build(LABELS[flavour], flavour, bin_dir, source_dir(cache), VERSION, {**rec, "cached": True})
         return None
 
     hit = cached()
     if hit:
         return hit
-    for tool in ("cmake", "c++"):
-        if not shutil.which(tool):
+    for tool in ("cmake", "c++", *(("nvcc",) if flavour == "cuda" else ())):
+        if not shutil.which(tool) and not (tool == "nvcc" and Path("/usr/local/cuda/bin/nvcc").is_file()):
             raise QvlError(f"building llama.cpp needs {tool} on PATH", hint="install cmake and a C++ compiler, or set QVL_LLAMACPP_DIR")
     src = fetch_source(cache, progress)
     with _locked(cache / f".build-{flavour}.lock"):
@@ -155,11 +183,11 @@ def build(flavour: str, cache: Path | None = None, progress=lambda m: None, jobs
         progress(f"llama.cpp: configuring the {flavour} build")
         _run_logged(["cmake", "-S", str(src), "-B", str(out / "build"), *args], log)
         t1 = time.perf_counter()
-        progress(f"llama.cpp: building the {flavour} build ({', '.join(TOOLS)}; -j{jobs}, slow on few cores)")
-        _run_logged(["cmake", "--build", str(out / "build"), "-j", str(jobs), "--target", *TOOLS], log)
+        progress(f"llama.cpp: building the {flavour} build ({', '.join(tools)}; -j{jobs}, slow on few cores)")
+        _run_logged(["cmake", "--build", str(out / "build"), "-j", str(jobs), "--target", *tools], log)
         rec = {"version": VERSION, "flavour": flavour, "cmake_args": args, "source": str(src),
                "configure_s": round(t1 - t0, 1), "build_s": round(time.perf_counter() - t1, 1), "jobs": jobs,
-               "targets": list(TOOLS), "compiler": _compiler(), "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "targets": list(tools), "compiler": _compiler(), "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:  # an incremental rebuild (new target, changed flags): keep what the earlier builds took
             old = json.loads(stamp.read_text())
             rec["earlier_builds"] = [*old.pop("earlier_builds", []), old]
