@@ -37,6 +37,12 @@ Rules (deterministic; tests/test_plan.py):
    whenever everything resident does not fit: it runs once per image, a decoder part once per token (its slot is
    shared with the parts': they never run at the same time). Below the all-streamed minimum:
    QvlError naming it. Streaming one part alone saves nothing (its slot is its size): at least two stream.
+   Overlap (`Plan.overlap`; CPU streaming only: a per-use CUDA session would need a second VRAM slot too): the
+   streamed set that leaves room for two slots (the two largest streamed parts at once; possibly streaming more
+   parts) is tried too, the runner then making the next streamed part's session on a background thread while the
+   current part computes, each streamed part's load after the first of a step predicted hidden behind the parts
+   computed since the previous streamed one (up to all of it); it is taken when its decode step is predicted
+   shorter. A part's load is usually far longer than its compute (measured here: ~100x), so it rarely is.
 4. Times: a part's decode step = (weights + KV read at prompt_tokens) / its device's rate (+ session creation and
    its bytes at min(load, disk) when streamed), plus once per session the device's step cost (`cpu_step` /
    `gpu_step`): consecutive parts with one kept placement run as one session (`part_merge.part_groups`), so a
@@ -130,6 +136,7 @@ class Plan:
     predicted: dict
     speeds: HostSpeeds
     notes: tuple
+    overlap: bool = False  # the runner makes the next streamed part's session while the current one computes
 
     def placement(self) -> dict:
         """What `PartitionedEngine(placement=...)` takes."""
@@ -144,7 +151,7 @@ class Plan:
                 "vram_budget": self.vram_budget, "gpu_memory": self.gpu_memory, "ram_bytes": self.ram_bytes,
                 "vram_bytes": self.vram_bytes, "fixed": dict(self.fixed), "parts": [d.to_json() for d in self.parts],
                 "vision": self.vision.to_json(), "phases": self.phases, "predicted": self.predicted,
-                "speeds": self.speeds.to_json(), "notes": list(self.notes)}
+                "speeds": self.speeds.to_json(), "notes": list(self.notes), "overlap": self.overlap}
 
 
 def placements_from_json(data: dict) -> tuple[dict, PartPlacement]:
@@ -213,13 +220,14 @@ def _mb(n: float) -> str:
     return f"{n / MB:.1f} MB"
 
 
-def choose_streamed(weights: list, room: int, extra_slot: int = 0) -> list | None:
-    """Indexes into `weights` to stream so that resident bytes + the slot (the largest streamed, or `extra_slot`)
-    fit in `room` (rule 3), or None when even streaming every one does not."""
+def choose_streamed(weights: list, room: int, extra_slot: int = 0, slots: int = 1) -> list | None:
+    """Indexes into `weights` to stream so that resident bytes + the slot (the `slots` largest streamed together,
+    or `extra_slot`) fit in `room` (rule 3), or None when even streaming every one does not."""
     total = sum(weights)
 
     def fits(streamed) -> bool:
-        return total - sum(weights[i] for i in streamed) + max([weights[i] for i in streamed] + [extra_slot]) <= room
+        slot = sum(sorted(weights[i] for i in streamed)[-slots:]) if streamed else 0
+        return total - sum(weights[i] for i in streamed) + max(slot, extra_slot) <= room
 
     streamed: list = []
     for i in sorted(range(len(weights)), key=lambda i: (weights[i], -i)):
@@ -483,22 +491,34 @@ def make_plan(manifest, *, ram_budget: int | None, vram_budget: int | None, devi
         if v_place.device == "cpu" and vision else 0
     heap = sp.heap.value if sp.heap is not None else 1.0
     cpu_w = [int(w[i] * heap) for i in cpu_idx]  # what a kept (or the streamed) session holds in RAM
-    streamed, vision_streams, exclusive = [], False, False
+    streamed, vision_streams, exclusive, overlap = [], False, False, False
     if ram_budget is not None:
         # The vision encoder streams first: it runs once per image, a decoder part once per token. When it does not
         # fit beside the resident parts either, it runs exclusive: they are released while it encodes and load
         # again at the next decoder step (once per image request, not per token).
         vision_streams = bool(vision_ram) and base + vision_ram + sum(cpu_w) > ram_budget
-        streamed = choose_streamed(cpu_w, ram_budget - base - (0 if vision_streams else vision_ram))
+        room = ram_budget - base - (0 if vision_streams else vision_ram)
+        streamed = choose_streamed(cpu_w, room)
         if streamed is None or base + vision_ram > ram_budget:
             minimum = base + max(cpu_w + [vision_ram])
             raise QvlError(f"{ram_flag} {_mb(ram_budget)} is below the {_mb(minimum)} this artifact needs with every "
                            f"part streamed ({_mb(fixed['kv'])} of it the KV cache at {context} positions)",
                            hint=f"give {ram_flag} at least {math.ceil(minimum / MIB)}MiB" +
                            (", or a smaller --context" if fixed["kv"] * 10 > minimum else ""))
+        # Overlap: with two slots the next streamed part's session is made while the current part computes. That
+        # may mean streaming more parts to make room: taken when its predicted decode step is shorter.
+        paired = choose_streamed(cpu_w, room, slots=2) if streamed and not uses_cuda else None
+        if paired is not None and len(paired) >= 2:
+            base_place = list(d.place)
+            one = _decode_step(costs, base_place, cpu_idx, streamed, False)
+            two = _decode_step(costs, base_place, cpu_idx, paired, True)
+            if two < one:
+                streamed, overlap = paired, True
+                notes.append(f"streamed parts overlap: the next one's session is made while the current one computes "
+                             f"(two slots; predicted {two * 1e3:.1f} ms a token against {one * 1e3:.1f} ms with one)")
         resident = sum(cpu_w[k] for k in range(len(cpu_w)) if k not in streamed)
         exclusive = vision_streams and base + resident + vision_ram > ram_budget
-    slot = max([cpu_w[k] for k in streamed] + [0])
+    slot = sum(sorted(cpu_w[k] for k in streamed)[-(2 if overlap else 1):]) if streamed else 0
     for k, i in enumerate(cpu_idx):
         if k in streamed:
             d.place[i] = replace(d.place[i], residency="stream")
@@ -526,6 +546,9 @@ def make_plan(manifest, *, ram_budget: int | None, vram_budget: int | None, devi
     place = d.place
     steps_decode, steps_prefill = costs.session_steps(place, "decode"), costs.session_steps(place, "prefill")
     decode = [costs.decode_s(i, place[i].device, place[i].residency == "stream") + steps_decode[i] for i in range(n)]
+    if overlap:
+        for b, hidden in _overlap_hidden(costs, place, steps_decode).items():
+            decode[b] -= hidden
     prefill = [costs.prefill_s(i, p.prefill_device or p.device, p.residency == "stream",
                                borrowed=p.prefill_device == "cuda" and p.device == "cpu") + steps_prefill[i]
                for i, p in enumerate(place)]
@@ -544,7 +567,8 @@ def make_plan(manifest, *, ram_budget: int | None, vram_budget: int | None, devi
     predicted = {"ttft_s": ttft, "decode_tok_s": 1.0 / per_token, "prompt_tokens": prompt_tokens, "image": False,
                  "vision_s": v_time}
     return Plan(str(manifest.artifact_dir or ""), "cuda" if uses_cuda else "cpu", decisions, vision, phases, ram_budget,
-                vram_budget, gpu_mem, context, prompt_tokens, ram_bytes, vram_bytes, fixed, predicted, sp, tuple(notes))
+                vram_budget, gpu_mem, context, prompt_tokens, ram_bytes, vram_bytes, fixed, predicted, sp, tuple(notes),
+                overlap)
 
 
 def _give_slack(d: _Draft, notes: list) -> None:
@@ -562,6 +586,28 @@ def _give_slack(d: _Draft, notes: list) -> None:
     d.place[resident[0]] = replace(first, vram_limit=first.vram_limit + slack)
     notes.append(f"the CUDA parts' session may take the budget's remaining {_mb(slack)} beyond its estimate "
                  "(its arena cap)")
+
+
+def _overlap_hidden(costs: _Costs, place: list, steps: list) -> dict:
+    """Per streamed part after the first of a step: the load seconds hidden behind the parts computed from the
+    previous streamed part up to it (its session is made on the background thread meanwhile)."""
+    per_use = [i for i, p in enumerate(place) if p.residency == "stream"]
+    hidden = {}
+    for a, b in zip(per_use, per_use[1:]):
+        compute = sum(costs.decode_s(k, place[k].device) + steps[k] for k in range(a, b))
+        hidden[b] = min(costs.load_s(costs.parts[b].weight_bytes, place[b].device), compute)
+    return hidden
+
+
+def _decode_step(costs: _Costs, base: list, cpu_idx: list, streamed: list, overlap: bool) -> float:
+    """Predicted decode seconds a token of the parts with the CPU parts `streamed` (indexes into `cpu_idx`)
+    streamed, with or without overlap (the crossings are the same either way and left out)."""
+    place = list(base)
+    for k in streamed:
+        place[cpu_idx[k]] = replace(place[cpu_idx[k]], residency="stream")
+    steps = costs.session_steps(place, "decode")
+    total = sum(costs.decode_s(i, p.device, p.residency == "stream") + steps[i] for i, p in enumerate(place))
+    return total - (sum(_overlap_hidden(costs, place, steps).values()) if overlap else 0.0)
 
 
 def _scatter_on_gpu(w: list, kv: list, d: _Draft, vram_flag: str, vram: int, costs: "_Costs") -> int:

@@ -169,6 +169,27 @@ def test_parts_with_one_placement_run_joined_in_one_session(parted, tiny_cpu_art
     assert _group_placement([cuda, PartPlacement("cuda", "vram")]).vram_limit is None
 
 
+def test_overlapped_streaming_makes_the_next_part_while_one_computes(parted, tiny_cpu_artifact):
+    """`overlap=True`: the next streamed part's session is made on a background thread while the current part runs;
+    logits stay exact, at most two streamed sessions are alive at once (the plan's two slots), none after a step."""
+    from qvl.runtime.backends.ort import Engine
+    from qvl.runtime.backends.partitioned import PartitionedEngine, PartPlacement
+
+    out, _ = parted
+    names = [p["name"] for p in _manifest(out)["partition"]["parts"]]
+    streamed = {n: PartPlacement("cpu", "stream") for n in names[1:3] + names[-1:]}
+    whole = Engine(tiny_cpu_artifact, threads=1)
+    for overlap, most in ((False, 1), (True, 2)):
+        engine = PartitionedEngine(out, streamed, threads=1, overlap=overlap)
+        worst, la, lb = _steps_equal(whole, engine)
+        assert worst == 0.0 and la == lb
+        assert engine.max_live_per_use == most and engine.live_per_use == 0, overlap
+        assert (engine.overlapped > 0) is overlap
+        assert all(r["loaded"] == [] for r in engine.residency_report() if r["part"] in streamed)
+        assert {r["part"]: r["loads"] for r in engine.residency_report() if r["part"] in streamed} == \
+            {n: 5 for n in streamed}  # one session per step per streamed part, overlapped or not
+
+
 def test_streamed_parts_answer_the_same_and_are_released(parted, tiny_cpu_artifact, tmp_path):
     from PIL import Image
 

@@ -407,3 +407,35 @@ def test_joined_gpu_prefix_holds_one_workspace_and_the_largest_scratch(sm61_cuda
     assert [d.placement.device for d in apart.parts].count("cuda") < 3
     assert all(d.placement.vram_limit == d.weight_bytes + costs.session_vram(i)
                for i, d in enumerate(apart.parts) if d.placement.device == "cuda")
+
+
+def test_overlap_is_planned_when_it_shortens_the_step_and_holds_two_slots(parted):
+    """Down a range of RAM budgets, with a host whose part loads are short beside its compute (so making the next
+    streamed part's session while one computes hides them): plans overlap there, hold the two largest streamed
+    parts as their slot and stay in their budget; with the stated speeds (a load ~2000x a tiny part's compute)
+    no plan overlaps."""
+    m = read_manifest(parted)
+    stated = pl.stated_speeds(m)
+    quick_loads = replace(stated, cpu_decode=pl.Speed(1e6, "B/s", "stated", "slow compute"),
+                          load=pl.Speed(1e12, "B/s", "stated", "fast loads"),
+                          cpu_session=pl.Speed(0.01, "s", "stated", "fast loads"))
+    for speeds, want in ((quick_loads, True), (stated, False)):
+        free = pl.make_plan(m, ram_budget=None, vram_budget=None, device="cpu", context=256, speeds=speeds,
+                            vision=False)
+        overlapped = 0
+        for budget in range(free.ram_bytes, free.ram_bytes // 2, -max(1, free.ram_bytes // 2000)):
+            try:
+                plan = pl.make_plan(m, ram_budget=budget, vram_budget=None, device="cpu", context=256,
+                                    speeds=speeds, vision=False)
+            except QvlError:
+                break
+            assert plan.ram_bytes <= budget
+            streamed = sorted(d.weight_bytes for d in plan.parts if d.placement.residency == "stream")
+            assert plan.to_json()["overlap"] is plan.overlap
+            if plan.overlap:
+                overlapped += 1
+                assert len(streamed) >= 2 and plan.fixed["stream_slot"] == sum(streamed[-2:])
+                assert any("overlap" in n for n in plan.notes)
+            else:
+                assert plan.fixed["stream_slot"] == (streamed[-1] if streamed else 0)
+        assert bool(overlapped) is want, (want, overlapped)

@@ -32,6 +32,7 @@ runner's bit for bit (tests/test_partition.py checks logits and tokens). Impleme
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -192,7 +193,7 @@ class PartitionedEngine:
     def __init__(self, artifact: Path, placement: dict | None = None, threads: int | None = None,
                  vision_placement: PartPlacement | None = None, vram_limit: int | None = None, prefetcher=None,
                  prefill_min_tokens: int = 32, max_positions: int | None = None, vision: bool = True,
-                 join: bool = True):
+                 join: bool = True, overlap: bool = False):
         self.artifact = Path(artifact)
         self.integrity: dict = {}
         self.manifest = read_manifest(self.artifact, summary=self.integrity)
@@ -209,6 +210,14 @@ class PartitionedEngine:
         self.vram_limit = vram_limit
         self.prefetcher = prefetcher
         self.prefill_min_tokens = int(prefill_min_tokens)
+        # `overlap`: the next part made per use is created on a background thread while the current part computes
+        # (ORT releases the GIL while it builds a session), so at most two such sessions are alive at once -- the
+        # plan must hold two stream slots (`Plan.overlap`). Off: one slot, made when its turn comes.
+        self.overlap = bool(overlap)
+        self._maker = None  # the one background thread (made on first use)
+        self.overlapped = 0  # sessions made in the background ahead of their turn
+        self.live_per_use = self.max_live_per_use = 0  # per-use sessions alive now / at most (the plan's slots)
+        self._live_lock = threading.Lock()
         self.max_positions = max_positions  # the KV positions a budget was planned for (None: the model's context)
         self.vision_planned = vision  # False: the plan left the vision encoder out (a text-only `run`)
         self.vision_placement = vision_placement or PartPlacement()
@@ -417,13 +426,48 @@ class PartitionedEngine:
         loaded_per_use = [i for i, (p, d) in enumerate(zip(self.parts, devices)) if not p.keeps(d)]
         if self.prefetcher is not None and loaded_per_use:  # the first one's pages while the kept parts compute
             self.prefetcher.prefetch_part(self.artifact, self.parts[loaded_per_use[0]].spec)
+        ahead = None  # (index, future) of the per-use session being made on the background thread
         for i, (part, tensors, device) in enumerate(zip(self.parts, cache.parts, devices)):
             later = [j for j in loaded_per_use if j > i]
             if self.prefetcher is not None and later and i in loaded_per_use:  # the next one's, while this one runs
                 self.prefetcher.prefetch_part(self.artifact, self.parts[later[0]].spec)
-            values.update(part.run(values, tensors, self.kv_mode, device))
+            if ahead is not None and ahead[0] == i:
+                ahead[1].result()  # its session is ready (an error in making it is raised here)
+                ahead = None
+            if self.overlap and later and ahead is None and i in loaded_per_use:
+                j = later[0]  # made while this one runs: two per-use sessions alive at most
+                ahead = (j, self._background().submit(self._open_per_use, self.parts[j], devices[j]))
+                self.overlapped += 1
+            if i in loaded_per_use and device not in part.sessions:
+                self._open_per_use(part, device)
+            try:
+                values.update(part.run(values, tensors, self.kv_mode, device))
+            except BaseException:
+                if ahead is not None:  # leave nothing made behind a failed step
+                    ahead[1].result()
+                    self.parts[ahead[0]].close(devices[ahead[0]])
+                    self._count_live(-1)
+                raise
+            if i in loaded_per_use:
+                self._count_live(-1)  # closed by the part after its step
         cache.length += values["inputs_embeds"].shape[1]
         return values
+
+    def _open_per_use(self, part: "_Part", device: str) -> None:
+        part.open(device)
+        self._count_live(+1)
+
+    def _count_live(self, change: int) -> None:
+        with self._live_lock:
+            self.live_per_use += change
+            self.max_live_per_use = max(self.max_live_per_use, self.live_per_use)
+
+    def _background(self):
+        if self._maker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-part-open")
+        return self._maker
 
     def step(self, cache, inputs_embeds, position_ids, deepstack=None) -> np.ndarray:
         if self.caches is not None:

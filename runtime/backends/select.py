@@ -201,7 +201,7 @@ def _load_planned(artifact: Path, device: str, threads: int | None, ram_budget: 
 
         prefetcher = Prefetcher()
     runner = PartitionedEngine(artifact, plan.placement(), threads=threads, vision_placement=plan.vision_placement(),
-                               prefetcher=prefetcher, max_positions=plan.context, vision=vision)
+                               prefetcher=prefetcher, max_positions=plan.context, vision=vision, overlap=plan.overlap)
     return runner, Selection(runner.device, None, plan)
 
 
