@@ -20,6 +20,11 @@ GPU_MEMORY_BW, GPU_EFFICIENCY, GPU_FLOPS = 48e9, 0.6, 0.5e12
 DISK_BW, H2D_BW, LOAD_BW = 2e9, 3e9, 4e9
 CPU_SESSION_S, GPU_SESSION_S, GPU_STEP_S, CROSSING_S, CPU_STEP_S = 0.02, 0.1, 2e-4, 5e-5, 5e-5
 PROCESS_BYTES, TOKENIZER_FACTOR = 100 * MB, 10
+# The share of a streamed part's load hidden when the overlapped runner makes it beside another: stated 0, not
+# measured per host. Two sessions built in isolation overlapped well on the 2-core VM (56 -> 31 ms), but inside the
+# runner, beside the kept parts' heap and threads, 2B decode with 8 streamed parts went 158 -> 163 and 159 -> 154 ms
+# a token (benchmarks/overlap_streaming.py): no reliable gain to plan on.
+LOAD_PAIR = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class HostSpeeds:
     crossing: Speed  # s of latency per device crossing
     heap: Speed | None = None  # RSS a kept CPU session holds per weight byte (ORT's prepacked copies, allocator)
     cpu_step: Speed | None = None  # s a CPU session's step costs beyond its layers' (None: 0)
+    # fraction of a streamed part's load hidden when it is made beside another one (two sessions built at once)
+    load_pair: Speed | None = None
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name).to_json() for f in fields(self) if getattr(self, f.name) is not None}
@@ -105,7 +112,9 @@ def stated_speeds(manifest) -> HostSpeeds:
         h2d=s(H2D_BW, "B/s", "PCIe 3 x4 (MX250)"),
         crossing=s(CROSSING_S, "s", "per device crossing"),
         heap=s(1.0, "x", "a kept session's RSS = its weight bytes (no packing overhead assumed)"),
-        cpu_step=s(CPU_STEP_S, "s", "session run overhead per step"))
+        cpu_step=s(CPU_STEP_S, "s", "session run overhead per step"),
+        load_pair=s(LOAD_PAIR, "x", "a second session built beside another hides none of its load, as the runner "
+                    "showed in benchmarks/overlap_streaming.py"))
 
 
 def _zero_feeds(session, positions: int, kv_mode: str) -> dict:

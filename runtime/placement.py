@@ -39,10 +39,11 @@ Rules (deterministic; tests/test_plan.py):
    QvlError naming it. Streaming one part alone saves nothing (its slot is its size): at least two stream.
    Overlap (`Plan.overlap`; CPU streaming only: a per-use CUDA session would need a second VRAM slot too): the
    streamed set that leaves room for two slots (the two largest streamed parts at once; possibly streaming more
-   parts) is tried too, the runner then making the next streamed part's session on a background thread while the
-   current part computes, each streamed part's load after the first of a step predicted hidden behind the parts
-   computed since the previous streamed one (up to all of it); it is taken when its decode step is predicted
-   shorter. A part's load is usually far longer than its compute (measured here: ~100x), so it rarely is.
+   parts) is tried too, the runner then making streamed parts in pairs (the second on a background thread while
+   the first is made and computes: two loads at once), the share `load_pair` of the second's load predicted hidden,
+   at most the first's load and compute; it is taken when its decode step is predicted shorter. `load_pair` is
+   stated 0 (no gain measured inside the runner on the 2-core VM: benchmarks/overlap_streaming.py), so plans from
+   measured or stated speeds do not overlap; the runner's `overlap=True` is there for hosts where it pays.
 4. Times: a part's decode step = (weights + KV read at prompt_tokens) / its device's rate (+ session creation and
    its bytes at min(load, disk) when streamed), plus once per session the device's step cost (`cpu_step` /
    `gpu_step`): consecutive parts with one kept placement run as one session (`part_merge.part_groups`), so a
@@ -589,13 +590,16 @@ def _give_slack(d: _Draft, notes: list) -> None:
 
 
 def _overlap_hidden(costs: _Costs, place: list, steps: list) -> dict:
-    """Per streamed part after the first of a step: the load seconds hidden behind the parts computed from the
-    previous streamed part up to it (its session is made on the background thread meanwhile)."""
+    """Per streamed part made ahead: the load seconds hidden. The runner makes streamed parts in pairs (the second
+    on a background thread while the first is made and runs), so the second's load runs beside the first's load
+    and the parts computed from the first up to it."""
     per_use = [i for i, p in enumerate(place) if p.residency == "stream"]
     hidden = {}
-    for a, b in zip(per_use, per_use[1:]):
-        compute = sum(costs.decode_s(k, place[k].device) + steps[k] for k in range(a, b))
-        hidden[b] = min(costs.load_s(costs.parts[b].weight_bytes, place[b].device), compute)
+    for a, b in zip(per_use[0::2], per_use[1::2]):
+        beside = costs.load_s(costs.parts[a].weight_bytes, place[a].device) + \
+            sum(costs.decode_s(k, place[k].device) + steps[k] for k in range(a, b))
+        pair = costs.sp.load_pair.value if costs.sp.load_pair is not None else 0.0  # the share two builds at once hide
+        hidden[b] = min(costs.load_s(costs.parts[b].weight_bytes, place[b].device) * pair, beside)
     return hidden
 
 

@@ -410,16 +410,14 @@ def test_joined_gpu_prefix_holds_one_workspace_and_the_largest_scratch(sm61_cuda
 
 
 def test_overlap_is_planned_when_it_shortens_the_step_and_holds_two_slots(parted):
-    """Down a range of RAM budgets, with a host whose part loads are short beside its compute (so making the next
-    streamed part's session while one computes hides them): plans overlap there, hold the two largest streamed
-    parts as their slot and stay in their budget; with the stated speeds (a load ~2000x a tiny part's compute)
-    no plan overlaps."""
+    """Down a range of RAM budgets, on a host where two session builds at once take the time of one (`load_pair`
+    1): plans overlap (streamed parts made in pairs), hold the two largest streamed parts as their slot and stay in
+    their budget; where a second build hides nothing (`load_pair` 0, as measured on a saturated host) none does."""
     m = read_manifest(parted)
     stated = pl.stated_speeds(m)
-    quick_loads = replace(stated, cpu_decode=pl.Speed(1e6, "B/s", "stated", "slow compute"),
-                          load=pl.Speed(1e12, "B/s", "stated", "fast loads"),
-                          cpu_session=pl.Speed(0.01, "s", "stated", "fast loads"))
-    for speeds, want in ((quick_loads, True), (stated, False)):
+    pairs_free = replace(stated, load_pair=pl.Speed(1.0, "x", "stated", "two builds at once: the time of one"))
+    pairs_cost = replace(stated, load_pair=pl.Speed(0.0, "x", "stated", "two builds at once: the time of two"))
+    for speeds, want in ((pairs_free, True), (pairs_cost, False)):
         free = pl.make_plan(m, ram_budget=None, vram_budget=None, device="cpu", context=256, speeds=speeds,
                             vision=False)
         overlapped = 0

@@ -210,9 +210,9 @@ class PartitionedEngine:
         self.vram_limit = vram_limit
         self.prefetcher = prefetcher
         self.prefill_min_tokens = int(prefill_min_tokens)
-        # `overlap`: the next part made per use is created on a background thread while the current part computes
-        # (ORT releases the GIL while it builds a session), so at most two such sessions are alive at once -- the
-        # plan must hold two stream slots (`Plan.overlap`). Off: one slot, made when its turn comes.
+        # `overlap`: streamed parts are made in pairs, the second on a background thread while the first is made
+        # and computes (ORT releases the GIL while it builds a session), so at most two such sessions are alive at
+        # once -- the plan must hold two stream slots (`Plan.overlap`). Off: one slot, made when its turn comes.
         self.overlap = bool(overlap)
         self._maker = None  # the one background thread (made on first use)
         self.overlapped = 0  # sessions made in the background ahead of their turn
@@ -434,8 +434,12 @@ class PartitionedEngine:
             if ahead is not None and ahead[0] == i:
                 ahead[1].result()  # its session is ready (an error in making it is raised here)
                 ahead = None
-            if self.overlap and later and ahead is None and i in loaded_per_use:
-                j = later[0]  # made while this one runs: two per-use sessions alive at most
+            if self.overlap and later and ahead is None and i in loaded_per_use and device not in part.sessions:
+                # Streamed parts are made in pairs: the next one on the background thread while this one is made
+                # and runs (two per-use sessions alive at most). A part made ahead starts no new one: its successor
+                # would then be made beside a short compute only, and made beside its own successor instead, two
+                # loads overlap (a load is ~100x a part's compute on the measured hosts).
+                j = later[0]
                 ahead = (j, self._background().submit(self._open_per_use, self.parts[j], devices[j]))
                 self.overlapped += 1
             if i in loaded_per_use and device not in part.sessions:
