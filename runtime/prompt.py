@@ -544,7 +544,12 @@ class PromptBuilder:
         return "".join(out)
 
     def expand_video_tokens(self, text: str, videos: Sequence[PreparedVideo]) -> str:
-        """Replace the i-th video token by its timestamped per-frame-group placeholder, in order."""
+        """Replace the i-th video token by its timestamped per-frame-group placeholder, in order. Each placeholder
+        wraps every frame group in `<|vision_start|>...<|vision_end|>`, so the chat template's own wrapper around the
+        video token is collapsed first (Qwen's processor, and transformers' since 5.25: no extra outer pair)."""
+        wrapper = self.vision_start_token + self.video_token + self.vision_end_token
+        if videos:
+            text = text.replace(wrapper, self.video_token)
         pieces = text.split(self.video_token)
         if len(pieces) - 1 != len(videos):
             raise QvlError(f"the prompt has {len(pieces) - 1} {self.video_token} placeholders but {len(videos)} videos")

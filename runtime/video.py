@@ -22,7 +22,8 @@ A port of what transformers 5.24 does for `Qwen3VLProcessor(videos=...)`, matche
    `temporal_patch_size`, then `(gt, tp, C, gh/m, m, p, gw/m, m, p) -> (gt, gh/m, gw/m, m, m, C, tp, p, p)`,
    flattened to `[gt * gh * gw, C * tp * p * p]`; `video_grid_thw` is `[gt, gh, gw]`.
 6. **Prompt** (`Qwen3VLProcessor.replace_video_token`): the `<|video_pad|>` the chat template wrote
-   (inside its own `<|vision_start|>...<|vision_end|>`, which transformers keeps) becomes, per temporal
+   (inside its own `<|vision_start|>...<|vision_end|>`, which transformers >= 5.25 collapses into the bare token
+   first, as Qwen's processor does; 5.24 kept it) becomes, per temporal
    group, `<{t:.1f} seconds><|vision_start|>` + `gh * gw / m**2` pads + `<|vision_end|>`, where t is the
    mean of the group's first and last frame time (`_calculate_timestamps`, the indices padded like the
    frames).
