@@ -1,4 +1,6 @@
-"""ORT profile of decoder ops for one artifact: python benchmarks/profile_decoder.py ARTIFACT (12 greedy tokens, 2 threads)."""
+"""ORT profile of decoder ops for one artifact: python benchmarks/profile_decoder.py ARTIFACT [TOKENS] (greedy, 2 threads).
+
+Only the decode steps count: node events inside the first Run (the prompt's prefill) are left out."""
 import sys, json, time, collections
 import onnxruntime as ort
 from qvl.runtime import load
@@ -10,12 +12,17 @@ so = session_options(2); so.enable_profiling = True; so.profile_file_prefix = "/
 eng = m.engine
 eng.decoder = ort.InferenceSession(str(eng.manifest.graph_path("decoder")), so, providers=["CPUExecutionProvider"])
 p = m.prepare([{"role": "user", "content": [{"type": "text", "text": "Describe a sunny day at the beach in two sentences."}]}])
-t = time.time(); ids = [tk for tk, _ in m.generate_ids(p, 12, ignore_stop=True)]; print("12 tokens", time.time() - t)
+n_tok = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+t = time.time(); ids = [tk for tk, _ in m.generate_ids(p, n_tok, ignore_stop=True)]; print(n_tok, "tokens", time.time() - t)
 f = eng.decoder.end_profiling()
 ev = json.load(open(f))
+runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("cat") == "Session" and e["name"] == "model_run")
+prefill_end = runs[0][1]
+steps = [r for r in runs[1:]]
+print(f"decode steps {len(steps)}, median Run {sorted(b - a for a, b in steps)[len(steps) // 2] / 1e3:.2f} ms")
 agg = collections.Counter(); cnt = collections.Counter()
 for e in ev:
-    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= prefill_end:
         op = e["args"].get("op_name"); agg[op] += e["dur"]; cnt[op] += 1
 tot = sum(agg.values())
 for op, d in agg.most_common(12):
