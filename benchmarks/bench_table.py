@@ -1,5 +1,7 @@
 """Markdown table from `qvl-compile bench --json` outputs, side by side:
-    python benchmarks/bench_table.py LABEL=FILE.json [LABEL=FILE.json ...]"""
+    python benchmarks/bench_table.py LABEL=FILE.json [LABEL=FILE.json ...]          # qvl vs eager
+    python benchmarks/bench_table.py --peers LABEL=FILE.json [LABEL=FILE.json ...]  # qvl vs each --peer row
+Every ratio is qvl / the other engine."""
 import json
 import sys
 
@@ -13,19 +15,39 @@ ROWS = [  # (label, engine key, scale, format)
     ("peak RSS, GB", "peak_rss_bytes", 1e-9, "{:.2f}"),
     ("load, s", "load_s", 1, "{:.2f}"),
 ]
+# With --peers also: the image prompt's prefill, and decode against the bandwidth roofline (each engine its own bytes).
+PEER_ROWS = ROWS + [
+    ("prefill tok/s (image, 240 tokens)", "prefill_tok_s_image", 1, "{:.1f}"),
+    ("weights read / token, GB", "bytes_per_token", 1e-9, "{:.3f}"),
+    ("decode efficiency (of bandwidth roofline), %", "decode_efficiency", 100, "{:.1f}"),
+]
+
+
+def _others(run: dict, peers: bool) -> list[tuple[str, dict]]:
+    """The engines qvl is compared with in one run: eager, or every peer row (llama.cpp, llama.cpp-avx2)."""
+    if peers:
+        return [(f"{label} {p.get('quant', '')}".strip(), p) for label, p in run["peers"].items()]
+    return [(f"eager {run['config']['eager_dtype']}", run["engines"]["eager"])]
 
 
 def main() -> None:
-    runs = [(a.split("=", 1)[0], json.load(open(a.split("=", 1)[1]))) for a in sys.argv[1:]]
-    head = "| metric |" + "".join(f" {lab} qvl | eager {r['config']['eager_dtype']} | ratio |" for lab, r in runs)
+    args = sys.argv[1:]
+    peers = "--peers" in args
+    runs = [(a.split("=", 1)[0], json.load(open(a.split("=", 1)[1]))) for a in args if a != "--peers"]
+    head = "| metric |"
+    for lab, r in runs:
+        head += f" {lab} qvl |" + "".join(f" {name} | ratio |" for name, _ in _others(r, peers))
     print(head)
-    print("| --- |" + " --- | --- | --- |" * len(runs))
-    for label, key, scale, fmt in ROWS:
+    print("| --- |" + "".join(" --- |" * (1 + 2 * len(_others(r, peers))) for _, r in runs))
+    for label, key, scale, fmt in (PEER_ROWS if peers else ROWS):
         cells = []
         for _, r in runs:
-            q, e = r["engines"]["qvl"].get(key), r["engines"]["eager"].get(key)
-            ratio = q / e if q and e else float("nan")
-            cells.append(f" {fmt.format(q * scale)} | {fmt.format(e * scale)} | {ratio:.2f}× |")
+            q = r["engines"]["qvl"].get(key)
+            cells.append(f" {fmt.format(q * scale)} |")
+            for _, other in _others(r, peers):
+                e = other.get(key)
+                ratio = q / e if q and e else float("nan")
+                cells.append(f" {fmt.format(e * scale)} | {ratio:.2f}× |")
         print(f"| {label} |" + "".join(cells))
     print()
     for lab, r in runs:

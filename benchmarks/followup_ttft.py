@@ -25,9 +25,10 @@ from qvl.toolchain.eval.bench_inputs import _fit, build_inputs
 # The first turn's answer as the client resends it. Random weights answer with token soup whose text does not
 # tokenize back into the generated ids, so the cache could reuse only the first prompt; a trained model's answer
 # round-trips. `--answer fixed` (default) resends this plain-English answer instead, which the follow-up then
-# prefills (32 tokens more than a round-tripping answer costs): an upper bound on a real model's follow-up TTFT.
+# prefills (ANSWER_TOKENS more than a round-tripping answer costs): an upper bound on a real model's follow-up TTFT.
 ANSWER = ("The picture shows a red disc on the left and a blue square on the right, both on a smooth background "
           "that fades from dark at the top to light at the bottom, and they do not overlap.")
+ANSWER_TOKENS, FOLLOW_UP_TOKENS = 32, 16
 FOLLOW_UP = ("Now ignore the colours and count the straight edges you can see in the picture, then say which "
              "corner of the image is brightest and why that might be so.")
 
@@ -42,8 +43,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     tok = PromptBuilder.from_dir(a.artifact).tokenizer
-    answer_text = _fit(lambda t: len(tok.encode(t, add_special_tokens=False).ids), tok, ANSWER, 32, "answer")
-    question2 = _fit(lambda t: len(tok.encode(t, add_special_tokens=False).ids), tok, FOLLOW_UP, 16, "follow-up")
+    count = lambda t: len(tok.encode(t, add_special_tokens=False).ids)
+    answer_text = _fit(count, tok, ANSWER, ANSWER_TOKENS, "answer")
+    question2 = _fit(count, tok, FOLLOW_UP, FOLLOW_UP_TOKENS, "follow-up")
     with tempfile.TemporaryDirectory() as work:
         case = build_inputs(a.artifact, Path(work))["image"]
         model = load(a.artifact, device="cpu", threads=a.threads)
@@ -71,7 +73,7 @@ def main() -> None:
                          "followup_prepare_s": prepare_s, "same_answer_as_scratch": cached == scratch})
     med = {k: statistics.median(r[k] for r in runs) for k in ("first_ttft_s", "followup_ttft_s", "scratch_followup_ttft_s",
                                                         "followup_prepare_s")}
-    out = {"artifact": str(a.artifact), "threads": a.threads, "repeats": a.repeats, "question2_tokens": 16, "answer": a.answer, **med,
+    out = {"artifact": str(a.artifact), "threads": a.threads, "repeats": a.repeats, "question2_tokens": FOLLOW_UP_TOKENS, "answer": a.answer, **med,
            "ratio_followup_vs_first": med["followup_ttft_s"] / med["first_ttft_s"],
            "ratio_followup_vs_scratch": med["followup_ttft_s"] / med["scratch_followup_ttft_s"],
            "all_same_as_scratch": all(r["same_answer_as_scratch"] for r in runs), "runs": runs}

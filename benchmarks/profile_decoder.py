@@ -1,7 +1,7 @@
 """ORT profile of decoder ops for one artifact: python benchmarks/profile_decoder.py ARTIFACT [TOKENS] (greedy, 2 threads).
 
 Only the decode steps count: node events inside the first Run (the prompt's prefill) are left out."""
-import sys, json, time, collections
+import sys, json, time, collections, statistics
 import onnxruntime as ort
 from qvl.runtime import load
 from qvl.runtime.backends.ort import session_options
@@ -18,8 +18,8 @@ f = eng.decoder.end_profiling()
 ev = json.load(open(f))
 runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("cat") == "Session" and e["name"] == "model_run")
 prefill_end = runs[0][1]
-steps = [r for r in runs[1:]]
-print(f"decode steps {len(steps)}, median Run {sorted(b - a for a, b in steps)[len(steps) // 2] / 1e3:.2f} ms")
+steps = runs[1:]
+print(f"decode steps {len(steps)}, median Run {statistics.median(b - a for a, b in steps) / 1e3:.2f} ms")
 agg = collections.Counter(); cnt = collections.Counter()
 for e in ev:
     if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= prefill_end:
