@@ -791,7 +791,9 @@ def run_cmd(
     if as_json:
         text = "".join(model.stream(messages, **kwargs))
         grounding, extra = _answer_grounding(text, image, model, draw_boxes)
-        typer.echo(json.dumps({"text": text, **extra, **_stats_dict(stats), "decoding": decoding.to_json(seed)}))
+        kernel = getattr(model.engine, "kernel_note", None)  # which kernel ran the decoder's int4 linears
+        typer.echo(json.dumps({"text": text, **extra, **_stats_dict(stats), "decoding": decoding.to_json(seed),
+                               **({"decoder_linear_kernel": kernel} if kernel else {})}))
         if draw_boxes is not None:  # stdout stays one JSON object; what could not be read is in it
             _grounding_note(grounding, draw_boxes, unparsed=False)
         return

@@ -51,6 +51,28 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
+def cpu_decoder_source(path: Path, so: ort.SessionOptions, choice) -> tuple[str | bytes, str]:
+    """What to open the CPU decoder session from, and which int4 kernel it runs (`runtime/kernels`): the graph file
+    itself (ORT's MatMulNBits), or, when qvl's kernel library is active, the graph proto with its eligible
+    MatMulNBits swapped to `qvl.kernels::MatMulNBits4Avx2`, as bytes whose external weights ORT reads from the
+    graph's own folder (nothing is written). `so` gets the library registered in that case."""
+    if not choice.active:
+        return str(path), choice.note
+    import onnx
+
+    from qvl.runtime import kernels
+    from qvl.runtime.part_merge import EXTERNAL_FOLDER_KEY
+
+    model = onnx.load(str(path), load_external_data=False)
+    swapped = kernels.rewrite(model)
+    if swapped == 0:
+        return str(path), "ORT MatMulNBits (no int4 accuracy-level-4 MatMulNBits in this decoder)"
+    so.register_custom_ops_library(str(choice.library))
+    so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).parent))
+    left = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    return model.SerializeToString(), f"{choice.note}: {swapped} linears" + (f", {left} on ORT MatMulNBits" if left else "")
+
+
 def decoder_session(path: Path, so: ort.SessionOptions, providers: list, device: str, kv_mode: str):
     """(session, captures CUDA graphs, why not or None). Graph capture is asked for on CUDA for in-place-cache
     artifacts (`scatter`, `shared`), whose decode steps have fixed shapes and bound buffers; ORT refuses it when any
@@ -74,6 +96,7 @@ class Engine:
     def __init__(self, artifact: Path, device: str = "cpu", threads: int | None = None):
         self.artifact = Path(artifact)
         self.device = device
+        self.threads = threads
         # Schema, paths, graph and side-file hashes, and the weight store's chunk digests (skipped when this
         # machine's verified record for the store matches); `integrity["weights"]` is 'cached' or 'verified'.
         self.integrity: dict = {}
@@ -120,12 +143,29 @@ class Engine:
         self.max_verify_positions = self.context_length if self.caches.has_logit_positions else 0
 
     def _decoder_session(self, path: Path, so: ort.SessionOptions, providers: list):
+        if self.device == "cpu":
+            from qvl.runtime import kernels
+
+            dso = self._options(self.threads)
+            dso.graph_optimization_level = so.graph_optimization_level
+            source, self.kernel_note = cpu_decoder_source(path, dso, kernels.choose())
+            return ort.InferenceSession(source, dso, providers=providers), False
+        self.kernel_note = "ORT CUDA MatMulNBits"
         session, graphed, self.cuda_graph_note = decoder_session(path, so, providers, self.device, self.kv_mode)
         return session, graphed
 
     def _graph_files(self, device: str, threads: int | None) -> tuple[dict, ort.SessionOptions, bool]:
         """The graphs to load: ORT's saved optimized graphs when this ORT wrote them for this provider
         (then optimization is off at load: it already ran), else the plain graphs, optimized at load."""
+        so = self._options(threads)
+        plain = self.manifest.graph_files()
+        opt = self.manifest.ort_optimized
+        if device == "cpu" and opt is not None and opt.usable(ort.__version__, plain):
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return {name: g.file for name, g in opt.graphs.items()}, so, True
+        return plain, so, False
+
+    def _options(self, threads: int | None) -> ort.SessionOptions:
         so = session_options(threads)
         if self.manifest.int8_kit:
             # An INT8 engine kit's explicit Q/DQ graphs are TensorRT's to run (int8 GEMMs accumulating in
@@ -133,12 +173,7 @@ class Engine:
             # then differ from the quantized model by far more than quantization does; computing Q/DQ as
             # written (fp32 fake quantization) is what TensorRT's result should match.
             so.add_session_config_entry("session.disable_quant_qdq", "1")
-        plain = self.manifest.graph_files()
-        opt = self.manifest.ort_optimized
-        if device == "cpu" and opt is not None and opt.usable(ort.__version__, plain):
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return {name: g.file for name, g in opt.graphs.items()}, so, True
-        return plain, so, False
+        return so
 
     @staticmethod
     def _providers(device: str) -> list:

@@ -129,7 +129,9 @@ def format_peers(result: dict) -> str:
             line += f"{'-' if v is None else fmt.format(v * scale):>16}{'-' if rv is None else f'{rv:.2f}x':>10}"
         out.append(line)
     flags = [f for f, on in result["cpu"]["flags"].items() if on]
-    out.append(f"kernels: qvl = ONNX Runtime MLAS {result['cpu']['mlas_isa']} (host flags: {', '.join(flags)})")
+    linear = q.get("info", {}).get("decoder_linear_kernel")
+    out.append(f"kernels: qvl = ONNX Runtime MLAS {result['cpu']['mlas_isa']} (host flags: {', '.join(flags)})"
+               + (f"; decoder linears: {linear}" if linear else ""))
     for l in labels:
         s = peers[l]["simd"]
         on = [k for k, v in s.items() if k != "isa" and v]

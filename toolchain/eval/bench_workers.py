@@ -137,6 +137,8 @@ def _qvl_worker(spec: dict) -> dict:
             "device": model.device,
             "providers": model.engine.decoder.get_providers() if hasattr(model.engine.decoder, "get_providers") else [],
             "kv_mode": model.engine.kv_mode,
+            # which kernel ran the decoder's int4 linears (runtime/kernels): qvl's AVX2 op or ORT's MatMulNBits
+            "decoder_linear_kernel": getattr(model.engine, "kernel_note", None),
             "intra_op_threads": threads,
             "torch_imported": "torch" in sys.modules,
         },

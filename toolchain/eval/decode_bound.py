@@ -64,9 +64,11 @@ def linear_signatures(artifact: Path) -> list[dict]:
     return sorted(groups.values(), key=lambda g: -g["count"] * g["weight_bytes"])
 
 
-def _one_node_session(sig: dict, n: int, threads: int, rng):
+def _one_node_session(sig: dict, n: int, threads: int, rng, choice=None):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from qvl.runtime import kernels
 
     k = sig["K"]
     if sig["op"] == "MatMulNBits":
@@ -92,6 +94,9 @@ def _one_node_session(sig: dict, n: int, threads: int, rng):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # the kernel the runtime's decoder runs for this node: qvl's when it is active here (runtime/kernels)
+    if choice is not None and choice.active and kernels.rewrite(model):
+        so.register_custom_ops_library(str(choice.library))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -136,7 +141,10 @@ def _per_call_seconds(session, k: int, samples: int, rng, min_sample_s: float = 
 def decode_compute_bound(artifact: Path, threads: int, samples: int = 5, resident_bytes: int | None = None,
                          seed: int = 0) -> dict:
     """Time every linear signature of the decoder with cache-resident weights; the sum is the compute bound."""
+    from qvl.runtime import kernels
     from qvl.toolchain.eval.hardware import llc_bytes
+
+    choice = kernels.choose()
 
     llc = llc_bytes()
     resident = resident_bytes or (llc // 2 if llc else DEFAULT_RESIDENT_BYTES)
@@ -148,7 +156,7 @@ def decode_compute_bound(artifact: Path, threads: int, samples: int = 5, residen
         # N-slice that stays resident (multiple of 16 rows); the time scales with N at M = 1 (a GEMV streams rows).
         slices = max(1, math.ceil(sig["weight_bytes"] / resident))
         n = sig["N"] if slices == 1 else max(16, (sig["N"] // slices) // 16 * 16)
-        session = _one_node_session(sig, n, threads, rng)
+        session = _one_node_session(sig, n, threads, rng, choice)
         per = [max(p - overhead, 1e-9) for p in _per_call_seconds(session, sig["K"], samples, rng)]
         del session
         med = statistics.median(per) * sig["N"] / n
@@ -158,6 +166,7 @@ def decode_compute_bound(artifact: Path, threads: int, samples: int = 5, residen
                      "resident_gbs": sig["weight_bytes"] / med / 1e9})
     return {
         "threads": threads,
+        "int4_kernel": choice.note,
         "resident_bytes": resident,
         "run_overhead_s": overhead,  # subtracted from every per-call time
         "llc_bytes": llc,

@@ -1,0 +1,107 @@
+"""qvl's own CPU kernels for ONNX Runtime: a custom-op library used in place of some of ORT's contrib-op nodes.
+
+`MatMulNBits4Avx2` (`nbits4_avx2_op.cpp`, built by setup.py into `_nbits4_avx2*.so` when a C++ compiler is
+there) computes `com.microsoft::MatMulNBits` at bits 4, symmetric, accuracy_level 4: the same int8 x int4 block
+dot products from the same tensors, about 1.5x faster per core than MLAS's AVX2 path on one row (the decode
+step). The artifact is not changed: when the library is present, the host has AVX2 + FMA, and `QVL_KERNELS` is
+not "ort", the runtime swaps the op type of the eligible nodes in the decoder's graph proto (`rewrite`) and opens
+the session from those bytes, its weights still read from the artifact's store. Otherwise ORT's own kernel runs;
+`choose` says which and why, and the bench reports it.
+
+One node's output differs from MLAS's only by float summation order (both sum the same exact int32 block products
+scaled by the same float scales): bit-for-bit equal where those sums are exact, within rounding otherwise. Through
+a decoder such a last-bit difference can flip a later node's int8 rounding of an activation, so logits differ by
+far less than int4 quantization itself moves them, not bit-for-bit (tests/test_cpu_kernels.py). The partitioned
+runner's part sessions keep ORT's kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvl.runtime.cpu_flags import cpu_model_and_flags
+
+DOMAIN = "qvl.kernels"
+OP = "MatMulNBits4Avx2"
+ENV = "QVL_KERNELS"  # "ort": always ORT's kernels (a fallback that can be forced, and the A/B comparison)
+_HERE = Path(__file__).resolve().parent
+
+
+def library_path() -> Path | None:
+    """The built custom-op library next to this file, or None when the build left it out."""
+    found = sorted(_HERE.glob("_nbits4_avx2*.so"))
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    library: Path | None  # register this with the session (None: ORT's kernels only)
+    note: str  # what runs and why, for the bench and `info`
+
+    @property
+    def active(self) -> bool:
+        return self.library is not None
+
+
+def choose(flags: set[str] | None = None) -> KernelChoice:
+    """Whether this host runs qvl's kernels: the library is built, the CPU has AVX2 and FMA, not turned off."""
+    if os.environ.get(ENV, "").strip().lower() == "ort":
+        return KernelChoice(None, f"ORT MatMulNBits ({ENV}=ort)")
+    lib = library_path()
+    if lib is None:
+        return KernelChoice(None, "ORT MatMulNBits (qvl's kernel library was not built with this install)")
+    if flags is None:
+        found = cpu_model_and_flags()
+        flags = found[1] if found else set()
+    if not {"avx2", "fma"} <= flags:
+        return KernelChoice(None, "ORT MatMulNBits (this CPU lacks AVX2/FMA for qvl's kernel)")
+    return KernelChoice(lib, f"qvl {OP} ({lib.name})")
+
+
+def eligible(node) -> str | None:
+    """None when `node` (an onnx NodeProto) is a MatMulNBits the custom op computes identically; else why not."""
+    if node.domain != "com.microsoft" or node.op_type != "MatMulNBits":
+        return "not MatMulNBits"
+    attrs = {a.name: a.i for a in node.attribute if a.type == a.INT}
+    if attrs.get("bits", 4) != 4:
+        return f"bits {attrs.get('bits')}"
+    if attrs.get("accuracy_level", 0) != 4:
+        return f"accuracy_level {attrs.get('accuracy_level', 0)} (the kernel quantizes activations to int8)"
+    blk = attrs.get("block_size")
+    if blk not in (64, 128, 256):
+        return f"block_size {blk}"
+    if attrs.get("K", 0) % blk:
+        return "K not a multiple of block_size"
+    if len(node.input) > 3 and any(node.input[3:]):
+        return "zero points, g_idx or bias"
+    return None
+
+
+def rewrite(model) -> int:
+    """Swap every eligible MatMulNBits of `model` (onnx ModelProto, in place) to the custom op; the count swapped."""
+    from onnx import helper
+
+    swapped = 0
+    for node in _all_nodes(model.graph):
+        if eligible(node) is None:
+            keep = [a for a in node.attribute if a.name in ("K", "N", "bits", "block_size")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+            del node.input[3:]
+            node.op_type, node.domain = OP, DOMAIN
+            swapped += 1
+    if swapped and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return swapped
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)

@@ -1,0 +1,108 @@
+// int4 x int8 GEMM/GEMV on AVX2 over ORT MatMulNBits' own weight layout (bits 4, symmetric, no zero points):
+//   B      uint8 [N, K/blk, blk/2]   byte j of a block holds element 2j (low nibble) and 2j+1 (high nibble)
+//   scales float [N, K/blk]          w = (code - 8) * scale
+// A is quantized per block of `blk` K values to int8 (scale = amax/127, round to nearest even), as MatMulNBits
+// does at accuracy_level 4, so both compute the same integer dot products per block.
+//
+// Why it is faster than MLAS's AVX2 path on one row: codes stay unsigned (0..15) and go straight into
+// vpmaddubsw (unsigned x signed); the zero point 8 is folded in once per block as -8 * sum(qa). The nibble
+// order is absorbed by storing each 64-element chunk of quantized A as [even elements | odd elements], so a
+// 32-byte load of B splits into two vectors with one and + one shift + one and, no shuffles.
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+
+namespace qvl {
+
+// Quantized activations of one row: K int8 values (chunk-permuted), one float scale and one int32
+// "-8 * sum(qa)" per block.
+struct QuantRow {
+  int8_t* q;
+  float* scale;
+  int32_t* zp_term;
+};
+
+inline float hmax_ps(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// blk is a multiple of 64; K a multiple of blk.
+inline void quantize_row(const float* a, int K, int blk, QuantRow out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int b = 0; b < K / blk; ++b) {
+    const float* x = a + (size_t)b * blk;
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < blk; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    const float m = hmax_ps(amax);
+    const float scale = m / 127.0f;
+    const float inv = m != 0.0f ? 127.0f / m : 0.0f;
+    out.scale[b] = scale;
+    int32_t sum = 0;
+    int8_t* q = out.q + (size_t)b * blk;
+    for (int c = 0; c < blk; c += 64) {
+      for (int j = 0; j < 32; ++j) {
+        // nearbyintf: round half to even under the default rounding mode, as _mm256_cvtps_epi32 does
+        const int lo = (int)nearbyintf(x[c + 2 * j] * inv);
+        const int hi = (int)nearbyintf(x[c + 2 * j + 1] * inv);
+        q[c + j] = (int8_t)lo;
+        q[c + 32 + j] = (int8_t)hi;
+        sum += lo + hi;
+      }
+    }
+    out.zp_term[b] = -8 * sum;
+  }
+}
+
+// Rows [n0, n1) of Y = A x W^T for R rows of A at once (R = 1..4): each 32-byte load of B feeds R rows. The
+// block size is a template argument: with it known the compiler unrolls the block's loads (about 1.8x faster
+// than a runtime block length at one row).
+template <int R, int blk>
+inline void gemm_rows(const QuantRow* qa, int K, const uint8_t* B, const float* scales, const float* bias,
+                      int n0, int n1, float* const* y) {
+  const int nblk = K / blk;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* bp = B + (size_t)n * (K / 2);
+    const float* sb = scales + (size_t)n * nblk;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nblk; ++b) {
+      __m256i s16[R];
+      for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+      for (int c = 0; c < blk; c += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(bp + (size_t)b * (blk / 2) + c / 2));
+        const __m256i lo = _mm256_and_si256(v, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = qa[r].q + (size_t)b * blk + c;
+          // |sum| of one pair <= 2 * 15 * 127 = 3810; blk <= 256 adds 4 pairs per int16 lane: <= 15240
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)q)));
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 32))));
+        }
+      }
+      const float sbv = sb[b];
+      for (int r = 0; r < R; ++r) {
+        __m256i s32 = _mm256_madd_epi16(s16[r], ones);
+        s32 = _mm256_add_epi32(s32, _mm256_setr_epi32(qa[r].zp_term[b], 0, 0, 0, 0, 0, 0, 0));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(qa[r].scale[b] * sbv), acc[r]);
+      }
+    }
+    const float bn = bias ? bias[n] : 0.0f;
+    for (int r = 0; r < R; ++r) y[r][n] = hsum_ps(acc[r]) + bn;
+  }
+}
+
+}  // namespace qvl
