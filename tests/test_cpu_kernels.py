@@ -1,4 +1,4 @@
-"""qvl's AVX2 int4 kernel (runtime/kernels) against ORT's MatMulNBits, and the runtime's use of it.
+"""qvl's AVX2 int4 / int8 kernel (runtime/kernels) against ORT's MatMulNBits, and the runtime's use of it.
 
 * bit-for-bit: inputs whose every intermediate is exact in float32 (activation blocks whose amax is 127 * 2^e with
   integer multiples of 2^e, power-of-two weight scales) make summation order irrelevant, so both kernels must agree
@@ -66,15 +66,30 @@ def test_the_install_built_the_kernel_library():
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the kernel library is x86-64 only")
     path = kernels.library_path()
-    assert path is not None and path.name.startswith("_nbits4_avx2"), path
+    assert path is not None and path.name.startswith("_nbits_avx2"), path
 
 
-def _exact_case(rng, M: int, K: int, N: int, blk: int):
+def _pack(codes: np.ndarray, bits: int, blk: int) -> np.ndarray:
+    N, K = codes.shape
+    if bits == 4:
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(N, K // blk, blk // 2)
+    return codes.reshape(N, K // blk, blk)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    N = packed.shape[0]
+    if bits == 4:
+        return np.stack([packed & 15, packed >> 4], axis=-1).reshape(N, -1).astype(np.int64) - 8
+    return packed.reshape(N, -1).astype(np.int64) - 128
+
+
+def _exact_case(rng, M: int, K: int, N: int, blk: int, bits: int = 4):
     """Activations a = c * 2^e per block (integers |c| <= 127 with one +-127) and codes with scales 2^-5 / 2^-6:
-    every block product is an integer times 2^(e-s) with |sum| < 2^23 units of 2^-7, exact in float32."""
+    every block product is an integer times 2^(e-s) with |sum| < 2^23 units of 2^-7, exact in float32 (int8
+    codes stay within 128 +- 16 for that)."""
     nblk = K // blk
-    codes = rng.integers(0, 16, (N, K), dtype=np.uint8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(N, nblk, blk // 2)
+    codes = (rng.integers(0, 16, (N, K)) if bits == 4 else rng.integers(112, 145, (N, K))).astype(np.uint8)
+    packed = _pack(codes, bits, blk)
     scales = np.exp2(-rng.integers(5, 7, (N, nblk))).astype(np.float32)
     c = rng.integers(-127, 128, (M, nblk, blk))
     where = rng.integers(0, blk, (M, nblk))
@@ -85,31 +100,34 @@ def _exact_case(rng, M: int, K: int, N: int, blk: int):
     return a, packed, scales
 
 
+BLOCKS = [(4, 64), (4, 128), (4, 256), (8, 32), (8, 64), (8, 128), (8, 256)]
+
+
 @needs_avx2
-@pytest.mark.parametrize("blk", [64, 128, 256])
+@pytest.mark.parametrize("bits,blk", BLOCKS)
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 17])
-def test_bit_for_bit_equal_to_matmulnbits_on_exact_inputs(blk, M):
-    rng = np.random.default_rng(blk * 100 + M)
+def test_bit_for_bit_equal_to_matmulnbits_on_exact_inputs(bits, blk, M):
+    rng = np.random.default_rng(bits * 1000 + blk * 10 + M)
     K, N = 3 * blk, 67  # three blocks per row; N not a multiple of a task's 32 / 64 columns
-    a, packed, scales = _exact_case(rng, M, K, N, blk)
-    reference, ours = _sessions(_model(K, N, blk, packed, scales))
+    a, packed, scales = _exact_case(rng, M, K, N, blk, bits)
+    reference, ours = _sessions(_model(K, N, blk, packed, scales, bits=bits))
     want, got = reference.run(None, {"A": a})[0], ours.run(None, {"A": a})[0]
     # the integer math itself, in float64: the value both must reproduce exactly
-    w = ((np.stack([packed & 15, packed >> 4], axis=-1).reshape(N, K).astype(np.float64) - 8)
-         * np.repeat(scales.astype(np.float64), blk, axis=1))
+    w = _unpack(packed, bits).astype(np.float64) * np.repeat(scales.astype(np.float64), blk, axis=1)
     exact = a.astype(np.float64) @ w.T
     assert np.array_equal(want.astype(np.float64), exact)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @needs_avx2
+@pytest.mark.parametrize("bits,blk", [(4, 128), (8, 32), (8, 128)])
 @pytest.mark.parametrize("shape", [(1, 2048, 512), (2, 384, 130), (33, 256, 96)])
-def test_random_inputs_equal_to_matmulnbits_within_summation_rounding(shape):
+def test_random_inputs_equal_to_matmulnbits_within_summation_rounding(shape, bits, blk):
     M, K, N = shape
     rng = np.random.default_rng(K + N)
     W = rng.standard_normal((N, K), dtype=np.float32) * 0.02
-    q = quantize_blockwise(W, 4, 128, True)
-    reference, ours = _sessions(_model(K, N, 128, q.packed, q.scales))
+    q = quantize_blockwise(W, bits, blk, True)  # full code range: int8 codes 1..255 reach the int16 pair limit
+    reference, ours = _sessions(_model(K, N, blk, q.packed, q.scales, bits=bits))
     a = rng.standard_normal((M, K), dtype=np.float32)
     want, got = reference.run(None, {"A": a})[0], ours.run(None, {"A": a})[0]
     # same int32 block products, float32 sums in another order: a few ulp of the largest partial sum
@@ -136,13 +154,13 @@ def _ineligible_models():
     rng = np.random.default_rng(0)
     W = rng.standard_normal((32, 256), dtype=np.float32)
     q4_128, q4_32, q8 = (quantize_blockwise(W, 4, 128, True), quantize_blockwise(W, 4, 32, True),
-                         quantize_blockwise(W, 8, 128, True))
+                         quantize_blockwise(W, 8, 16, True))
     zp = np.full(32 * 2 // 2, 0x88, dtype=np.uint8)
     return {
-        "bits 8": _model(256, 32, 128, q8.packed, q8.scales, bits=8),
+        "block_size 16 at bits 8": _model(256, 32, 16, q8.packed, q8.scales, bits=8),
         "accuracy_level 0 (the kernel quantizes activations to int8)": _model(256, 32, 128, q4_128.packed,
                                                                               q4_128.scales, acc=0),
-        "block_size 32": _model(256, 32, 32, q4_32.packed, q4_32.scales),
+        "block_size 32 at bits 4": _model(256, 32, 32, q4_32.packed, q4_32.scales),
         "zero points, g_idx or bias": _model(256, 32, 128, q4_128.packed, q4_128.scales, extra_inputs=(("Z", zp),)),
     }
 
@@ -160,17 +178,17 @@ def test_an_ineligible_matmulnbits_is_left_to_ort_with_its_reason(reason):
 def test_the_rewrite_swaps_exactly_the_eligible_nodes_and_is_idempotent():
     rng = np.random.default_rng(1)
     W = rng.standard_normal((32, 256), dtype=np.float32)
-    q, q8 = quantize_blockwise(W, 4, 128, True), quantize_blockwise(W, 8, 128, True)
+    q, q8 = quantize_blockwise(W, 4, 128, True), quantize_blockwise(W, 4, 32, True)
     model = _model(256, 32, 128, q.packed, q.scales)
-    other = helper.make_node("MatMulNBits", ["A", "B8", "S8"], ["Y8"], domain="com.microsoft", K=256, N=32, bits=8,
-                             block_size=128, accuracy_level=4)
+    other = helper.make_node("MatMulNBits", ["A", "B8", "S8"], ["Y8"], domain="com.microsoft", K=256, N=32, bits=4,
+                             block_size=32, accuracy_level=4)
     model.graph.initializer.extend([numpy_helper.from_array(q8.packed, "B8"),
                                     numpy_helper.from_array(q8.scales.reshape(-1).astype(np.float32), "S8")])
     model.graph.node.append(other)
     model.graph.node.append(helper.make_node("Add", ["Y", "Y8"], ["Z"]))
     assert kernels.rewrite(model) == 1
     ops = [(n.domain, n.op_type) for n in model.graph.node]
-    assert ops == [("qvl.kernels", "MatMulNBits4Avx2"), ("com.microsoft", "MatMulNBits"), ("", "Add")]
+    assert ops == [("qvl.kernels", "MatMulNBitsAvx2"), ("com.microsoft", "MatMulNBits"), ("", "Add")]
     assert {a.name for a in model.graph.node[0].attribute} == {"K", "N", "bits", "block_size"}
     assert [(o.domain, o.version) for o in model.opset_import if o.domain == "qvl.kernels"] == [("qvl.kernels", 1)]
     again = model.SerializeToString()
@@ -216,7 +234,7 @@ def test_run_reports_which_kernel_ran_and_falls_back_on_request(tiny_cpu_int4_bl
     theirs = run_cli(*args, env={kernels.ENV: "ort"})
     assert ours.returncode == 0 and theirs.returncode == 0, (ours.stderr, theirs.stderr)
     a, b = json.loads(ours.stdout), json.loads(theirs.stdout)
-    assert a["decoder_linear_kernel"].startswith("qvl MatMulNBits4Avx2") and "linears" in a["decoder_linear_kernel"]
+    assert a["decoder_linear_kernel"].startswith("qvl MatMulNBitsAvx2") and "linears" in a["decoder_linear_kernel"]
     assert "ORT MatMulNBits" not in a["decoder_linear_kernel"]
     assert b["decoder_linear_kernel"] == "ORT MatMulNBits (QVL_KERNELS=ort)"
     assert a["generated_tokens"] == b["generated_tokens"] == 12
@@ -247,7 +265,7 @@ def test_decoder_logits_differ_from_ort_kernels_far_less_than_quantization_does(
         return np.concatenate(out), engine.kernel_note
 
     ours, note = logits(tiny_cpu_int4_block64, None)
-    assert note.startswith("qvl MatMulNBits4Avx2"), note
+    assert note.startswith("qvl MatMulNBitsAvx2"), note
     theirs, note = logits(tiny_cpu_int4_block64, "ort")
     assert note.startswith("ORT MatMulNBits"), note
     fp32, _ = logits(tiny_cpu_artifact, "ort")

@@ -54,7 +54,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def cpu_decoder_source(path: Path, so: ort.SessionOptions, choice) -> tuple[str | bytes, str]:
     """What to open the CPU decoder session from, and which int4 kernel it runs (`runtime/kernels`): the graph file
     itself (ORT's MatMulNBits), or, when qvl's kernel library is active, the graph proto with its eligible
-    MatMulNBits swapped to `qvl.kernels::MatMulNBits4Avx2`, as bytes whose external weights ORT reads from the
+    MatMulNBits swapped to `qvl.kernels::MatMulNBitsAvx2`, as bytes whose external weights ORT reads from the
     graph's own folder (nothing is written). `so` gets the library registered in that case."""
     if not choice.active:
         return str(path), choice.note
@@ -66,7 +66,7 @@ def cpu_decoder_source(path: Path, so: ort.SessionOptions, choice) -> tuple[str 
     model = onnx.load(str(path), load_external_data=False)
     swapped = kernels.rewrite(model)
     if swapped == 0:
-        return str(path), "ORT MatMulNBits (no int4 accuracy-level-4 MatMulNBits in this decoder)"
+        return str(path), "ORT MatMulNBits (no symmetric accuracy-level-4 MatMulNBits the kernel takes in this decoder)"
     so.register_custom_ops_library(str(choice.library))
     so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).parent))
     left = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")

@@ -1,9 +1,9 @@
 """qvl's own CPU kernels for ONNX Runtime: a custom-op library used in place of some of ORT's contrib-op nodes.
 
-`MatMulNBits4Avx2` (`nbits4_avx2_op.cpp`, built by setup.py into `_nbits4_avx2*.so` when a C++ compiler is
-there) computes `com.microsoft::MatMulNBits` at bits 4, symmetric, accuracy_level 4: the same int8 x int4 block
-dot products from the same tensors, about 1.5x faster per core than MLAS's AVX2 path on one row (the decode
-step). The artifact is not changed: when the library is present, the host has AVX2 + FMA, and `QVL_KERNELS` is
+`MatMulNBitsAvx2` (`nbits_avx2_op.cpp`, built by setup.py into `_nbits_avx2*.so` when a C++ compiler is
+there) computes `com.microsoft::MatMulNBits` at bits 4 or 8, symmetric, accuracy_level 4: the same int8 x int4 /
+int8 x int8 block dot products from the same tensors, faster than MLAS's AVX2 path on one row (the decode step):
+int4 ~1.5x per core on cache-resident weights, ~1.3x on weights streamed from DRAM. The artifact is not changed: when the library is present, the host has AVX2 + FMA, and `QVL_KERNELS` is
 not "ort", the runtime swaps the op type of the eligible nodes in the decoder's graph proto (`rewrite`) and opens
 the session from those bytes, its weights still read from the artifact's store. Otherwise ORT's own kernel runs;
 `choose` says which and why, and the bench reports it.
@@ -24,14 +24,14 @@ from pathlib import Path
 from qvl.runtime.cpu_flags import cpu_model_and_flags
 
 DOMAIN = "qvl.kernels"
-OP = "MatMulNBits4Avx2"
+OP = "MatMulNBitsAvx2"
 ENV = "QVL_KERNELS"  # "ort": always ORT's kernels (a fallback that can be forced, and the A/B comparison)
 _HERE = Path(__file__).resolve().parent
 
 
 def library_path() -> Path | None:
     """The built custom-op library next to this file, or None when the build left it out."""
-    found = sorted(_HERE.glob("_nbits4_avx2*.so"))
+    found = sorted(_HERE.glob("_nbits_avx2*.so"))
     return found[0] if found else None
 
 
@@ -65,13 +65,14 @@ def eligible(node) -> str | None:
     if node.domain != "com.microsoft" or node.op_type != "MatMulNBits":
         return "not MatMulNBits"
     attrs = {a.name: a.i for a in node.attribute if a.type == a.INT}
-    if attrs.get("bits", 4) != 4:
-        return f"bits {attrs.get('bits')}"
+    bits = attrs.get("bits", 4)
+    if bits not in (4, 8):
+        return f"bits {bits}"
     if attrs.get("accuracy_level", 0) != 4:
         return f"accuracy_level {attrs.get('accuracy_level', 0)} (the kernel quantizes activations to int8)"
     blk = attrs.get("block_size")
-    if blk not in (64, 128, 256):
-        return f"block_size {blk}"
+    if blk not in ((64, 128, 256) if bits == 4 else (32, 64, 128, 256)):
+        return f"block_size {blk} at bits {bits}"
     if attrs.get("K", 0) % blk:
         return "K not a multiple of block_size"
     if len(node.input) > 3 and any(node.input[3:]):

@@ -1,7 +1,8 @@
-// ONNX Runtime custom-op library: `qvl.kernels::MatMulNBits4Avx2`, a drop-in for `com.microsoft::MatMulNBits`
-// nodes with bits=4, no zero points (symmetric: code - 8), no bias, accuracy_level=4 and block_size 64/128/256.
-// Inputs A float [..., K], B uint8 [N, K/blk, blk/2], scales float [N * K/blk] (MatMulNBits' own tensors, so the
-// runtime swaps the op type in the graph proto and the weight store stays as it is); output float [..., N].
+// ONNX Runtime custom-op library: `qvl.kernels::MatMulNBitsAvx2`, a drop-in for `com.microsoft::MatMulNBits`
+// nodes with no zero points (symmetric: code - 8 / code - 128), no bias, accuracy_level=4, and bits 4 with
+// block_size 64/128/256 or bits 8 with block_size 32/64/128/256.
+// Inputs A float [..., K], B uint8 [N, K/blk, blk*bits/8], scales float [N * K/blk] (MatMulNBits' own tensors, so
+// the runtime swaps the op type in the graph proto and the weight store stays as it is); output float [..., N].
 //
 // ORT loads this file with SessionOptions.register_custom_ops_library and calls RegisterCustomOps. The work is
 // split over output columns with ORT's own intra-op pool (KernelContext_ParallelFor), so no second pool competes
@@ -11,7 +12,7 @@
 
 #include <vector>
 
-#include "nbits4_avx2.h"
+#include "nbits_avx2.h"
 #include "ort_abi.h"
 
 namespace {
@@ -22,28 +23,39 @@ using namespace qvl::ort;
 const Api* g_api = nullptr;
 
 struct Kernel {
-  int64_t K = 0, N = 0, blk = 0;
+  int64_t K = 0, N = 0, blk = 0, bits = 0;
 };
 
 struct Job {
   const QuantRow* rows;
-  int M, K, blk, N, chunk;
+  int M, K, blk, bits, N, chunk;
   const uint8_t* B;
   const float* scales;
   float* Y;
 };
 
-template <int blk>
+template <int bits, int blk>
+void rows(const QuantRow* qa, int R, const Job& j, int n0, int n1, float* const* y) {
+  if (R == 4) {
+    if (bits == 4) gemm4_rows<4, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+    else gemm8_rows<4, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+  } else {
+    if (bits == 4) gemm4_rows<1, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+    else gemm8_rows<1, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+  }
+}
+
+template <int bits, int blk>
 void columns(const Job& j, int n0, int n1) {
   int m = 0;
   for (; m + 4 <= j.M; m += 4) {
     float* y[4] = {j.Y + (size_t)m * j.N, j.Y + (size_t)(m + 1) * j.N, j.Y + (size_t)(m + 2) * j.N,
                    j.Y + (size_t)(m + 3) * j.N};
-    gemm_rows<4, blk>(j.rows + m, j.K, j.B, j.scales, nullptr, n0, n1, y);
+    rows<bits, blk>(j.rows + m, 4, j, n0, n1, y);
   }
   for (; m < j.M; ++m) {
     float* y[1] = {j.Y + (size_t)m * j.N};
-    gemm_rows<1, blk>(j.rows + m, j.K, j.B, j.scales, nullptr, n0, n1, y);
+    rows<bits, blk>(j.rows + m, 1, j, n0, n1, y);
   }
 }
 
@@ -52,23 +64,28 @@ void run_task(void* data, size_t t) {
   const Job& j = *static_cast<const Job*>(data);
   const int n0 = (int)t * j.chunk;
   const int n1 = n0 + j.chunk < j.N ? n0 + j.chunk : j.N;
-  if (j.blk == 64)
-    columns<64>(j, n0, n1);
-  else if (j.blk == 128)
-    columns<128>(j, n0, n1);
-  else
-    columns<256>(j, n0, n1);
+  if (j.bits == 4) {
+    if (j.blk == 64) columns<4, 64>(j, n0, n1);
+    else if (j.blk == 128) columns<4, 128>(j, n0, n1);
+    else columns<4, 256>(j, n0, n1);
+  } else {
+    if (j.blk == 32) columns<8, 32>(j, n0, n1);
+    else if (j.blk == 64) columns<8, 64>(j, n0, n1);
+    else if (j.blk == 128) columns<8, 128>(j, n0, n1);
+    else columns<8, 256>(j, n0, n1);
+  }
 }
 
 struct Quantize {
   const float* A;
   QuantRow* rows;
   int K, blk;
+  bool permuted;
 };
 
 void quantize_task(void* data, size_t m) {
   const Quantize& q = *static_cast<const Quantize*>(data);
-  quantize_row(q.A + m * (size_t)q.K, q.K, q.blk, q.rows[m]);
+  quantize_row(q.A + m * (size_t)q.K, q.K, q.blk, q.permuted, q.rows[m]);
 }
 
 constexpr int kFail = 1;  // OrtErrorCode ORT_FAIL
@@ -94,7 +111,7 @@ Status* compute(void* kernel, KernelContext* ctx) {
   if (st == nullptr) st = g_api->GetDimensions(info, dims.data(), rank);
   g_api->ReleaseTensorTypeAndShapeInfo(info);
   if (st) return st;
-  if (rank == 0 || dims[rank - 1] != k.K) return fail("MatMulNBits4Avx2: A's last dimension is not K");
+  if (rank == 0 || dims[rank - 1] != k.K) return fail("MatMulNBitsAvx2: A's last dimension is not K");
   int64_t M = 1;
   for (size_t i = 0; i + 1 < rank; ++i) M *= dims[i];
   dims[rank - 1] = k.N;
@@ -113,7 +130,7 @@ Status* compute(void* kernel, KernelContext* ctx) {
   std::vector<int32_t> zt((size_t)M * nblk);
   std::vector<QuantRow> rows((size_t)M);
   for (int64_t m = 0; m < M; ++m) rows[m] = {q.data() + m * K, qs.data() + m * nblk, zt.data() + m * nblk};
-  Quantize qj{static_cast<const float*>(a), rows.data(), K, blk};
+  Quantize qj{static_cast<const float*>(a), rows.data(), K, blk, k.bits == 4};
   if (M == 1)
     quantize_task(&qj, 0);
   else
@@ -122,7 +139,7 @@ Status* compute(void* kernel, KernelContext* ctx) {
   // 64 columns per task at one row (decode: 32 tasks for N=2048, 2374 for the lm_head's 151936), fewer columns
   // when many rows make each task long anyway.
   const int chunk = M >= 16 ? 32 : 64;
-  Job job{rows.data(), (int)M, K, blk, (int)k.N, chunk, static_cast<const uint8_t*>(b), static_cast<const float*>(s),
+  Job job{rows.data(), (int)M, K, blk, (int)k.bits, (int)k.N, chunk, static_cast<const uint8_t*>(b), static_cast<const float*>(s),
           static_cast<float*>(y)};
   const size_t tasks = ((size_t)k.N + chunk - 1) / chunk;
   return g_api->KernelContext_ParallelFor(ctx, run_task, tasks, 0, &job);
@@ -130,18 +147,19 @@ Status* compute(void* kernel, KernelContext* ctx) {
 
 Status* create_kernel(const CustomOp*, const Api* api, const KernelInfo* info, void** out) {
   Kernel k;
-  int64_t bits = 0;
   QVL_TRY(api->KernelInfoGetAttribute_int64(info, "K", &k.K));
   QVL_TRY(api->KernelInfoGetAttribute_int64(info, "N", &k.N));
   QVL_TRY(api->KernelInfoGetAttribute_int64(info, "block_size", &k.blk));
-  QVL_TRY(api->KernelInfoGetAttribute_int64(info, "bits", &bits));
-  if (bits != 4 || k.blk % 64 != 0 || k.blk > 256 || k.K <= 0 || k.N <= 0 || k.K % k.blk != 0)
-    return api->CreateStatus(kFail, "MatMulNBits4Avx2 takes bits=4, block_size 64/128/256 dividing K");
+  QVL_TRY(api->KernelInfoGetAttribute_int64(info, "bits", &k.bits));
+  const bool blk_ok = (k.bits == 4 && (k.blk == 64 || k.blk == 128 || k.blk == 256)) ||
+                      (k.bits == 8 && (k.blk == 32 || k.blk == 64 || k.blk == 128 || k.blk == 256));
+  if (!blk_ok || k.K <= 0 || k.N <= 0 || k.K % k.blk != 0)
+    return api->CreateStatus(kFail, "MatMulNBitsAvx2 takes bits 4 (block 64/128/256) or 8 (block 32..256) dividing K");
   *out = new Kernel(k);
   return nullptr;
 }
 
-const char* op_name(const CustomOp*) { return "MatMulNBits4Avx2"; }
+const char* op_name(const CustomOp*) { return "MatMulNBitsAvx2"; }
 const char* op_provider(const CustomOp*) { return nullptr; }  // the CPU provider
 ElementType input_type(const CustomOp*, size_t i) { return i == 1 ? kUint8 : kFloat; }
 size_t input_count(const CustomOp*) { return 3; }
@@ -194,4 +212,4 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(Sess
 }
 
 // Lets the Python side confirm the file is this library without registering it.
-extern "C" __attribute__((visibility("default"))) const char* QvlKernelsName() { return "qvl.kernels nbits4-avx2 1"; }
+extern "C" __attribute__((visibility("default"))) const char* QvlKernelsName() { return "qvl.kernels nbits-avx2 1"; }

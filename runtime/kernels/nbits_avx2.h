@@ -1,13 +1,17 @@
-// int4 x int8 GEMM/GEMV on AVX2 over ORT MatMulNBits' own weight layout (bits 4, symmetric, no zero points):
-//   B      uint8 [N, K/blk, blk/2]   byte j of a block holds element 2j (low nibble) and 2j+1 (high nibble)
-//   scales float [N, K/blk]          w = (code - 8) * scale
+// int4 / int8 x int8 GEMM/GEMV on AVX2 over ORT MatMulNBits' own weight layout (symmetric, no zero points):
+//   bits 4: B uint8 [N, K/blk, blk/2]  byte j of a block holds element 2j (low nibble) and 2j+1 (high nibble)
+//           w = (code - 8) * scale
+//   bits 8: B uint8 [N, K/blk, blk]    w = (code - 128) * scale
+//   scales float [N, K/blk]
 // A is quantized per block of `blk` K values to int8 (scale = amax/127, round to nearest even), as MatMulNBits
 // does at accuracy_level 4, so both compute the same integer dot products per block.
 //
-// Why it is faster than MLAS's AVX2 path on one row: codes stay unsigned (0..15) and go straight into
+// int4 -- why it is faster than MLAS's AVX2 path on one row: codes stay unsigned (0..15) and go straight into
 // vpmaddubsw (unsigned x signed); the zero point 8 is folded in once per block as -8 * sum(qa). The nibble
 // order is absorbed by storing each 64-element chunk of quantized A as [even elements | odd elements], so a
 // 32-byte load of B splits into two vectors with one and + one shift + one and, no shuffles.
+// int8 -- codes become signed (code ^ 0x80 = code - 128) and go through vpmaddubsw as |w| x sign(qa, w), as
+// llama.cpp's Q8_0 kernel does (a pair stays within int16: 2 * 128 * 127); prefetching ahead is what gains there.
 #pragma once
 #include <immintrin.h>
 #include <math.h>
@@ -43,8 +47,9 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// blk is a multiple of 64; K a multiple of blk.
-inline void quantize_row(const float* a, int K, int blk, QuantRow out) {
+// blk is a multiple of 64 (int4: `permuted`, each 64-element chunk stored as [even | odd elements]) or of 32
+// (int8: plain order); K a multiple of blk.
+inline void quantize_row(const float* a, int K, int blk, bool permuted, QuantRow out) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int b = 0; b < K / blk; ++b) {
     const float* x = a + (size_t)b * blk;
@@ -56,7 +61,14 @@ inline void quantize_row(const float* a, int K, int blk, QuantRow out) {
     out.scale[b] = scale;
     int32_t sum = 0;
     int8_t* q = out.q + (size_t)b * blk;
-    for (int c = 0; c < blk; c += 64) {
+    if (!permuted) {
+      for (int i = 0; i < blk; ++i) {
+        const int v = (int)nearbyintf(x[i] * inv);
+        q[i] = (int8_t)v;
+        sum += v;
+      }
+    }
+    for (int c = 0; permuted && c < blk; c += 64) {
       for (int j = 0; j < 32; ++j) {
         // nearbyintf: round half to even under the default rounding mode, as _mm256_cvtps_epi32 does
         const int lo = (int)nearbyintf(x[c + 2 * j] * inv);
@@ -74,7 +86,7 @@ inline void quantize_row(const float* a, int K, int blk, QuantRow out) {
 // block size is a template argument: with it known the compiler unrolls the block's loads (about 1.8x faster
 // than a runtime block length at one row).
 template <int R, int blk>
-inline void gemm_rows(const QuantRow* qa, int K, const uint8_t* B, const float* scales, const float* bias,
+inline void gemm4_rows(const QuantRow* qa, int K, const uint8_t* B, const float* scales, const float* bias,
                       int n0, int n1, float* const* y) {
   const int nblk = K / blk;
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -106,6 +118,41 @@ inline void gemm_rows(const QuantRow* qa, int K, const uint8_t* B, const float* 
         s32 = _mm256_add_epi32(s32, _mm256_setr_epi32(qa[r].zp_term[b], 0, 0, 0, 0, 0, 0, 0));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(qa[r].scale[b] * sbv), acc[r]);
       }
+    }
+    const float bn = bias ? bias[n] : 0.0f;
+    for (int r = 0; r < R; ++r) y[r][n] = hsum_ps(acc[r]) + bn;
+  }
+}
+
+// The int8 counterpart of gemm4_rows: B rows of K bytes.
+template <int R, int blk>
+inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float* scales, const float* bias,
+                       int n0, int n1, float* const* y) {
+  const int nblk = K / blk;
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* bp = B + (size_t)n * K;
+    const float* sb = scales + (size_t)n * nblk;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nblk; ++b) {
+      __m256i s32[R];
+      for (int r = 0; r < R; ++r) s32[r] = _mm256_setzero_si256();
+      for (int c = 0; c < blk; c += 32) {
+        const uint8_t* src = bp + (size_t)b * blk + c;
+        _mm_prefetch((const char*)(src + 2 * kPrefetchBytes), _MM_HINT_T0);
+        const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)src), flip);
+        const __m256i aw = _mm256_abs_epi8(w);  // -128 -> 0x80, read as unsigned 128
+        for (int r = 0; r < R; ++r) {
+          const __m256i q = _mm256_loadu_si256((const __m256i*)(qa[r].q + (size_t)b * blk + c));
+          const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w));
+          s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p, ones));
+        }
+      }
+      const float sbv = sb[b];
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_set1_ps(qa[r].scale[b] * sbv), acc[r]);
     }
     const float bn = bias ? bias[n] : 0.0f;
     for (int r = 0; r < R; ++r) y[r][n] = hsum_ps(acc[r]) + bn;
