@@ -434,6 +434,7 @@ def eval_cmd(
     from qvl.toolchain.eval.synthetic_vqa import load_jsonl, make_samples
 
     samples = make_samples("test", n) if set_ == "synthetic-vqa" else load_jsonl(Path(set_))
+    model = None
     if (source / "manifest.json").is_file():
         model = _load(source, device, threads)
         answer = lambda messages, images: model.generate(messages, images=images, max_new_tokens=max_new_tokens)  # noqa: E731
@@ -444,6 +445,9 @@ def eval_cmd(
         report = evaluate(answer, samples, progress=lambda i, total: prog.update(task, completed=i))
     out = {"source": str(source), "set": set_, "accuracy": report.accuracy, "correct": report.correct,
            "total": report.total, "by_kind": report.by_kind, "seconds": round(report.seconds, 1)}
+    kernel = getattr(getattr(model, "engine", None), "kernel_note", None)
+    if kernel:  # which kernel ran the decoder's quantized linears (runtime/kernels)
+        out["decoder_linear_kernel"] = kernel
     if checkpoint is not None:
         ref = evaluate(eager_answer_fn(checkpoint, max_new_tokens=max_new_tokens, threads=threads), samples)
         out["eager_accuracy"] = ref.accuracy

@@ -30,6 +30,12 @@ _flags = (cpu_model_and_flags() or ("", set()))[1]
 needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= _flags, reason="this CPU lacks AVX2/FMA: the kernel cannot run")
 
 
+@pytest.fixture(autouse=True)
+def _use_qvl_kernels_on_any_avx2_host(monkeypatch):
+    # on AVX-512 / VNNI hosts the runtime keeps ORT's kernels by default; these tests are about qvl's
+    monkeypatch.setenv(kernels.ENV, "qvl")
+
+
 def _model(K: int, N: int, blk: int, packed: np.ndarray, scales: np.ndarray, bits: int = 4, acc: int = 4,
            extra_inputs: tuple = ()) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.reshape(-1).astype(np.float32), "S")]
@@ -202,6 +208,11 @@ def test_the_choice_falls_back_to_ort_with_the_reason(monkeypatch):
     monkeypatch.delenv(kernels.ENV)
     choice = kernels.choose(flags={"sse4_2", "avx"})
     assert not choice.active and "lacks AVX2/FMA" in choice.note
+    choice = kernels.choose(flags={"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"})
+    assert not choice.active and "AVX-512/VNNI" in choice.note
+    monkeypatch.setenv(kernels.ENV, "qvl")
+    assert kernels.choose(flags={"avx2", "fma", "avx_vnni"}).active
+    monkeypatch.delenv(kernels.ENV)
     monkeypatch.setattr(kernels, "library_path", lambda: None)
     choice = kernels.choose(flags={"avx2", "fma"})
     assert not choice.active and "not built" in choice.note
@@ -250,10 +261,7 @@ def test_decoder_logits_differ_from_ort_kernels_far_less_than_quantization_does(
     from qvl.runtime.backends.ort import Engine
 
     def logits(artifact, env: str | None) -> np.ndarray:
-        if env is None:
-            monkeypatch.delenv(kernels.ENV, raising=False)
-        else:
-            monkeypatch.setenv(kernels.ENV, env)
+        monkeypatch.setenv(kernels.ENV, env or "qvl")
         engine = Engine(artifact, threads=2)
         rng = np.random.default_rng(0)
         cache = engine.new_cache(32)

@@ -21,11 +21,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvl.runtime.cpu_flags import cpu_model_and_flags
+from qvl.runtime.cpu_flags import cpu_model_and_flags, has_vnni
 
 DOMAIN = "qvl.kernels"
 OP = "MatMulNBitsAvx2"
-ENV = "QVL_KERNELS"  # "ort": always ORT's kernels (a fallback that can be forced, and the A/B comparison)
+ENV = "QVL_KERNELS"  # "ort": always ORT's kernels (fallback, A/B); "qvl": qvl's also where MLAS has AVX-512/VNNI
 _HERE = Path(__file__).resolve().parent
 
 
@@ -47,7 +47,8 @@ class KernelChoice:
 
 def choose(flags: set[str] | None = None) -> KernelChoice:
     """Whether this host runs qvl's kernels: the library is built, the CPU has AVX2 and FMA, not turned off."""
-    if os.environ.get(ENV, "").strip().lower() == "ort":
+    wanted = os.environ.get(ENV, "").strip().lower()
+    if wanted == "ort":
         return KernelChoice(None, f"ORT MatMulNBits ({ENV}=ort)")
     lib = library_path()
     if lib is None:
@@ -57,6 +58,9 @@ def choose(flags: set[str] | None = None) -> KernelChoice:
         flags = found[1] if found else set()
     if not {"avx2", "fma"} <= flags:
         return KernelChoice(None, "ORT MatMulNBits (this CPU lacks AVX2/FMA for qvl's kernel)")
+    # Measured faster than MLAS's AVX2 path only; where MLAS has AVX-512 / VNNI kernels, ORT's stay unless asked.
+    if wanted != "qvl" and (has_vnni(flags) or {"avx512f", "avx512bw"} <= flags):
+        return KernelChoice(None, f"ORT MatMulNBits (MLAS has AVX-512/VNNI kernels on this CPU; {ENV}=qvl forces qvl's)")
     return KernelChoice(lib, f"qvl {OP} ({lib.name})")
 
 
