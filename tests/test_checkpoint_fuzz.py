@@ -171,3 +171,13 @@ def test_header_parser_accepts_the_valid_file():
 def test_header_parser_on_every_truncation_point(cut):
     with pytest.raises(QvlError):
         parse_header(VALID[:cut], cut, "cut.safetensors")
+
+
+@pytest.mark.parametrize("model_type", [[0], "qwen2_vl", None])
+def test_the_schema_refuses_a_top_level_model_type_other_than_qwen3_vl(model_type):
+    # found by test_configs_that_validate_build_on_the_meta_device: a list there passed the schema and crashed
+    # transformers' conversion mapping (it hashes the model type)
+    cfg = copy.deepcopy(PRESETS["tiny"].config)
+    cfg["model_type"] = model_type
+    with pytest.raises(QvlError, match="model_type must be 'qwen3_vl'"):
+        validate_config(cfg)

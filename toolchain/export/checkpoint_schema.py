@@ -181,6 +181,10 @@ def validate_config(config: object, where: str = "config.json") -> None:
     """Raise one `QvlError` for the first problem of a Qwen3-VL config (the parsed config.json)."""
     if not isinstance(config, dict):
         raise QvlError(f"{where} is a JSON {_type_name(config)}, not an object: not a Hugging Face config")
+    # transformers hashes the top-level model_type too (a list there crashed its conversion mapping): the loader
+    # refuses an unsupported one with the supported list; the schema refuses it on its own as well
+    if "model_type" in config and config["model_type"] != "qwen3_vl":
+        raise QvlError(f"{where}: model_type must be 'qwen3_vl', got {config['model_type']!r}"[:200])
     text = _section(config, "text_config", where)
     vision = _section(config, "vision_config", where)
     top = _Fields(config, "", where)
