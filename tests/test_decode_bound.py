@@ -63,10 +63,15 @@ def test_compute_bound_sums_the_timed_signatures(int4_artifact):
 
 
 def test_gemm_rates_measures_every_kernel_per_phase_shape():
-    from qvl.toolchain.eval.gemm_rates import KERNELS, gemm_rates
+    from qvl.runtime import kernels
+    from qvl.toolchain.eval.gemm_rates import KERNELS, QVL_KERNELS, gemm_rates
 
     r = gemm_rates(1, shapes={"decode": (1, 128, 256), "vision": (32, 128, 256)}, samples=2, min_sample_s=0.005)
     assert set(r["shapes"]) == {"decode", "vision"}
+    ran = r["kernels"]
+    assert ran[:len(KERNELS)] == list(KERNELS)
+    if kernels.choose().active:  # qvl's kernel runs the decoder's linears here: its rates are measured too
+        assert ran[len(KERNELS):] == list(QVL_KERNELS)
     for name, row in r["shapes"].items():
         assert all(row[k]["gflops"] > 0 and row[k]["spread_gflops"][0] <= row[k]["spread_gflops"][1] for k in KERNELS)
         # Each kernel computes A @ W within what its weight precision allows (sgemm ~exact, int8 ~1e-2, int4 ~1e-1).
@@ -74,5 +79,7 @@ def test_gemm_rates_measures_every_kernel_per_phase_shape():
         # dynamic_int8 = the +-63 codes cpu-avx2 compiles: no int16 saturation on any host (the full-range form can
         # saturate without VNNI: passes/base.py); both quantize weights to ~1e-2.
         assert row["dynamic_int8"]["rel_error"] < 0.03 and max(row["nbits4_int8"]["rel_error"], row["nbits4_fp32"]["rel_error"]) < 0.3
-        assert row["fastest"] == max(KERNELS, key=lambda k: row[k]["gflops"])
+        for k in ran[len(KERNELS):]:  # same int8 x int4 / int8 products as MatMulNBits at accuracy level 4
+            assert row[k]["gflops"] > 0 and row[k]["rel_error"] < (0.03 if "nbits8" in k else 0.3)
+        assert row["fastest"] == max(ran, key=lambda k: row[k]["gflops"])
         assert row[KERNELS[0]]["seconds"] == pytest.approx(2 * row["M"] * row["K"] * row["N"] / row[KERNELS[0]]["gflops"] / 1e9)

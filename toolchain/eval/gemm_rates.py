@@ -11,6 +11,11 @@ weight form is fastest differs per phase and per ISA, so the bench measures them
 | `nbits4_fp32`        | `MatMulNBits` bits 4, accuracy_level 0 (dequantize, fp32 compute) |
 | `dynamic_int8`       | `com.microsoft.DynamicQuantizeMatMul` (u8 activations per call, int8 weights per column within +-63: what `cpu-avx2` compiles) |
 | `dynamic_int8_full`  | the same with full-range weights (+-127: `cpu-avx512`); without VNNI its int16 pair sums saturate (`rel_error`) |
+| `qvl_nbits4_int8`    | qvl's `MatMulNBitsAvx2` (runtime/kernels) at bits 4, block 128 (the int4 default), when it runs on this host |
+| `qvl_nbits8_int8`    | the same at bits 8, block 32 (the int8 default) |
+
+The two `qvl_` rows are measured when the runtime would run qvl's kernel here (`runtime.kernels.choose()`): they are
+what the CPU decoder's linears run at prefill (M > 1) and decode on such a host; `kernels` in the result lists what ran.
 
 `sgemm` at the vision shape is the host's SGEMM peak the vision encoder's GFLOP/s is reported against.
 """
@@ -25,6 +30,7 @@ from qvl.toolchain.eval.decode_bound import per_call_seconds
 
 MS = "com.microsoft"
 KERNELS = ("sgemm", "nbits8_int8", "nbits4_int8", "nbits4_fp32", "dynamic_int8", "dynamic_int8_full")
+QVL_KERNELS = ("qvl_nbits4_int8", "qvl_nbits8_int8")
 
 
 def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
@@ -32,6 +38,13 @@ def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
 
     from qvl.passes.precision import quantize_blockwise, quantize_columns_int8
 
+    if kernel.startswith("qvl_"):
+        from qvl.runtime import kernels as qvl_kernels
+
+        bits = 8 if kernel.startswith("qvl_nbits8") else 4
+        model = onnx_model(_model(kernel[4:], k, n, w, block_size=32 if bits == 8 else 128))
+        assert qvl_kernels.rewrite(model) == 1
+        return model.SerializeToString()
     if kernel == "sgemm":
         inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")]
         node = helper.make_node("MatMul", ["A", "W"], ["Y"])
@@ -54,7 +67,13 @@ def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
     return model.SerializeToString()
 
 
-def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = None, kernels=KERNELS,
+def onnx_model(data: bytes):
+    import onnx
+
+    return onnx.ModelProto.FromString(data)
+
+
+def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = None, kernels=None,
                samples: int = 5, min_sample_s: float = 0.05, seed: int = 0) -> dict:
     """{shape name: {kernel: {"gflops": median, "spread": [min, max], "seconds": median}}} for (M, K, N) shapes.
 
@@ -62,11 +81,18 @@ def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = No
     (M 784 = one 448^2 image's patches, the vision MLP's K 1024 x N 4096)."""
     import onnxruntime as ort
 
+    from qvl.runtime import kernels as qvl_kernels
+
     shapes = shapes or {"decode": (1, 2048, 6144), "prefill": (128, 2048, 6144), "vision": (784, 1024, 4096)}
     rng = np.random.default_rng(seed)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    choice = qvl_kernels.choose()
+    if kernels is None:
+        kernels = KERNELS + (QVL_KERNELS if choice.active else ())
+    if any(kk.startswith("qvl_") for kk in kernels):
+        so.register_custom_ops_library(str(choice.library or qvl_kernels.library_path()))
     out: dict = {}
     for name, (m, k, n) in shapes.items():
         a = {"A": rng.standard_normal((m, k), dtype=np.float32)}
@@ -84,4 +110,4 @@ def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = No
                            "spread_gflops": [flops / max(per) / 1e9, flops / min(per) / 1e9]}
         best = max(kernels, key=lambda kk: row[kk]["gflops"])
         row["fastest"] = best
-    return {"threads": threads, "shapes": out}
+    return {"threads": threads, "kernels": list(kernels), "qvl_kernel": choice.note, "shapes": out}
