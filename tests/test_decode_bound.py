@@ -83,3 +83,16 @@ def test_gemm_rates_measures_every_kernel_per_phase_shape():
             assert row[k]["gflops"] > 0 and row[k]["rel_error"] < (0.03 if "nbits8" in k else 0.3)
         assert row["fastest"] == max(ran, key=lambda k: row[k]["gflops"])
         assert row[KERNELS[0]]["seconds"] == pytest.approx(2 * row["M"] * row["K"] * row["N"] / row[KERNELS[0]]["gflops"] / 1e9)
+
+
+def test_gemm_rates_skips_a_qvl_row_whose_block_cannot_divide_k():
+    from qvl.runtime import kernels
+    from qvl.toolchain.eval.gemm_rates import gemm_rates
+
+    if not kernels.choose().active:
+        pytest.skip(f"qvl's kernel does not run on this host: {kernels.choose().note}")
+    r = gemm_rates(1, shapes={"odd": (2, 96, 64)}, kernels=("sgemm", "qvl_nbits4_int8", "qvl_nbits8_int8"),
+                   samples=2, min_sample_s=0.005)
+    row = r["shapes"]["odd"]
+    assert row["qvl_nbits4_int8"] == {"skipped": "K=96 is not a multiple of a block the kernel takes"}
+    assert row["qvl_nbits8_int8"]["gflops"] > 0 and row["fastest"] in ("sgemm", "qvl_nbits8_int8")

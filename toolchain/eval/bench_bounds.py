@@ -58,7 +58,7 @@ def summarise_bounds(decode_tok_s: float, roofline_tok_s: float, compute: dict |
         out["vision"] = {**vision, "seconds": vision_s, "gflops": gflops}
         rates = (gemm or {}).get("shapes", {}).get("vision")
         if rates:
-            kernels = {k: v["gflops"] for k, v in rates.items() if isinstance(v, dict)}
+            kernels = {k: v["gflops"] for k, v in rates.items() if isinstance(v, dict) and "gflops" in v}
             out["vision"].update(sgemm_peak_gflops=kernels["sgemm"], fraction_of_sgemm_peak=gflops / kernels["sgemm"],
                                  fastest_kernel=rates["fastest"], fastest_kernel_gflops=kernels[rates["fastest"]],
                                  fraction_of_fastest_kernel=gflops / kernels[rates["fastest"]])

@@ -11,7 +11,7 @@ weight form is fastest differs per phase and per ISA, so the bench measures them
 | `nbits4_fp32`        | `MatMulNBits` bits 4, accuracy_level 0 (dequantize, fp32 compute) |
 | `dynamic_int8`       | `com.microsoft.DynamicQuantizeMatMul` (u8 activations per call, int8 weights per column within +-63: what `cpu-avx2` compiles) |
 | `dynamic_int8_full`  | the same with full-range weights (+-127: `cpu-avx512`); without VNNI its int16 pair sums saturate (`rel_error`) |
-| `qvl_nbits4_int8`    | qvl's `MatMulNBitsAvx2` (runtime/kernels) at bits 4, block 128 (the int4 default), when it runs on this host |
+| `qvl_nbits4_int8`    | qvl's `MatMulNBitsAvx2` (runtime/kernels) at bits 4, block 128 (the int4 default; 64 where K needs it), when it runs on this host |
 | `qvl_nbits8_int8`    | the same at bits 8, block 32 (the int8 default) |
 
 The two `qvl_` rows are measured when the runtime would run qvl's kernel here (`runtime.kernels.choose()`): they are
@@ -41,8 +41,7 @@ def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
     if kernel.startswith("qvl_"):
         from qvl.runtime import kernels as qvl_kernels
 
-        bits = 8 if kernel.startswith("qvl_nbits8") else 4
-        model = onnx_model(_model(kernel[4:], k, n, w, block_size=32 if bits == 8 else 128))
+        model = onnx_model(_model(kernel[4:], k, n, w, block_size=_qvl_block(kernel, k)))
         assert qvl_kernels.rewrite(model) == 1
         return model.SerializeToString()
     if kernel == "sgemm":
@@ -65,6 +64,15 @@ def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
     model.ir_version = 9
     return model.SerializeToString()
+
+
+def _qvl_block(kernel: str, k: int) -> int | None:
+    """The block a `qvl_` row runs at: the compile default (int4 128, int8 32) where K allows, int4 64 else; None when
+    no block the kernel takes divides K."""
+    for blk in ((32,) if kernel.startswith("qvl_nbits8") else (128, 64)):
+        if k % blk == 0:
+            return blk
+    return None
 
 
 def onnx_model(data: bytes):
@@ -100,6 +108,9 @@ def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = No
         exact = a["A"].astype(np.float64) @ w.T.astype(np.float64)
         row = out.setdefault(name, {"M": m, "K": k, "N": n})
         for kernel in kernels:
+            if kernel.startswith("qvl_") and _qvl_block(kernel, k) is None:
+                row[kernel] = {"skipped": f"K={k} is not a multiple of a block the kernel takes"}
+                continue
             s = ort.InferenceSession(_model(kernel, k, n, w), so, providers=["CPUExecutionProvider"])
             got = s.run(None, a)[0]  # also the first warm-up run
             per = per_call_seconds(s, a, samples, min_sample_s, warmup=1)
@@ -108,6 +119,6 @@ def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = No
                            # what the kernel computes, vs float64 A @ W: int8/int4 weights cost ~1e-2 / ~1e-1
                            "rel_error": float(np.abs(got - exact).max() / np.abs(exact).max()),
                            "spread_gflops": [flops / max(per) / 1e9, flops / min(per) / 1e9]}
-        best = max(kernels, key=lambda kk: row[kk]["gflops"])
+        best = max((kk for kk in kernels if "gflops" in row[kk]), key=lambda kk: row[kk]["gflops"])
         row["fastest"] = best
     return {"threads": threads, "kernels": list(kernels), "qvl_kernel": choice.note, "shapes": out}
