@@ -445,9 +445,7 @@ def eval_cmd(
         report = evaluate(answer, samples, progress=lambda i, total: prog.update(task, completed=i))
     out = {"source": str(source), "set": set_, "accuracy": report.accuracy, "correct": report.correct,
            "total": report.total, "by_kind": report.by_kind, "seconds": round(report.seconds, 1)}
-    kernel = getattr(getattr(model, "engine", None), "kernel_note", None)
-    if kernel:  # which kernel ran the decoder's quantized linears (runtime/kernels)
-        out["decoder_linear_kernel"] = kernel
+    out.update(_linear_kernel(model))
     if checkpoint is not None:
         ref = evaluate(eager_answer_fn(checkpoint, max_new_tokens=max_new_tokens, threads=threads), samples)
         out["eager_accuracy"] = ref.accuracy
@@ -795,9 +793,8 @@ def run_cmd(
     if as_json:
         text = "".join(model.stream(messages, **kwargs))
         grounding, extra = _answer_grounding(text, image, model, draw_boxes)
-        kernel = getattr(model.engine, "kernel_note", None)  # which kernel ran the decoder's int4 linears
         typer.echo(json.dumps({"text": text, **extra, **_stats_dict(stats), "decoding": decoding.to_json(seed),
-                               **({"decoder_linear_kernel": kernel} if kernel else {})}))
+                               **_linear_kernel(model)}))
         if draw_boxes is not None:  # stdout stays one JSON object; what could not be read is in it
             _grounding_note(grounding, draw_boxes, unparsed=False)
         return
@@ -835,6 +832,13 @@ def _grounding_note(grounding, draw_boxes: Optional[Path], unparsed: bool = True
                   markup=False, highlight=False, soft_wrap=True)
     for line in grounding.unparsed if unparsed else ():
         err.print(f"note: grounding not read: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _linear_kernel(model) -> dict:
+    """`--json`'s `decoder_linear_kernel`: which kernel ran the decoder's quantized linears (runtime/kernels); empty
+    for runners that do not say (TensorRT, the partitioned runner) or no model (eager)."""
+    kernel = getattr(getattr(model, "engine", None), "kernel_note", None)
+    return {"decoder_linear_kernel": kernel} if kernel else {}
 
 
 def _stats_dict(stats) -> dict:

@@ -69,7 +69,7 @@ def cpu_decoder_source(path: Path, so: ort.SessionOptions, choice) -> tuple[str 
         return str(path), "ORT MatMulNBits (no symmetric accuracy-level-4 MatMulNBits the kernel takes in this decoder)"
     so.register_custom_ops_library(str(choice.library))
     so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).parent))
-    left = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    left = sum(1 for n in kernels.all_nodes(model.graph) if n.op_type == "MatMulNBits")
     return model.SerializeToString(), f"{choice.note}: {swapped} linears" + (f", {left} on ORT MatMulNBits" if left else "")
 
 

@@ -3,10 +3,12 @@
 `MatMulNBitsAvx2` (`nbits_avx2_op.cpp`, built by setup.py into `_nbits_avx2*.so` when a C++ compiler is
 there) computes `com.microsoft::MatMulNBits` at bits 4 or 8, symmetric, accuracy_level 4: the same int8 x int4 /
 int8 x int8 block dot products from the same tensors, faster than MLAS's AVX2 path on one row (the decode step):
-int4 ~1.5x per core on cache-resident weights, ~1.3x on weights streamed from DRAM. The artifact is not changed: when the library is present, the host has AVX2 + FMA, and `QVL_KERNELS` is
-not "ort", the runtime swaps the op type of the eligible nodes in the decoder's graph proto (`rewrite`) and opens
-the session from those bytes, its weights still read from the artifact's store. Otherwise ORT's own kernel runs;
-`choose` says which and why, and the bench reports it.
+int4 ~1.5x per core on cache-resident weights, ~1.3x on weights streamed from DRAM. The artifact is not changed:
+when the library is present, the host has AVX2 + FMA but neither AVX-512 nor VNNI (MLAS's paths there were not
+measured against it; `QVL_KERNELS=qvl` forces it on) and `QVL_KERNELS` is not "ort", the runtime swaps the op type
+of the eligible nodes in the decoder's graph proto (`rewrite`) and opens the session from those bytes, its weights
+still read from the artifact's store. Otherwise ORT's own kernel runs; `choose` says which and why, and the bench
+reports it.
 
 One node's output differs from MLAS's only by float summation order (both sum the same exact int32 block products
 scaled by the same float scales): bit-for-bit equal where those sums are exact, within rounding otherwise. Through
@@ -46,7 +48,8 @@ class KernelChoice:
 
 
 def choose(flags: set[str] | None = None) -> KernelChoice:
-    """Whether this host runs qvl's kernels: the library is built, the CPU has AVX2 and FMA, not turned off."""
+    """Whether this host runs qvl's kernels: the library is built, the CPU has AVX2 and FMA (and no AVX-512/VNNI
+    unless `QVL_KERNELS=qvl`), not turned off."""
     wanted = os.environ.get(ENV, "").strip().lower()
     if wanted == "ort":
         return KernelChoice(None, f"ORT MatMulNBits ({ENV}=ort)")
@@ -89,7 +92,7 @@ def rewrite(model) -> int:
     from onnx import helper
 
     swapped = 0
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         if eligible(node) is None:
             keep = [a for a in node.attribute if a.name in ("K", "N", "bits", "block_size")]
             del node.attribute[:]
@@ -102,11 +105,12 @@ def rewrite(model) -> int:
     return swapped
 
 
-def _all_nodes(graph):
+def all_nodes(graph):
+    """Every node of `graph` and of its subgraphs (If / Loop bodies)."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.g is not None and attr.g.node:
-                yield from _all_nodes(attr.g)
+                yield from all_nodes(attr.g)
             for g in attr.graphs:
-                yield from _all_nodes(g)
+                yield from all_nodes(g)

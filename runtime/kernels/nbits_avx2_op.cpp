@@ -8,7 +8,6 @@
 // split over output columns with ORT's own intra-op pool (KernelContext_ParallelFor), so no second pool competes
 // for the cores.
 #include <stdint.h>
-#include <string.h>
 
 #include <vector>
 
@@ -210,6 +209,3 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(Sess
   if (Status* s = g_api->CustomOpDomain_Add(domain, &g_op)) return s;
   return g_api->AddCustomOpDomain(options, domain);
 }
-
-// Lets the Python side confirm the file is this library without registering it.
-extern "C" __attribute__((visibility("default"))) const char* QvlKernelsName() { return "qvl.kernels nbits-avx2 1"; }

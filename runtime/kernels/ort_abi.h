@@ -39,15 +39,11 @@ struct Api {
   Status* (*GetTensorTypeAndShape)(const Value* value, TensorTypeAndShapeInfo** out);  // 65
   QVL_ORT_SLOTS(66, 85);
   Status* (*KernelInfoGetAttribute_int64)(const KernelInfo* info, const char* name, int64_t* out);  // 86
-  QVL_ORT_SLOTS(87, 87);
-  Status* (*KernelContext_GetInputCount)(const KernelContext* ctx, size_t* out);      // 88
-  QVL_ORT_SLOTS(89, 89);
+  QVL_ORT_SLOTS(87, 89);
   Status* (*KernelContext_GetInput)(const KernelContext* ctx, size_t index, const Value** out);  // 90
   Status* (*KernelContext_GetOutput)(KernelContext* ctx, size_t index, const int64_t* dims, size_t n,
                                      Value** out);                                     // 91
-  QVL_ORT_SLOTS(92, 92);
-  void (*ReleaseStatus)(Status* status);                                               // 93
-  QVL_ORT_SLOTS(94, 98);
+  QVL_ORT_SLOTS(92, 98);
   void (*ReleaseTensorTypeAndShapeInfo)(TensorTypeAndShapeInfo* info);                 // 99
   QVL_ORT_SLOTS(100, 273);
   Status* (*KernelContext_ParallelFor)(const KernelContext* ctx, void (*fn)(void*, size_t), size_t total,
@@ -66,10 +62,8 @@ QVL_ORT_SLOT(GetDimensionsCount, 61);
 QVL_ORT_SLOT(GetDimensions, 62);
 QVL_ORT_SLOT(GetTensorTypeAndShape, 65);
 QVL_ORT_SLOT(KernelInfoGetAttribute_int64, 86);
-QVL_ORT_SLOT(KernelContext_GetInputCount, 88);
 QVL_ORT_SLOT(KernelContext_GetInput, 90);
 QVL_ORT_SLOT(KernelContext_GetOutput, 91);
-QVL_ORT_SLOT(ReleaseStatus, 93);
 QVL_ORT_SLOT(ReleaseTensorTypeAndShapeInfo, 99);
 QVL_ORT_SLOT(KernelContext_ParallelFor, 274);
 #undef QVL_ORT_SLOT

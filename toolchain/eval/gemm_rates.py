@@ -41,7 +41,9 @@ def _model(kernel: str, k: int, n: int, w: np.ndarray, block_size: int = 32):
     if kernel.startswith("qvl_"):
         from qvl.runtime import kernels as qvl_kernels
 
-        model = onnx_model(_model(kernel[4:], k, n, w, block_size=_qvl_block(kernel, k)))
+        import onnx
+
+        model = onnx.ModelProto.FromString(_model(kernel[4:], k, n, w, block_size=_qvl_block(kernel, k)))
         assert qvl_kernels.rewrite(model) == 1
         return model.SerializeToString()
     if kernel == "sgemm":
@@ -73,12 +75,6 @@ def _qvl_block(kernel: str, k: int) -> int | None:
         if k % blk == 0:
             return blk
     return None
-
-
-def onnx_model(data: bytes):
-    import onnx
-
-    return onnx.ModelProto.FromString(data)
 
 
 def gemm_rates(threads: int, shapes: dict[str, tuple[int, int, int]] | None = None, kernels=None,
