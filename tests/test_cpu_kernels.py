@@ -34,6 +34,18 @@ needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= _flags, reason="this CPU 
 def _use_qvl_kernels_on_any_avx2_host(monkeypatch):
     # on AVX-512 / VNNI hosts the runtime keeps ORT's kernels by default; these tests are about qvl's
     monkeypatch.setenv(kernels.ENV, "qvl")
+    monkeypatch.delenv(kernels.ISA_ENV, raising=False)
+
+
+@pytest.fixture(params=["avx2", "vnni"])
+def isa(request, monkeypatch):
+    """Each build of the kernel: the AVX2 one (the laptop's) everywhere, the AVX-512 VNNI one where the CPU has it
+    (the library picks it when a session creates the kernel, unless QVL_KERNEL_ISA=avx2)."""
+    if request.param == "avx2":
+        monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    elif kernels.kernel_isa(_flags) != "vnni":
+        pytest.skip("this CPU lacks AVX-512 VNNI/VL: the VNNI build cannot run")
+    return request.param
 
 
 def _model(K: int, N: int, blk: int, packed: np.ndarray, scales: np.ndarray, bits: int = 4, acc: int = 4,
@@ -112,7 +124,7 @@ BLOCKS = [(4, 64), (4, 128), (4, 256), (8, 32), (8, 64), (8, 128), (8, 256)]
 @needs_avx2
 @pytest.mark.parametrize("bits,blk", BLOCKS)
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 17])
-def test_bit_for_bit_equal_to_matmulnbits_on_exact_inputs(bits, blk, M):
+def test_bit_for_bit_equal_to_matmulnbits_on_exact_inputs(bits, blk, M, isa):
     rng = np.random.default_rng(bits * 1000 + blk * 10 + M)
     K, N = 3 * blk, 67  # three blocks per row; N not a multiple of a task's 32 / 64 columns
     a, packed, scales = _exact_case(rng, M, K, N, blk, bits)
@@ -128,7 +140,7 @@ def test_bit_for_bit_equal_to_matmulnbits_on_exact_inputs(bits, blk, M):
 @needs_avx2
 @pytest.mark.parametrize("bits,blk", [(4, 128), (8, 32), (8, 128)])
 @pytest.mark.parametrize("shape", [(1, 2048, 512), (2, 384, 130), (33, 256, 96)])
-def test_random_inputs_equal_to_matmulnbits_within_summation_rounding(shape, bits, blk):
+def test_random_inputs_equal_to_matmulnbits_within_summation_rounding(shape, bits, blk, isa):
     M, K, N = shape
     rng = np.random.default_rng(K + N)
     W = rng.standard_normal((N, K), dtype=np.float32) * 0.02
@@ -139,6 +151,23 @@ def test_random_inputs_equal_to_matmulnbits_within_summation_rounding(shape, bit
     # same int32 block products, float32 sums in another order: a few ulp of the largest partial sum
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(np.abs(want).max()) + 1e-7)
     assert got.shape == (M, N)
+
+
+@needs_avx2
+@pytest.mark.parametrize("bits,blk", [(4, 64), (4, 128), (8, 32), (8, 256)])
+def test_the_vnni_and_avx2_builds_agree_to_the_last_bit(bits, blk, monkeypatch):
+    # vpdpbusd sums the same exact int32 block products as vpmaddubsw + vpmaddwd, then the same float steps
+    if kernels.kernel_isa(_flags) != "vnni":
+        pytest.skip("this CPU lacks AVX-512 VNNI/VL: only the AVX2 build runs here")
+    M, K, N = 7, 4 * blk, 130
+    rng = np.random.default_rng(blk + bits)
+    q = quantize_blockwise(rng.standard_normal((N, K), dtype=np.float32) * 0.02, bits, blk, True)
+    model = _model(K, N, blk, q.packed, q.scales, bits=bits)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    vnni = _sessions(model)[1].run(None, {"A": a})[0]
+    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    avx2 = _sessions(model)[1].run(None, {"A": a})[0]
+    assert np.array_equal(vnni.view(np.uint32), avx2.view(np.uint32))
 
 
 @needs_avx2
@@ -208,11 +237,12 @@ def test_the_choice_falls_back_to_ort_with_the_reason(monkeypatch):
     monkeypatch.delenv(kernels.ENV)
     choice = kernels.choose(flags={"sse4_2", "avx"})
     assert not choice.active and "lacks AVX2/FMA" in choice.note
-    choice = kernels.choose(flags={"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"})
-    assert not choice.active and "AVX-512/VNNI" in choice.note
-    monkeypatch.setenv(kernels.ENV, "qvl")
-    assert kernels.choose(flags={"avx2", "fma", "avx_vnni"}).active
-    monkeypatch.delenv(kernels.ENV)
+    choice = kernels.choose(flags={"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+    assert choice.active and choice.note.endswith("vnni build)"), choice.note
+    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    assert kernels.choose(flags={"avx2", "fma", "avx512vl", "avx512_vnni"}).note.endswith("avx2 build)")
+    monkeypatch.delenv(kernels.ISA_ENV)
+    assert kernels.choose(flags={"avx2", "fma", "avx_vnni"}).note.endswith("avx2 build)")  # VEX VNNI: not used
     monkeypatch.setattr(kernels, "library_path", lambda: None)
     choice = kernels.choose(flags={"avx2", "fma"})
     assert not choice.active and "not built" in choice.note

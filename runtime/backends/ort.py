@@ -54,23 +54,27 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def cpu_decoder_source(path: Path, so: ort.SessionOptions, choice) -> tuple[str | bytes, str]:
     """What to open the CPU decoder session from, and which int4 kernel it runs (`runtime/kernels`): the graph file
     itself (ORT's MatMulNBits), or, when qvl's kernel library is active, the graph proto with its eligible
-    MatMulNBits swapped to `qvl.kernels::MatMulNBitsAvx2`, as bytes whose external weights ORT reads from the
+    MatMulNBits swapped to `qvl.kernels::MatMulNBitsAvx2` and the layers' glue fused (`kernels/fuse.py`), as bytes whose external weights ORT reads from the
     graph's own folder (nothing is written). `so` gets the library registered in that case."""
     if not choice.active:
         return str(path), choice.note
     import onnx
 
     from qvl.runtime import kernels
+    from qvl.runtime.kernels import fuse
     from qvl.runtime.part_merge import EXTERNAL_FOLDER_KEY
 
     model = onnx.load(str(path), load_external_data=False)
     swapped = kernels.rewrite(model)
     if swapped == 0:
         return str(path), "ORT MatMulNBits (no symmetric accuracy-level-4 MatMulNBits the kernel takes in this decoder)"
+    left = sum(1 for n in kernels.all_nodes(model.graph) if n.op_type == "MatMulNBits")
+    note = f"{choice.note}: {swapped} linears" + (f", {left} on ORT MatMulNBits" if left else "")
+    if fuse.enabled():
+        note += f"; {fuse.fuse(model).summary()}"
     so.register_custom_ops_library(str(choice.library))
     so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).parent))
-    left = sum(1 for n in kernels.all_nodes(model.graph) if n.op_type == "MatMulNBits")
-    return model.SerializeToString(), f"{choice.note}: {swapped} linears" + (f", {left} on ORT MatMulNBits" if left else "")
+    return model.SerializeToString(), note
 
 
 def decoder_session(path: Path, so: ort.SessionOptions, providers: list, device: str, kv_mode: str):

@@ -2,12 +2,15 @@
 
 `MatMulNBitsAvx2` (`nbits_avx2_op.cpp`, built by setup.py into `_nbits_avx2*.so` when a C++ compiler is
 there) computes `com.microsoft::MatMulNBits` at bits 4 or 8, symmetric, accuracy_level 4: the same int8 x int4 /
-int8 x int8 block dot products from the same tensors, faster than MLAS's AVX2 path on one row (the decode step):
-int4 ~1.5x per core on cache-resident weights, ~1.3x on weights streamed from DRAM. The artifact is not changed:
-when the library is present, the host has AVX2 + FMA but neither AVX-512 nor VNNI (MLAS's paths there were not
-measured against it; `QVL_KERNELS=qvl` forces it on) and `QVL_KERNELS` is not "ort", the runtime swaps the op type
-of the eligible nodes in the decoder's graph proto (`rewrite`) and opens the session from those bytes, its weights
-still read from the artifact's store. Otherwise ORT's own kernel runs; `choose` says which and why, and the bench
+int8 x int8 block dot products from the same tensors. Two builds in the library: AVX2 (the laptop's), and AVX-512
+VNNI (`nbits_vnni.cpp`, vpdpbusd; the same integer sums, so the same results to the last bit), which it picks
+where the CPU has it unless `QVL_KERNEL_ISA=avx2`. Measured against MLAS on one row (the decode step): AVX2 host,
+int4 ~1.5x per core on cache-resident weights, ~1.3x streamed from DRAM; AVX-512 VNNI host (2026-12-04), the 2B
+decode step 1.2-1.4x MLAS's AVX-512 VNNI kernels; at 128 rows the VNNI build is on par with MLAS, the AVX2 build
+~0.75x. The artifact is not changed: when the library is present, the host has AVX2 + FMA and `QVL_KERNELS` is not
+"ort", the runtime swaps the op type of the eligible nodes in the decoder's graph proto (`rewrite`), fuses the
+layers' glue into the library's other ops (`fuse.py`) and opens the session from those bytes, its weights still
+read from the artifact's store. Otherwise ORT's own kernel runs; `choose` says which and why, and the bench
 reports it.
 
 One node's output differs from MLAS's only by float summation order (both sum the same exact int32 block products
@@ -23,11 +26,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvl.runtime.cpu_flags import cpu_model_and_flags, has_vnni
+from qvl.runtime.cpu_flags import cpu_model_and_flags
 
 DOMAIN = "qvl.kernels"
 OP = "MatMulNBitsAvx2"
-ENV = "QVL_KERNELS"  # "ort": always ORT's kernels (fallback, A/B); "qvl": qvl's also where MLAS has AVX-512/VNNI
+ENV = "QVL_KERNELS"  # "ort": always ORT's kernels (fallback, A/B)
+ISA_ENV = "QVL_KERNEL_ISA"  # "avx2": the AVX2 build even where the CPU has AVX-512 VNNI (read by the library)
 _HERE = Path(__file__).resolve().parent
 
 
@@ -48,8 +52,7 @@ class KernelChoice:
 
 
 def choose(flags: set[str] | None = None) -> KernelChoice:
-    """Whether this host runs qvl's kernels: the library is built, the CPU has AVX2 and FMA (and no AVX-512/VNNI
-    unless `QVL_KERNELS=qvl`), not turned off."""
+    """Whether this host runs qvl's kernels: the library is built, the CPU has AVX2 and FMA, not turned off."""
     wanted = os.environ.get(ENV, "").strip().lower()
     if wanted == "ort":
         return KernelChoice(None, f"ORT MatMulNBits ({ENV}=ort)")
@@ -61,10 +64,15 @@ def choose(flags: set[str] | None = None) -> KernelChoice:
         flags = found[1] if found else set()
     if not {"avx2", "fma"} <= flags:
         return KernelChoice(None, "ORT MatMulNBits (this CPU lacks AVX2/FMA for qvl's kernel)")
-    # Measured faster than MLAS's AVX2 path only; where MLAS has AVX-512 / VNNI kernels, ORT's stay unless asked.
-    if wanted != "qvl" and (has_vnni(flags) or {"avx512f", "avx512bw"} <= flags):
-        return KernelChoice(None, f"ORT MatMulNBits (MLAS has AVX-512/VNNI kernels on this CPU; {ENV}=qvl forces qvl's)")
-    return KernelChoice(lib, f"qvl {OP} ({lib.name})")
+    return KernelChoice(lib, f"qvl {OP} ({lib.name}, {kernel_isa(flags)} build)")
+
+
+def kernel_isa(flags: set[str]) -> str:
+    """Which build of the kernel the library runs on a CPU with these /proc/cpuinfo flags: "vnni" (AVX-512 VNNI
+    with VL, as the library's __builtin_cpu_supports sees it) unless QVL_KERNEL_ISA=avx2, else "avx2"."""
+    if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
+        return "avx2"
+    return "vnni" if {"avx512_vnni", "avx512vl"} <= flags else "avx2"
 
 
 def eligible(node) -> str | None:

@@ -18,12 +18,17 @@
 #include <stdint.h>
 #include <stddef.h>
 
-namespace qvl {
+// One header, two instruction sets: nbits_avx2_op.cpp includes it as `qvl::avx2`, nbits_vnni.cpp (compiled for
+// AVX-512 VNNI) as `qvl::vnni` with QVL_VNNI set, where the int8 dot products of a block become vpdpbusd. Each
+// translation unit's inline functions live in its own namespace, so the linker never mixes the two.
+#ifndef QVL_ISA
+#define QVL_ISA avx2
+#endif
+#ifndef QVL_VNNI
+#define QVL_VNNI 0
+#endif
 
-// Software prefetch distance along B (rows are contiguous, so it runs on into the next rows): on the 2-core AVX2
-// host, weights streamed from DRAM went from ~1.13x to ~1.3x MLAS's speed with 2-4 KiB ahead
-// (benchmarks/README.md, "qvl's int4 kernel").
-constexpr int kPrefetchBytes = 2048;
+namespace qvl {
 
 // Quantized activations of one row: K int8 values (chunk-permuted), one float scale and one int32
 // "-8 * sum(qa)" per block.
@@ -32,6 +37,24 @@ struct QuantRow {
   float* scale;
   int32_t* zp_term;
 };
+
+// Y[M, N] = A x W^T over output columns, for `columns` / `run_columns` below.
+struct Job {
+  const QuantRow* rows;
+  int M, K, blk, bits, N, chunk;
+  const uint8_t* B;
+  const float* scales;
+  float* Y;
+};
+
+void vnni_run_columns(const Job& j, int n0, int n1);  // nbits_vnni.cpp
+
+namespace QVL_ISA {
+
+// Software prefetch distance along B (rows are contiguous, so it runs on into the next rows): on the 2-core AVX2
+// host, weights streamed from DRAM went from ~1.13x to ~1.3x MLAS's speed with 2-4 KiB ahead
+// (benchmarks/README.md, "qvl's int4 kernel").
+constexpr int kPrefetchBytes = 2048;
 
 inline float hmax_ps(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -97,7 +120,7 @@ inline void gemm4_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < nblk; ++b) {
-      __m256i s16[R];
+      __m256i s16[R];  // int16 pair sums (AVX2), or int32 sums of four (VNNI)
       for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
       for (int c = 0; c < blk; c += 64) {
         const uint8_t* src = bp + (size_t)b * (blk / 2) + c / 2;
@@ -107,14 +130,19 @@ inline void gemm4_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         for (int r = 0; r < R; ++r) {
           const int8_t* q = qa[r].q + (size_t)b * blk + c;
+#if QVL_VNNI
+          s16[r] = _mm256_dpbusd_epi32(s16[r], lo, _mm256_loadu_si256((const __m256i*)q));
+          s16[r] = _mm256_dpbusd_epi32(s16[r], hi, _mm256_loadu_si256((const __m256i*)(q + 32)));
+#else
           // |sum| of one pair <= 2 * 15 * 127 = 3810; blk <= 256 adds 4 pairs per int16 lane: <= 15240
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)q)));
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 32))));
+#endif
         }
       }
       const float sbv = sb[b];
       for (int r = 0; r < R; ++r) {
-        __m256i s32 = _mm256_madd_epi16(s16[r], ones);
+        __m256i s32 = QVL_VNNI ? s16[r] : _mm256_madd_epi16(s16[r], ones);
         s32 = _mm256_add_epi32(s32, _mm256_setr_epi32(qa[r].zp_term[b], 0, 0, 0, 0, 0, 0, 0));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(qa[r].scale[b] * sbv), acc[r]);
       }
@@ -130,7 +158,9 @@ inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
                        int n0, int n1, float* const* y) {
   const int nblk = K / blk;
   const __m256i flip = _mm256_set1_epi8((char)0x80);
+  #if !QVL_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
+#endif
   for (int n = n0; n < n1; ++n) {
     const uint8_t* bp = B + (size_t)n * K;
     const float* sb = scales + (size_t)n * nblk;
@@ -146,8 +176,12 @@ inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
         const __m256i aw = _mm256_abs_epi8(w);  // -128 -> 0x80, read as unsigned 128
         for (int r = 0; r < R; ++r) {
           const __m256i q = _mm256_loadu_si256((const __m256i*)(qa[r].q + (size_t)b * blk + c));
+#if QVL_VNNI
+          s32[r] = _mm256_dpbusd_epi32(s32[r], aw, _mm256_sign_epi8(q, w));
+#else
           const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w));
           s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p, ones));
+#endif
         }
       }
       const float sbv = sb[b];
@@ -159,4 +193,44 @@ inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
   }
 }
 
+template <int bits, int blk>
+inline void rows(const QuantRow* qa, int R, const Job& j, int n0, int n1, float* const* y) {
+  if (R == 4) {
+    if (bits == 4) gemm4_rows<4, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+    else gemm8_rows<4, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+  } else {
+    if (bits == 4) gemm4_rows<1, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+    else gemm8_rows<1, blk>(qa, j.K, j.B, j.scales, nullptr, n0, n1, y);
+  }
+}
+
+template <int bits, int blk>
+inline void columns(const Job& j, int n0, int n1) {
+  int m = 0;
+  for (; m + 4 <= j.M; m += 4) {
+    float* y[4] = {j.Y + (size_t)m * j.N, j.Y + (size_t)(m + 1) * j.N, j.Y + (size_t)(m + 2) * j.N,
+                   j.Y + (size_t)(m + 3) * j.N};
+    rows<bits, blk>(j.rows + m, 4, j, n0, n1, y);
+  }
+  for (; m < j.M; ++m) {
+    float* y[1] = {j.Y + (size_t)m * j.N};
+    rows<bits, blk>(j.rows + m, 1, j, n0, n1, y);
+  }
+}
+
+// Columns [n0, n1) of the job's Y for every row of A, four rows per pass over B.
+inline void run_columns(const Job& j, int n0, int n1) {
+  if (j.bits == 4) {
+    if (j.blk == 64) columns<4, 64>(j, n0, n1);
+    else if (j.blk == 128) columns<4, 128>(j, n0, n1);
+    else columns<4, 256>(j, n0, n1);
+  } else {
+    if (j.blk == 32) columns<8, 32>(j, n0, n1);
+    else if (j.blk == 64) columns<8, 64>(j, n0, n1);
+    else if (j.blk == 128) columns<8, 128>(j, n0, n1);
+    else columns<8, 256>(j, n0, n1);
+  }
+}
+
+}  // namespace QVL_ISA
 }  // namespace qvl

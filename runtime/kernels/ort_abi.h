@@ -19,7 +19,7 @@ struct Value;
 struct TensorTypeAndShapeInfo;
 struct CustomOp;
 
-enum ElementType : int { kFloat = 1, kUint8 = 2 };  // ONNXTensorElementDataType
+enum ElementType : int { kFloat = 1, kUint8 = 2, kInt64 = 7 };  // ONNXTensorElementDataType
 constexpr uint32_t kApiVersion = 17;
 
 #define QVL_ORT_SLOTS(from, to) void* slots_##from##_##to[(to) - (from) + 1]
@@ -37,7 +37,8 @@ struct Api {
   Status* (*GetDimensions)(const TensorTypeAndShapeInfo* info, int64_t* dims, size_t n);  // 62
   QVL_ORT_SLOTS(63, 64);
   Status* (*GetTensorTypeAndShape)(const Value* value, TensorTypeAndShapeInfo** out);  // 65
-  QVL_ORT_SLOTS(66, 85);
+  QVL_ORT_SLOTS(66, 84);
+  Status* (*KernelInfoGetAttribute_float)(const KernelInfo* info, const char* name, float* out);  // 85
   Status* (*KernelInfoGetAttribute_int64)(const KernelInfo* info, const char* name, int64_t* out);  // 86
   QVL_ORT_SLOTS(87, 89);
   Status* (*KernelContext_GetInput)(const KernelContext* ctx, size_t index, const Value** out);  // 90
@@ -61,6 +62,7 @@ QVL_ORT_SLOT(GetTensorMutableData, 51);
 QVL_ORT_SLOT(GetDimensionsCount, 61);
 QVL_ORT_SLOT(GetDimensions, 62);
 QVL_ORT_SLOT(GetTensorTypeAndShape, 65);
+QVL_ORT_SLOT(KernelInfoGetAttribute_float, 85);
 QVL_ORT_SLOT(KernelInfoGetAttribute_int64, 86);
 QVL_ORT_SLOT(KernelContext_GetInput, 90);
 QVL_ORT_SLOT(KernelContext_GetOutput, 91);
