@@ -155,8 +155,10 @@ def test_random_inputs_equal_to_matmulnbits_within_summation_rounding(shape, bit
 
 @needs_avx2
 @pytest.mark.parametrize("bits,blk", [(4, 64), (4, 128), (8, 32), (8, 256)])
-def test_the_vnni_and_avx2_builds_agree_to_the_last_bit(bits, blk, monkeypatch):
-    # vpdpbusd sums the same exact int32 block products as vpmaddubsw + vpmaddwd, then the same float steps
+def test_the_vnni_and_avx2_builds_agree(bits, blk, monkeypatch):
+    """int4: vpdpbusd sums the same int32 lanes as vpmaddubsw + vpmaddwd, then the same float steps: the last bit.
+    int8: the VNNI build keeps codes unsigned and folds the zero point per block, so the lanes split the same
+    block total differently: float rounding only."""
     if kernels.kernel_isa(_flags) != "vnni":
         pytest.skip("this CPU lacks AVX-512 VNNI/VL: only the AVX2 build runs here")
     M, K, N = 7, 4 * blk, 130
@@ -167,7 +169,11 @@ def test_the_vnni_and_avx2_builds_agree_to_the_last_bit(bits, blk, monkeypatch):
     vnni = _sessions(model)[1].run(None, {"A": a})[0]
     monkeypatch.setenv(kernels.ISA_ENV, "avx2")
     avx2 = _sessions(model)[1].run(None, {"A": a})[0]
-    assert np.array_equal(vnni.view(np.uint32), avx2.view(np.uint32))
+    if bits == 4:
+        assert np.array_equal(vnni.view(np.uint32), avx2.view(np.uint32))
+    else:
+        np.testing.assert_allclose(vnni, avx2, rtol=0, atol=2e-6 * float(np.abs(avx2).max()))
+        assert not np.array_equal(vnni, np.zeros_like(vnni))
 
 
 @needs_avx2

@@ -12,6 +12,10 @@
 // 32-byte load of B splits into two vectors with one and + one shift + one and, no shuffles.
 // int8 -- codes become signed (code ^ 0x80 = code - 128) and go through vpmaddubsw as |w| x sign(qa, w), as
 // llama.cpp's Q8_0 kernel does (a pair stays within int16: 2 * 128 * 127); prefetching ahead is what gains there.
+// The VNNI build keeps int8 codes unsigned like int4 (vpdpbusd sums in int32, nothing saturates) and folds the
+// zero point 128 in per block: the same total per block, split differently over the vector lanes, so its int8
+// results equal the AVX2 build's within float rounding (bit-for-bit where the sums are exact); its int4 ones
+// are bit-identical.
 #pragma once
 #include <immintrin.h>
 #include <math.h>
@@ -31,7 +35,7 @@
 namespace qvl {
 
 // Quantized activations of one row: K int8 values (chunk-permuted), one float scale and one int32
-// "-8 * sum(qa)" per block.
+// "-zp * sum(qa)" per block (zp 8 for int4, 128 for int8; the AVX2 int8 path does not use it).
 struct QuantRow {
   int8_t* q;
   float* scale;
@@ -54,7 +58,10 @@ namespace QVL_ISA {
 // Software prefetch distance along B (rows are contiguous, so it runs on into the next rows): on the 2-core AVX2
 // host, weights streamed from DRAM went from ~1.13x to ~1.3x MLAS's speed with 2-4 KiB ahead
 // (benchmarks/README.md, "qvl's int4 kernel").
-constexpr int kPrefetchBytes = 2048;
+#ifndef QVL_PREFETCH_BYTES
+#define QVL_PREFETCH_BYTES 2048
+#endif
+constexpr int kPrefetchBytes = QVL_PREFETCH_BYTES;
 
 inline float hmax_ps(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -101,7 +108,7 @@ inline void quantize_row(const float* a, int K, int blk, bool permuted, QuantRow
         sum += lo + hi;
       }
     }
-    out.zp_term[b] = -8 * sum;
+    out.zp_term[b] = (permuted ? -8 : -128) * sum;  // the int4 / int8 zero point times sum(qa)
   }
 }
 
@@ -157,8 +164,8 @@ template <int R, int blk>
 inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float* scales, const float* bias,
                        int n0, int n1, float* const* y) {
   const int nblk = K / blk;
+#if !QVL_VNNI
   const __m256i flip = _mm256_set1_epi8((char)0x80);
-  #if !QVL_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
 #endif
   for (int n = n0; n < n1; ++n) {
@@ -172,21 +179,30 @@ inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
       for (int c = 0; c < blk; c += 32) {
         const uint8_t* src = bp + (size_t)b * blk + c;
         _mm_prefetch((const char*)(src + 2 * kPrefetchBytes), _MM_HINT_T0);
+#if QVL_VNNI
+        // VNNI accumulates four u8 x s8 products in int32 without saturating, so the codes stay unsigned (0..255)
+        // as in the int4 path and the zero point folds in once per block as -128 * sum(qa) (zp_term): one
+        // instruction per row per 32 bytes instead of a sign and a multiply-add
+        const __m256i v = _mm256_loadu_si256((const __m256i*)src);
+        for (int r = 0; r < R; ++r)
+          s32[r] = _mm256_dpbusd_epi32(s32[r], v, _mm256_loadu_si256((const __m256i*)(qa[r].q + (size_t)b * blk + c)));
+#else
         const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)src), flip);
         const __m256i aw = _mm256_abs_epi8(w);  // -128 -> 0x80, read as unsigned 128
         for (int r = 0; r < R; ++r) {
           const __m256i q = _mm256_loadu_si256((const __m256i*)(qa[r].q + (size_t)b * blk + c));
-#if QVL_VNNI
-          s32[r] = _mm256_dpbusd_epi32(s32[r], aw, _mm256_sign_epi8(q, w));
-#else
           const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w));
           s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(p, ones));
-#endif
         }
+#endif
       }
       const float sbv = sb[b];
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
+#if QVL_VNNI
+        s32[r] = _mm256_add_epi32(s32[r], _mm256_setr_epi32(qa[r].zp_term[b], 0, 0, 0, 0, 0, 0, 0));
+#endif
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_set1_ps(qa[r].scale[b] * sbv), acc[r]);
+      }
     }
     const float bn = bias ? bias[n] : 0.0f;
     for (int r = 0; r < R; ++r) y[r][n] = hsum_ps(acc[r]) + bn;
