@@ -120,15 +120,23 @@ inline void gemm4_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
                       int n0, int n1, float* const* y) {
   const int nblk = K / blk;
   const __m256i low = _mm256_set1_epi8(0x0F);
+#if !QVL_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
+#endif
   for (int n = n0; n < n1; ++n) {
     const uint8_t* bp = B + (size_t)n * (K / 2);
     const float* sb = scales + (size_t)n * nblk;
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < nblk; ++b) {
-      __m256i s16[R];  // int16 pair sums (AVX2), or int32 sums of four (VNNI)
+      __m256i s16[R];  // int16 pair sums (AVX2), or int32 sums of four (VNNI: low nibbles here, high in s_hi)
       for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+#if QVL_VNNI
+      // two accumulators per row: one chain of dependent vpdpbusd per block was latency-bound at one row (~1.5x
+      // slower than the AVX2 build's independent vpmaddubsw)
+      __m256i s_hi[R];
+      for (int r = 0; r < R; ++r) s_hi[r] = _mm256_setzero_si256();
+#endif
       for (int c = 0; c < blk; c += 64) {
         const uint8_t* src = bp + (size_t)b * (blk / 2) + c / 2;
         _mm_prefetch((const char*)(src + kPrefetchBytes), _MM_HINT_T0);
@@ -139,7 +147,7 @@ inline void gemm4_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
           const int8_t* q = qa[r].q + (size_t)b * blk + c;
 #if QVL_VNNI
           s16[r] = _mm256_dpbusd_epi32(s16[r], lo, _mm256_loadu_si256((const __m256i*)q));
-          s16[r] = _mm256_dpbusd_epi32(s16[r], hi, _mm256_loadu_si256((const __m256i*)(q + 32)));
+          s_hi[r] = _mm256_dpbusd_epi32(s_hi[r], hi, _mm256_loadu_si256((const __m256i*)(q + 32)));
 #else
           // |sum| of one pair <= 2 * 15 * 127 = 3810; blk <= 256 adds 4 pairs per int16 lane: <= 15240
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)q)));
@@ -149,7 +157,11 @@ inline void gemm4_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
       }
       const float sbv = sb[b];
       for (int r = 0; r < R; ++r) {
-        __m256i s32 = QVL_VNNI ? s16[r] : _mm256_madd_epi16(s16[r], ones);
+#if QVL_VNNI
+        __m256i s32 = _mm256_add_epi32(s16[r], s_hi[r]);
+#else
+        __m256i s32 = _mm256_madd_epi16(s16[r], ones);
+#endif
         s32 = _mm256_add_epi32(s32, _mm256_setr_epi32(qa[r].zp_term[b], 0, 0, 0, 0, 0, 0, 0));
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(qa[r].scale[b] * sbv), acc[r]);
       }
@@ -176,6 +188,10 @@ inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
     for (int b = 0; b < nblk; ++b) {
       __m256i s32[R];
       for (int r = 0; r < R; ++r) s32[r] = _mm256_setzero_si256();
+#if QVL_VNNI
+      __m256i s_odd[R];  // the odd 32-byte chunks' sums: two dependency chains per row, as in gemm4_rows
+      for (int r = 0; r < R; ++r) s_odd[r] = _mm256_setzero_si256();
+#endif
       for (int c = 0; c < blk; c += 32) {
         const uint8_t* src = bp + (size_t)b * blk + c;
         _mm_prefetch((const char*)(src + 2 * kPrefetchBytes), _MM_HINT_T0);
@@ -184,8 +200,11 @@ inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
         // as in the int4 path and the zero point folds in once per block as -128 * sum(qa) (zp_term): one
         // instruction per row per 32 bytes instead of a sign and a multiply-add
         const __m256i v = _mm256_loadu_si256((const __m256i*)src);
-        for (int r = 0; r < R; ++r)
-          s32[r] = _mm256_dpbusd_epi32(s32[r], v, _mm256_loadu_si256((const __m256i*)(qa[r].q + (size_t)b * blk + c)));
+        for (int r = 0; r < R; ++r) {
+          const __m256i q = _mm256_loadu_si256((const __m256i*)(qa[r].q + (size_t)b * blk + c));
+          if ((c / 32) % 2 == 0) s32[r] = _mm256_dpbusd_epi32(s32[r], v, q);
+          else s_odd[r] = _mm256_dpbusd_epi32(s_odd[r], v, q);
+        }
 #else
         const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)src), flip);
         const __m256i aw = _mm256_abs_epi8(w);  // -128 -> 0x80, read as unsigned 128
@@ -199,7 +218,8 @@ inline void gemm8_rows(const QuantRow* qa, int K, const uint8_t* B, const float*
       const float sbv = sb[b];
       for (int r = 0; r < R; ++r) {
 #if QVL_VNNI
-        s32[r] = _mm256_add_epi32(s32[r], _mm256_setr_epi32(qa[r].zp_term[b], 0, 0, 0, 0, 0, 0, 0));
+        s32[r] = _mm256_add_epi32(_mm256_add_epi32(s32[r], s_odd[r]),
+                                  _mm256_setr_epi32(qa[r].zp_term[b], 0, 0, 0, 0, 0, 0, 0));
 #endif
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_set1_ps(qa[r].scale[b] * sbv), acc[r]);
       }
