@@ -289,3 +289,24 @@ def test_run_json_names_the_fusions(tiny_cpu_int4_block64, tmp_path):
     assert result.returncode == 0, result.stderr
     note = json.loads(result.stdout)["decoder_linear_kernel"]
     assert note.startswith("qvl MatMulNBitsAvx2") and "SwiGLU" in note and "norm+rotary" in note, note
+
+
+@needs_kernels
+def test_the_plain_graph_fuses_too_and_matches_the_optimized_one(tiny_cpu_int4_block64, monkeypatch):
+    """An artifact written by another ORT version loads its plain graphs, optimized at load (after the fusions):
+    the exported decoder already carries the contrib ops, so the same glue fuses and the logits agree."""
+    from qvl.runtime.backends import ort as ort_backend
+
+    def logits(version: str | None):
+        if version:
+            monkeypatch.setattr(ort_backend.ort, "__version__", version)
+        engine = ort_backend.Engine(tiny_cpu_int4_block64, threads=2)
+        cache = engine.new_cache(16)
+        ids = np.random.default_rng(0).integers(0, engine.vocab_size, (1, 5))
+        pos = np.broadcast_to(np.arange(5)[None, None], (3, 1, 5)).copy()
+        return engine.step(cache, engine.embed(ids), pos).copy(), engine
+    optimized, engine = logits(None)
+    assert engine.optimized_graphs
+    plain, engine = logits("0.0.0-not-this-ort")
+    assert not engine.optimized_graphs and "norm+rotary" in engine.kernel_note, engine.kernel_note
+    np.testing.assert_allclose(plain, optimized, rtol=0, atol=1e-4 * np.abs(optimized).max())
