@@ -31,8 +31,8 @@ needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= _flags, reason="this CPU 
 
 
 @pytest.fixture(autouse=True)
-def _use_qvl_kernels_on_any_avx2_host(monkeypatch):
-    # on AVX-512 / VNNI hosts the runtime keeps ORT's kernels by default; these tests are about qvl's
+def _use_qvl_kernels(monkeypatch):
+    # these tests are about qvl's kernel: not ORT's even if the environment asks for it (QVL_KERNELS=ort)
     monkeypatch.setenv(kernels.ENV, "qvl")
     monkeypatch.delenv(kernels.ISA_ENV, raising=False)
 

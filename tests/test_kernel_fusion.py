@@ -28,7 +28,7 @@ needs_kernels = pytest.mark.skipif(not {"avx2", "fma"} <= _flags or kernels.libr
 
 
 @pytest.fixture(autouse=True)
-def _use_qvl_kernels_on_any_avx2_host(monkeypatch):
+def _use_qvl_kernels(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "qvl")
     monkeypatch.delenv(fuse.ENV, raising=False)
 

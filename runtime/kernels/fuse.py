@@ -159,7 +159,7 @@ def _swiglu_site(g: _Graph, mul: NodeProto) -> tuple[list[NodeProto], NodeProto,
     for act_in, up_in in (mul.input, reversed(mul.input)):
         act, up = g.producer.get(act_in), g.producer.get(up_in)
         if _is(act, "QuickGelu", _MS):
-            if abs(float(_attrs(act).get("alpha", 1.702)) - 1.0) > 0:
+            if float(_attrs(act).get("alpha", 1.702)) != 1.0:  # the op's default is GELU's 1.702
                 return "QuickGelu alpha is not 1 (not SiLU)"
             gate = g.producer.get(act.input[0])
             chain = [act]
