@@ -132,5 +132,7 @@ def test_default_block_size_per_width_and_shape():
     from qvl.toolchain.compile.pipeline import default_block_size
 
     assert default_block_size(4, published_2b_config()) == 128  # every K of the 2B model is a multiple of 128
-    assert default_block_size(8, published_2b_config()) == 32
+    assert default_block_size(8, published_2b_config()) == 32  # where ORT's kernel runs the int8 linears
+    assert default_block_size(8, published_2b_config(), int8_block=128) == 128  # the CPU targets (qvl's kernel)
+    assert default_block_size(8, _tiny_config(), int8_block=128) == 32
     assert default_block_size(4, _tiny_config()) == 32  # tiny hidden 64: block 128 would skip every layer

@@ -144,18 +144,21 @@ def source_weight_bytes(source: Path) -> int:
     return 4 * validate_checkpoint(source).num_parameters
 
 
-def default_block_size(bits: int, config: dict) -> int:
+def default_block_size(bits: int, config: dict, int8_block: int = 32) -> int:
     """Quantization block along K when the user gives none: 128 for int4 where every linear's K allows it,
     else 32. Why 128 for int4: ORT's prepacked int4 layout with block 32 made the 2B runtime peak at
     2.08 GB RSS (block 128: 1.48 GB, under the 2 GB laptop budget) at equal decode speed, and the sentinel's
-    int4 task accuracy was 0.996 with block 128 vs 0.994 with 32. int8 keeps 32 (its AVX2 kernel was
-    faster with 32: 0.38 vs 0.52 ms for a 2048x6144 layer)."""
-    if bits == 4:
+    int4 task accuracy was 0.996 with block 128 vs 0.994 with 32. int8 takes the target's `int8_block_size`
+    where every K allows it, else 32: 32 where ORT's kernel runs (MLAS's AVX2 int8 was faster with 32: 0.38 vs
+    0.52 ms for a 2048x6144 layer), 128 on the CPU targets, whose decoder runs qvl's kernel (2B decode 26-28 vs
+    20-21 tok/s with 32, prefill 101 vs 62 tok/s; sentinel 0.998 either way)."""
+    want = 128 if bits == 4 else int8_block if bits == 8 else 32
+    if want != 32:
         t, v = config["text_config"], config["vision_config"]
         ks = (t["hidden_size"], t["intermediate_size"], v["hidden_size"], v["intermediate_size"],
               v["hidden_size"] * v["spatial_merge_size"] ** 2)
-        if all(k % 128 == 0 for k in ks):
-            return 128
+        if all(k % want == 0 for k in ks):
+            return want
     return 32
 
 
@@ -238,7 +241,8 @@ def compile_with_precision(
             current = dest
         if nbits is not None:
             if block_size is None:
-                block_size = default_block_size(nbits, mf.read_manifest(current).source.config)
+                block_size = default_block_size(nbits, mf.read_manifest(current).source.config,
+                                                int8_block=target.int8_block_size)
             config = PrecisionConfig(weight_bits=nbits, block_size=block_size, accuracy_level=level,
                                      symmetric=symmetric, dynamic_int8_graphs=target.dynamic_int8_graphs,
                                      dynamic_int8_weight_max=target.dynamic_int8_weight_max)

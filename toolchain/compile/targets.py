@@ -26,10 +26,11 @@ TARGETS: dict[str, TargetCapabilities] = {
     # (benchmarks/README.md, "Prefill and vision GEMMs"). The decoder stays MatMulNBits: at M = 1 it is as fast or faster.
     "cpu-avx2": TargetCapabilities("cpu-avx2", ("float32",), (8, 4), ort_contrib_ops=True, memory_bytes=8 * GiB,
                                    asymmetric_int4_int8_compute=False,  # ORT issue #29853
-                                   dynamic_int8_graphs=("vision",)),
+                                   dynamic_int8_graphs=("vision",), int8_block_size=128),
     # bf16 is not listed: no pass assigns bf16 activations yet (issue #16 measures AVX-512 hosts and decides).
     "cpu-avx512": TargetCapabilities("cpu-avx512", ("float32",), (8, 4), ort_contrib_ops=True,
-                                     dynamic_int8_graphs=("vision",), dynamic_int8_weight_max=127),  # VNNI
+                                     dynamic_int8_graphs=("vision",), dynamic_int8_weight_max=127,  # VNNI
+                                     int8_block_size=128),
     "sm61": TargetCapabilities("sm61", ("float32",), (8,), ort_contrib_ops=False, max_opset=17, memory_bytes=2 * GiB,
                                kv_cache="concat", provider="tensorrt"),
     "sm75+": TargetCapabilities("sm75+", ("float32", "float16"), (8, 4), ort_contrib_ops=False, kv_cache="concat",
