@@ -54,8 +54,9 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def cpu_decoder_source(path: Path, so: ort.SessionOptions, choice) -> tuple[str | bytes, str]:
     """What to open the CPU decoder session from, and which int4 kernel it runs (`runtime/kernels`): the graph file
     itself (ORT's MatMulNBits), or, when qvl's kernel library is active, the graph proto with its eligible
-    MatMulNBits swapped to `qvl.kernels::MatMulNBitsAvx2` and the layers' glue fused (`kernels/fuse.py`), as bytes whose external weights ORT reads from the
-    graph's own folder (nothing is written). `so` gets the library registered in that case."""
+    MatMulNBits swapped to `qvl.kernels::MatMulNBitsAvx2` and the layers' glue fused (`kernels/fuse.py`), as bytes
+    whose external weights ORT reads from the graph's own folder (nothing is written). `so` gets the library
+    registered in that case."""
     if not choice.active:
         return str(path), choice.note
     import onnx

@@ -3,11 +3,11 @@
 `MatMulNBitsAvx2` (`nbits_avx2_op.cpp`, built by setup.py into `_nbits_avx2*.so` when a C++ compiler is
 there) computes `com.microsoft::MatMulNBits` at bits 4 or 8, symmetric, accuracy_level 4: the same int8 x int4 /
 int8 x int8 block dot products from the same tensors. Two builds in the library: AVX2 (the laptop's), and AVX-512
-VNNI (`nbits_vnni.cpp`, vpdpbusd; the same integer sums, so the same results to the last bit), which it picks
-where the CPU has it unless `QVL_KERNEL_ISA=avx2`. Measured against MLAS on one row (the decode step): AVX2 host,
+VNNI (`nbits_vnni.cpp`, vpdpbusd; the same integer block sums: int4 results equal to the last bit, int8 within
+float rounding), which it picks where the CPU has it unless `QVL_KERNEL_ISA=avx2`. Measured against MLAS on one row (the decode step): AVX2 host,
 int4 ~1.5x per core on cache-resident weights, ~1.3x streamed from DRAM; AVX-512 VNNI host (2026-12-04), the 2B
-decode step 1.2-1.4x MLAS's AVX-512 VNNI kernels; at 128 rows the VNNI build is on par with MLAS, the AVX2 build
-~0.75x. The artifact is not changed: when the library is present, the host has AVX2 + FMA and `QVL_KERNELS` is not
+decode step 1.2-1.4x MLAS's AVX-512 VNNI kernels; at 128 rows (int4) the VNNI build is on par with MLAS, the AVX2
+build ~0.75x; int8 at block 32 and 128 rows ~0.6x MLAS. The artifact is not changed: when the library is present, the host has AVX2 + FMA and `QVL_KERNELS` is not
 "ort", the runtime swaps the op type of the eligible nodes in the decoder's graph proto (`rewrite`), fuses the
 layers' glue into the library's other ops (`fuse.py`) and opens the session from those bytes, its weights still
 read from the artifact's store. Otherwise ORT's own kernel runs; `choose` says which and why, and the bench
@@ -70,7 +70,7 @@ def choose(flags: set[str] | None = None) -> KernelChoice:
 def kernel_isa(flags: set[str]) -> str:
     """Which build of the kernel the library runs on a CPU with these /proc/cpuinfo flags: "vnni" (AVX-512 VNNI
     with VL, as the library's __builtin_cpu_supports sees it) unless QVL_KERNEL_ISA=avx2, else "avx2"."""
-    if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
+    if os.environ.get(ISA_ENV) == "avx2":  # exactly the library's test (strcmp in nbits_avx2_op.cpp)
         return "avx2"
     return "vnni" if {"avx512_vnni", "avx512vl"} <= flags else "avx2"
 
@@ -97,8 +97,6 @@ def eligible(node) -> str | None:
 
 def rewrite(model) -> int:
     """Swap every eligible MatMulNBits of `model` (onnx ModelProto, in place) to the custom op; the count swapped."""
-    from onnx import helper
-
     swapped = 0
     for node in all_nodes(model.graph):
         if eligible(node) is None:
@@ -108,9 +106,17 @@ def rewrite(model) -> int:
             del node.input[3:]
             node.op_type, node.domain = OP, DOMAIN
             swapped += 1
-    if swapped and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if swapped:
+        import_domain(model)
     return swapped
+
+
+def import_domain(model) -> None:
+    """Add the library's domain to `model`'s opset imports (once)."""
+    from onnx import helper
+
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 
 
 def all_nodes(graph):

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 from onnx import ModelProto, NodeProto, helper
 
-DOMAIN = "qvl.kernels"
-MATMUL = "MatMulNBitsAvx2"
+from qvl.runtime.kernels import DOMAIN, import_domain
+from qvl.runtime.kernels import OP as MATMUL
+
 SWIGLU = "MatMulNBitsSwiGluAvx2"
 NORM_ROTARY = "HeadRmsNormRotary"
 ENV = "QVL_KERNEL_FUSION"
@@ -182,9 +183,8 @@ def _swiglu_site(g: _Graph, mul: NodeProto) -> tuple[list[NodeProto], NodeProto,
         gate_users = {id(n) for n in g.consumers.get(gate.output[0], [])}
         if gate.output[0] in g.outputs or gate_users != {id(n) for n in chain}:
             return "the gate output has other readers"
-        for n in chain:
-            if not g.only_feeds(n.output[0], chain[chain.index(n) + 1] if n is not chain[-1] else mul):
-                return "an activation output has other readers"
+        if not all(g.only_feeds(n.output[0], reader) for n, reader in zip(chain, [*chain[1:], mul])):
+            return "an activation output has other readers"
         if not g.only_feeds(up.output[0], mul):
             return "the up output has other readers"
         return [gate, up, *chain, mul], gate, up
@@ -310,7 +310,6 @@ def fuse(model: ModelProto) -> FusionReport:
         keep_vi = [vi for vi in g.graph.value_info if vi.name not in names]
         del g.graph.value_info[:]
         g.graph.value_info.extend(keep_vi)
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        import_domain(model)
     report.seconds = time.perf_counter() - t0
     return report

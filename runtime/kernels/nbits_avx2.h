@@ -49,6 +49,7 @@ struct Job {
   const uint8_t* B;
   const float* scales;
   float* Y;
+  bool vnni;  // run by the VNNI build (nbits_avx2_op.cpp's run_columns dispatches on it)
 };
 
 void vnni_run_columns(const Job& j, int n0, int n1);  // nbits_vnni.cpp

@@ -35,11 +35,6 @@ struct Kernel {
   bool vnni = false;
 };
 
-struct MatMulJob {
-  Job job;
-  bool vnni;
-};
-
 // The VNNI build of the kernel where the CPU has AVX-512 VNNI (+VL), unless QVL_KERNEL_ISA=avx2 asks for the AVX2
 // one (what the laptop runs, for comparisons on an AVX-512 host); read when a session creates the kernel.
 bool use_vnni() {
@@ -47,8 +42,8 @@ bool use_vnni() {
   return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && !(isa && strcmp(isa, "avx2") == 0);
 }
 
-void run_columns(const Job& j, bool vnni, int n0, int n1) {
-  if (vnni) vnni_run_columns(j, n0, n1);
+void run_columns(const Job& j, int n0, int n1) {
+  if (j.vnni) vnni_run_columns(j, n0, n1);
   else avx2::run_columns(j, n0, n1);
 }
 
@@ -60,15 +55,14 @@ int task_columns(const Job& j, size_t t, int* n1) {
 
 // One task: output columns [t*chunk, (t+1)*chunk) for every row of A, four rows per pass over B.
 void matmul_task(void* data, size_t t) {
-  const MatMulJob& m = *static_cast<const MatMulJob*>(data);
+  const Job& j = *static_cast<const Job*>(data);
   int n1;
-  const int n0 = task_columns(m.job, t, &n1);
-  run_columns(m.job, m.vnni, n0, n1);
+  const int n0 = task_columns(j, t, &n1);
+  run_columns(j, n0, n1);
 }
 
 struct SwiGluJob {
   Job gate, up;  // up.Y: a scratch [M, N]
-  bool vnni;
 };
 
 // The same columns of gate and up, then gate's become silu(gate) * up while both are in cache.
@@ -76,8 +70,8 @@ void swiglu_task(void* data, size_t t) {
   const SwiGluJob& j = *static_cast<const SwiGluJob*>(data);
   int n1;
   const int n0 = task_columns(j.gate, t, &n1);
-  run_columns(j.gate, j.vnni, n0, n1);
-  run_columns(j.up, j.vnni, n0, n1);
+  run_columns(j.gate, n0, n1);
+  run_columns(j.up, n0, n1);
   for (int m = 0; m < j.gate.M; ++m) {
     float* g = j.gate.Y + (size_t)m * j.gate.N;
     const float* u = j.up.Y + (size_t)m * j.up.N;
@@ -125,7 +119,7 @@ struct QuantizedA {
 Job make_job(const Kernel& k, const QuantizedA& qa, int64_t M, const void* b, const void* s, float* y) {
   const int chunk = M >= 16 ? 32 : 64;
   return Job{qa.rows.data(), (int)M, (int)k.K, (int)k.blk, (int)k.bits, (int)k.N, chunk,
-             static_cast<const uint8_t*>(b), static_cast<const float*>(s), y};
+             static_cast<const uint8_t*>(b), static_cast<const float*>(s), y, k.vnni};
 }
 
 size_t tasks(const Job& j) { return ((size_t)j.N + j.chunk - 1) / j.chunk; }
@@ -150,8 +144,8 @@ Status* matmul_compute(void* kernel, KernelContext* ctx) {
   if (M == 0) return nullptr;
   QuantizedA qa;
   QVL_TRY(qa.quantize(ctx, static_cast<const float*>(a), M, k));
-  MatMulJob job{make_job(k, qa, M, b, s, static_cast<float*>(y)), k.vnni};
-  return g_api->KernelContext_ParallelFor(ctx, matmul_task, tasks(job.job), 0, &job);
+  Job job = make_job(k, qa, M, b, s, static_cast<float*>(y));
+  return g_api->KernelContext_ParallelFor(ctx, matmul_task, tasks(job), 0, &job);
 }
 
 Status* swiglu_compute(void* kernel, KernelContext* ctx) {
@@ -167,7 +161,7 @@ Status* swiglu_compute(void* kernel, KernelContext* ctx) {
   QuantizedA qa;
   QVL_TRY(qa.quantize(ctx, static_cast<const float*>(a), M, k));
   std::vector<float> up((size_t)M * k.N);
-  SwiGluJob job{make_job(k, qa, M, bg, sg, static_cast<float*>(y)), make_job(k, qa, M, bu, su, up.data()), k.vnni};
+  SwiGluJob job{make_job(k, qa, M, bg, sg, static_cast<float*>(y)), make_job(k, qa, M, bu, su, up.data())};
   return g_api->KernelContext_ParallelFor(ctx, swiglu_task, tasks(job.gate), 0, &job);
 }
 
