@@ -12,7 +12,8 @@ ext_modules = []
 if platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows":
     ext_modules.append(Extension(
         "qvl.runtime.kernels._nbits_avx2",
-        sources=["runtime/kernels/nbits_avx2_op.cpp", "runtime/kernels/nbits_vnni.cpp", "runtime/kernels/norm_rotary_op.cpp"],
+        sources=["runtime/kernels/nbits_avx2_op.cpp", "runtime/kernels/nbits_vnni.cpp", "runtime/kernels/norm_rotary_op.cpp",
+                 "runtime/kernels/attention_op.cpp"],
         depends=["runtime/kernels/nbits_avx2.h", "runtime/kernels/ort_abi.h", "runtime/kernels/ort_op.h"],
         language="c++",
         # the AVX2 code is only entered on hosts whose /proc/cpuinfo lists avx2 and fma (runtime/kernels/__init__.py);

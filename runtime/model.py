@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,7 @@ class Model:
         ignore_stop: bool = False,  # [bench] decode exactly max_new_tokens, past any stop id
         cache: PrefixCache | None = None,
         speculative: DraftConfig | None = None,
+        forced_tokens: Sequence[int] | None = None,  # [bench] emit these ids instead of the model's picks
     ) -> Iterator[tuple[int, np.ndarray | None]]:
         """Yield (token id, logits or None) for each generated token; stop ids are yielded too.
 
@@ -232,8 +233,16 @@ class Model:
         `cache` (a `PrefixCache`): start from the longest prefix of `prompt` that its kept KV cache holds, take
         image features from its image cache, and keep this generation's KV cache in it afterwards (also when the
         consumer stops reading early; not after an error).
+
+        `forced_tokens` (used by `benchmarks/followup_ttft.py`): the k-th generated token is `forced_tokens[k]`
+        rather than the model's pick (the model's own after them), and is fed back as a picked token would be. The
+        steps and their cost are unchanged, so this times a model that answered these ids: random weights answer
+        with token soup that does not tokenize back into itself, a trained model's answer does.
         """
         check_options(max_new_tokens=max_new_tokens, seed=seed)
+        forced = [int(t) for t in forced_tokens] if forced_tokens is not None else []
+        if forced and speculative is not None:
+            raise ValueError("forced_tokens and speculative decoding exclude each other")
         stats = stats if stats is not None else GenerationStats()
         sampling = sampling or SamplingConfig(do_sample=False)
         speculative = self._check_speculative(speculative, sampling, keep_logits, stats)
@@ -261,7 +270,7 @@ class Model:
         try:
             yield from self._generate(box, embeds, position_ids[:, :, reuse:], deepstack, rope_delta, prompt,
                                       max_new_tokens, sampling, seed, prefill_chunk, keep_logits, stats, ignore_stop,
-                                      t0, fed, speculative)
+                                      t0, fed, speculative, forced)
             completed = True
         except GeneratorExit:  # the consumer stopped reading: every step so far completed
             completed = True
@@ -319,7 +328,7 @@ class Model:
         return speculative
 
     def _generate(self, box, embeds, position_ids, deepstack, rope_delta, prompt, max_new_tokens, sampling,
-                  seed, prefill_chunk, keep_logits, stats, ignore_stop, t0, fed=None, speculative=None):
+                  seed, prefill_chunk, keep_logits, stats, ignore_stop, t0, fed=None, speculative=None, forced=()):
         fed = [] if fed is None else fed
         cache = box[0]
         n = embeds.shape[1]  # the positions to prefill (the prompt past any reused prefix)
@@ -345,6 +354,8 @@ class Model:
         for k in range(max_new_tokens):
             if not on_device_argmax:
                 token = sampler.next_token(logits, sampling, history)
+            if k < len(forced):
+                token = forced[k]
             if k == 0:
                 stats.time_to_first_token = time.perf_counter() - t0
                 t_dec = time.perf_counter()
@@ -469,7 +480,8 @@ class Session:
     `model.session()`; then `stream` / `generate` exactly as on the model, each time with the whole conversation
     so far. A call prefills only the part of the prompt past what it shares with the previous call's prompt and
     answer, and runs the vision encoder only on images it has not seen: greedy answers are the model's answers
-    to the same messages from scratch. A conversation that shares (almost) nothing with the previous one starts
+    to the same messages from scratch (bit for bit where every decoder node computes a position alone: qvl's CPU
+    kernels, runtime/kernels; elsewhere up to the float rounding of prefilling a position in another call). A conversation that shares (almost) nothing with the previous one starts
     over, freeing the old KV cache. `reset()` frees everything (also `with model.session() as chat:`). One
     generation at a time: not thread-safe."""
 

@@ -233,7 +233,7 @@ def test_fusion_is_idempotent():
         fused, _ = _fused(model)
         once = fused.SerializeToString()
         report = fuse.fuse(fused)
-        assert (report.swiglu, report.norm_rotary, report.identity_reshapes) == (0, 0, 0)
+        assert (report.swiglu, report.norm_rotary, report.identity_reshapes, report.attention) == (0, 0, 0, 0)
         assert fused.SerializeToString() == once
 
 
@@ -270,6 +270,7 @@ def test_the_decoder_fuses_every_layer_and_its_logits_match_the_unfused_kernels(
 
     fused, note, layers = logits(tiny_cpu_int4_block64, "1")
     assert f"{layers} SwiGLU, {2 * layers} norm+rotary, {layers} reshape pairs fused" in note, note
+    assert f"{layers} attention row by row" in note, note
     unfused, unfused_note, _ = logits(tiny_cpu_int4_block64, "0")
     assert "fused" not in unfused_note
     ort_kernels = logits(tiny_cpu_int4_block64, "1", "ort")[0]
@@ -280,6 +281,30 @@ def test_the_decoder_fuses_every_layer_and_its_logits_match_the_unfused_kernels(
         assert gap[0] < 1e-5 * np.abs(reference[0]).max(), gap
         assert (gap < 0.1 * quant_gap).all(), (gap, quant_gap)
     assert (np.abs(fused - fp32).max(axis=1) < 1.05 * quant_gap).all()
+
+
+@needs_kernels
+def test_a_position_has_the_same_logits_decoded_prefilled_or_verified(tiny_cpu_int4_block64):
+    """Every node of the fused decoder computes a position alone (the linears per row, attention row by row), so
+    the logits of a position do not depend on how the calls were cut: one prefill, a prefill then single decode
+    steps, or a prefill then a multi-position (verify) step give the same bits."""
+    from qvl.runtime.backends.ort import Engine
+
+    engine = Engine(tiny_cpu_int4_block64, threads=2)
+    ids = np.random.default_rng(1).integers(0, engine.vocab_size, (1, 13))
+
+    def last_logits(cuts):
+        cache = engine.new_cache(32)
+        for a, b in zip(cuts, cuts[1:]):
+            pos = np.broadcast_to(np.arange(a, b)[None, None], (3, 1, b - a)).copy()
+            out = engine.step(cache, engine.embed(ids[:, a:b]), pos).copy()
+        engine.free(cache)
+        return out
+
+    whole = last_logits([0, 13])
+    np.testing.assert_array_equal(last_logits([0, 9, 10, 11, 12, 13]), whole)
+    np.testing.assert_array_equal(last_logits([0, 9, 13]), whole)
+    np.testing.assert_array_equal(last_logits([0, 1, 2, 13]), whole)
 
 
 @needs_kernels

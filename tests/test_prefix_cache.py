@@ -351,6 +351,43 @@ def test_an_answer_that_round_trips_leaves_only_the_new_turn_to_prefill(tiny_art
     assert again == got and st.reused_tokens == len(p2) - 1 and st.prefill_tokens == 1
 
 
+def test_a_forced_answer_is_held_as_a_generated_one(tiny_artifact):
+    """`forced_tokens` (the follow-up benchmark's stand-in for a trained model's answer): the forced ids come out,
+    are fed back like picked ones, and the re-rendered follow-up reuses them; its answer equals from scratch."""
+    model = _model(tiny_artifact, counting=True)
+    chat = model.session()
+    t1 = [_user("Tell me a story.")]
+    p1 = model.prepare(t1)
+    text = "A fox ran over the hill and sat down."
+    forced = model.prompts.encode(text).tolist() + [model.prompts.tokenizer.token_to_id("<|im_end|>")]
+    assert forced[-1] in model.stop_ids
+    st1 = _stats()
+    ids = [t for t, _ in chat.generate_ids(p1, len(forced) + 4, stats=st1, forced_tokens=forced)]
+    assert ids == forced and st1.stop_reason == "stop_token"  # the forced <|im_end|> stops it, as a model's would
+    held = chat.cache.held_tokens
+    assert held == len(p1) + len(forced) - 1
+    t2 = t1 + [{"role": "assistant", "content": text}, _user("More.")]
+    p2 = model.prepare(t2)
+    assert p2.input_ids[:held].tolist() == p1.input_ids.tolist() + forced[:-1]
+    st2 = _stats()
+    got = [t for t, _ in chat.generate_ids(p2, 6, stats=st2)]
+    assert st2.reused_tokens == held and st2.prefill_tokens == len(p2) - held
+    assert got == [t for t, _ in model.generate_ids(p2, 6)]
+    # past the forced ids the model picks again: the tokens a prompt ending in them gets
+    import dataclasses
+
+    k = len(forced) - 1
+    more = [t for t, _ in model.generate_ids(p1, k + 3, forced_tokens=forced[:-1], ignore_stop=True)]
+    longer = dataclasses.replace(p1, input_ids=np.concatenate([p1.input_ids, np.asarray(forced[:-1], np.int64)]),
+                                 mm_token_type_ids=np.zeros(len(p1) + k, np.int64))
+    assert more[:k] == forced[:-1]
+    assert more[k:] == [t for t, _ in model.generate_ids(longer, 3, ignore_stop=True)]
+    with pytest.raises(ValueError, match="exclude each other"):
+        from qvl.runtime.speculative import DraftConfig
+
+        list(model.generate_ids(p1, 4, forced_tokens=forced, speculative=DraftConfig()))
+
+
 def test_images_are_encoded_once_per_session(tiny_artifact, images):
     model = _model(tiny_artifact, counting=True)
     eng = model.engine

@@ -11,6 +11,11 @@ each exact up to float rounding order:
   com.microsoft RotaryEmbedding (not interleaved, whole head, scale 1)  ->  HeadRmsNormRotary
 * `identity_reshapes`: Reshape -> Reshape whose output has the first one's input shape (value_info, dim for dim)
   ->  the consumers read the first input directly.
+* `attention`: com.microsoft GroupQueryAttention (separate q/k/v, no rotary, softcap, local window or smooth
+  softmax inside)  ->  RowwiseGroupQueryAttention, the same inputs and outputs computed one query row at a time
+  (attention_op.cpp). Not for speed: ORT's kernel rounds a position differently depending on how many positions
+  the call holds, and the int8 activation quantization of the next linears can turn that into different tokens;
+  row by row, a decode step, a prefill, a prefix-cache follow-up and a speculative verify step give the same bits.
 
 A site that does not match exactly is left as it is and recorded with the reason (`FusionReport.skipped`).
 `QVL_KERNEL_FUSION=0` turns the fusions off (A/B in benchmarks) and keeps the plain op swap.
@@ -30,6 +35,7 @@ from qvl.runtime.kernels import OP as MATMUL
 
 SWIGLU = "MatMulNBitsSwiGluAvx2"
 NORM_ROTARY = "HeadRmsNormRotary"
+ATTENTION = "RowwiseGroupQueryAttention"
 ENV = "QVL_KERNEL_FUSION"
 
 
@@ -38,6 +44,7 @@ class FusionReport:
     swiglu: int = 0
     norm_rotary: int = 0
     identity_reshapes: int = 0
+    attention: int = 0  # swapped, not fused: no node fewer
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (fusion, node name, reason)
     seconds: float = 0.0
 
@@ -47,7 +54,7 @@ class FusionReport:
 
     def summary(self) -> str:
         return (f"{self.swiglu} SwiGLU, {self.norm_rotary} norm+rotary, {self.identity_reshapes} reshape pairs fused"
-                f" ({self.nodes_removed} nodes fewer)")
+                f" ({self.nodes_removed} nodes fewer), {self.attention} attention row by row")
 
 
 def enabled() -> bool:
@@ -237,6 +244,31 @@ def _norm_rotary_site(g: _Graph, rot: NodeProto) -> tuple[list[NodeProto], NodeP
     return [split, norm, back, rot], norm, {"num_heads": heads, "epsilon": float(na.get("epsilon", 1e-5))}
 
 
+# GroupQueryAttention attributes and the values the row-by-row kernel computes (absent = the op's default; ORT's
+# saved optimized graph spells every default out). qk_norm_epsilon only matters with q/k norm weight inputs.
+_GQA_PLAIN = {"do_rotary": (0,), "rotary_interleaved": (0,), "local_window_size": (-1,), "softcap": (0.0,),
+              "smooth_softmax": (0, -1), "causal": (1,), "sliding_window_cache": (0,), "qk_output": (0,),
+              "k_quant_type": (b"NONE",), "v_quant_type": (b"NONE",), "qk_norm_epsilon": None}
+
+
+def _attention_site(node: NodeProto) -> dict | str:
+    """The RowwiseGroupQueryAttention attributes for this GroupQueryAttention, or why not."""
+    if len(node.input) != 7 or not all(node.input):
+        return "not exactly query, key, value, past_key, past_value, seqlens_k, total_sequence_length"
+    if len(node.output) != 3 or not all(node.output):
+        return "not exactly output, present_key, present_value"
+    a = _attrs(node)
+    for name, value in a.items():
+        if name in ("num_heads", "kv_num_heads", "scale"):
+            continue
+        if name not in _GQA_PLAIN:
+            return f"attribute {name} (not computed row by row)"
+        if _GQA_PLAIN[name] is not None and value not in _GQA_PLAIN[name]:
+            return f"{name}={value!r}"
+    return {"num_heads": int(a["num_heads"]), "kv_num_heads": int(a["kv_num_heads"]),
+            "scale": float(a.get("scale", 0.0))}
+
+
 def _identity_reshape_site(g: _Graph, second: NodeProto) -> NodeProto | str:
     first = g.producer.get(second.input[0])
     if not _is(first, "Reshape"):
@@ -254,7 +286,7 @@ def _identity_reshape_site(g: _Graph, second: NodeProto) -> NodeProto | str:
 
 
 def fuse(model: ModelProto) -> FusionReport:
-    """Apply the three fusions to `model` (in place) and report what changed and what was skipped, why."""
+    """Apply the fusions and the attention swap to `model` (in place) and report what changed and what was skipped, why."""
     t0 = time.perf_counter()
     report = FusionReport()
     drop: set[int] = set()
@@ -290,6 +322,15 @@ def fuse(model: ModelProto) -> FusionReport:
             drop.update(id(n) for n in nodes)
             replace[id(node)] = fused
             report.norm_rotary += 1
+        elif _is(node, "GroupQueryAttention", _MS):
+            site = _attention_site(node)
+            if isinstance(site, str):
+                report.skipped.append(("attention", name, site))
+                continue
+            replace[id(node)] = helper.make_node(ATTENTION, list(node.input), list(node.output), name=f"{name}_rows",
+                                                 domain=DOMAIN, **site)
+            drop.add(id(node))
+            report.attention += 1
         elif _is(node, "Reshape") and _is(g.producer.get(node.input[0]), "Reshape"):
             site = _identity_reshape_site(g, node)
             if isinstance(site, str):

@@ -7,6 +7,7 @@
 // - `MatMulNBitsSwiGluAvx2(A, B_gate, scales_gate, B_up, scales_up)`: silu(A x Wg^T) * (A x Wu^T), the decoder
 //   MLP's gate and up projections and their activation in one node; A is quantized once for both.
 // - `HeadRmsNormRotary` (norm_rotary_op.cpp).
+// - `RowwiseGroupQueryAttention` (attention_op.cpp).
 //
 // ORT loads this file with SessionOptions.register_custom_ops_library and calls RegisterCustomOps. The work is
 // split over output columns with ORT's own intra-op pool (KernelContext_ParallelFor), so no second pool competes
@@ -193,7 +194,7 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(Sess
                                           create_kernel, swiglu_compute, destroy_kernel<Kernel>);
   CustomOpDomain* domain = nullptr;
   QVL_TRY(g_api->CreateCustomOpDomain("qvl.kernels", &domain));
-  for (const CustomOp* op : {&matmul->op, &swiglu->op, head_rms_norm_rotary_op()})
+  for (const CustomOp* op : {&matmul->op, &swiglu->op, head_rms_norm_rotary_op(), rowwise_gqa_op()})
     QVL_TRY(g_api->CustomOpDomain_Add(domain, op));
   return g_api->AddCustomOpDomain(options, domain);
 }

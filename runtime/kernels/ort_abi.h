@@ -19,7 +19,7 @@ struct Value;
 struct TensorTypeAndShapeInfo;
 struct CustomOp;
 
-enum ElementType : int { kFloat = 1, kUint8 = 2, kInt64 = 7 };  // ONNXTensorElementDataType
+enum ElementType : int { kFloat = 1, kUint8 = 2, kInt32 = 6, kInt64 = 7 };  // ONNXTensorElementDataType
 constexpr uint32_t kApiVersion = 17;
 
 #define QVL_ORT_SLOTS(from, to) void* slots_##from##_##to[(to) - (from) + 1]

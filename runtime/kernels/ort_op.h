@@ -54,6 +54,7 @@ struct OpRecord {
   ort::CustomOp op;
   const char* name;
   std::vector<ort::ElementType> inputs;
+  size_t outputs;  // all float
 };
 
 template <class Kernel>
@@ -63,11 +64,13 @@ void destroy_kernel(void* k) {
 
 inline OpRecord* make_op(const char* name, std::vector<ort::ElementType> inputs,
                          ort::Status* (*create)(const ort::CustomOp*, const ort::Api*, const ort::KernelInfo*, void**),
-                         ort::Status* (*compute)(void*, ort::KernelContext*), void (*destroy)(void*)) {
+                         ort::Status* (*compute)(void*, ort::KernelContext*), void (*destroy)(void*),
+                         size_t outputs = 1) {
   using ort::CustomOp;
   auto* r = new OpRecord{};  // lives as long as the process: ORT keeps the pointer
   r->name = name;
   r->inputs = std::move(inputs);
+  r->outputs = outputs;
   CustomOp& op = r->op;
   op.version = ort::kApiVersion;
   op.GetName = [](const CustomOp* o) { return reinterpret_cast<const OpRecord*>(o)->name; };
@@ -75,7 +78,7 @@ inline OpRecord* make_op(const char* name, std::vector<ort::ElementType> inputs,
   op.GetInputType = [](const CustomOp* o, size_t i) { return reinterpret_cast<const OpRecord*>(o)->inputs[i]; };
   op.GetInputTypeCount = [](const CustomOp* o) { return reinterpret_cast<const OpRecord*>(o)->inputs.size(); };
   op.GetOutputType = [](const CustomOp*, size_t) { return ort::kFloat; };
-  op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 1; };
+  op.GetOutputTypeCount = [](const CustomOp* o) { return reinterpret_cast<const OpRecord*>(o)->outputs; };
   op.KernelDestroy = destroy;
   op.GetInputCharacteristic = [](const CustomOp*, size_t) { return 0; };   // required
   op.GetOutputCharacteristic = [](const CustomOp*, size_t) { return 0; };  // required
@@ -92,5 +95,6 @@ inline OpRecord* make_op(const char* name, std::vector<ort::ElementType> inputs,
 }
 
 const ort::CustomOp* head_rms_norm_rotary_op();  // norm_rotary_op.cpp
+const ort::CustomOp* rowwise_gqa_op();           // attention_op.cpp
 
 }  // namespace qvl

@@ -16,11 +16,13 @@ the row holds and is written over by whatever that row runs next; its logits are
 because every generation on a row asks for at most `capacity` positions (prompt + max_new_tokens) and holds at most
 `capacity - 1` afterwards (the last token is never fed back).
 
-Exactness: GroupQueryAttention on the CPU computes every row with its own length (`seqlens_k`) and the fp32 GEMMs
-reduce each row along the same K order whatever the batch, so on fp32 artifacts a row's logits are bit-identical to
-running it alone (tests/test_serve.py compares the tokens of interleaved arrivals with solo runs). MatMulNBits
-(int4/int8 weights) uses another kernel at M > 1, so batched logits can differ in the last bits there (measured on
-the tiny int4 model: up to 1.1e-5 on logits of magnitude ~10), like a different prefill chunk: a greedy token can
+Exactness: on fp32 artifacts GroupQueryAttention on the CPU computes every row with its own length (`seqlens_k`)
+and the fp32 GEMMs reduce each row along the same K order whatever the batch, so a row's logits are bit-identical
+to running it alone (tests/test_serve.py compares the tokens of interleaved arrivals with solo runs). Where qvl's
+kernel library runs the int4/int8 decoder (runtime/kernels) every node computes a row alone: the linears per row,
+attention row by row (`RowwiseGroupQueryAttention`), so batched rows are bit-identical too. ORT's own MatMulNBits
+(the fallback) uses another kernel at M > 1, so batched logits can differ in the last bits there (measured on the
+tiny int4 model: up to 1.1e-5 on logits of magnitude ~10), like a different prefill chunk: a greedy token can
 flip only at a near-tie.
 
 One engine lock serialises every decoder/vision call (batched steps and other sequences' prefills), so the CPU
