@@ -177,6 +177,23 @@ def test_the_vnni_and_avx2_builds_agree(bits, blk, monkeypatch):
 
 
 @needs_avx2
+@pytest.mark.parametrize("bits,blk", [(4, 64), (4, 128), (4, 256), (8, 32), (8, 128)])
+def test_a_row_gets_the_same_bits_whatever_rows_come_with_it(isa, bits, blk):
+    """Each build computes a row of A alone (four rows per pass over B or one: the same integers and float
+    steps), so the decoder's logits do not depend on how a call is cut (a decode step, a prefill, a verify step):
+    every row of M = 2..19 (four-row passes and their tails) equals that row run alone, bit for bit."""
+    M, K, N = 19, 2 * blk * (2 if bits == 4 else 4), 130
+    rng = np.random.default_rng(bits * blk)
+    q = quantize_blockwise(rng.standard_normal((N, K), dtype=np.float32) * 0.02, bits, blk, True)
+    session = _sessions(_model(K, N, blk, q.packed, q.scales, bits=bits))[1]
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    alone = np.concatenate([session.run(None, {"A": a[m:m + 1]})[0] for m in range(M)])
+    for rows in (2, 3, 5, 8, 9, 12, 16, 19):
+        got = session.run(None, {"A": a[:rows]})[0]
+        assert np.array_equal(got.view(np.uint32), alone[:rows].view(np.uint32)), rows
+
+
+@needs_avx2
 def test_a_batched_three_dimensional_input_keeps_its_leading_dims():
     rng = np.random.default_rng(3)
     K, N = 256, 64
