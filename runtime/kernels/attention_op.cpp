@@ -111,12 +111,14 @@ void attention_task(void* data, size_t t) {
   std::vector<float> p((size_t)j.T + 8);
   const int64_t s1 = std::min(j.S, (rb + 1) * kRowsPerTask);
   for (int64_t s = rb * kRowsPerTask; s < s1; ++s) {
-    const int64_t L = std::min(start + s + 1, total);  // causal length of this query row
+    // causal length of this query row; a first prompt's rows past a row's own length (right padding) attend to
+    // that length (ORT's kernel reads past it: those rows are padding either way)
+    const int64_t L = std::min(start + s + 1, total);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
       const float* q = j.q + ((b * j.S + s) * j.Hq + h) * D;
       float* y = j.out + ((b * j.S + s) * j.Hq + h) * D;
-      if (L <= 0) {  // a padding row of a first prompt: nothing to attend to
+      if (L <= 0) {  // not reached: write_cache refuses a row with no positions
         memset(y, 0, sizeof(float) * D);
         continue;
       }
