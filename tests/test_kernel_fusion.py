@@ -308,6 +308,35 @@ def test_a_position_has_the_same_logits_decoded_prefilled_or_verified(tiny_cpu_i
 
 
 @needs_kernels
+def test_batched_rows_have_the_logits_of_the_rows_alone(tiny_cpu_int4_block64):
+    """The serving path's batched decode step (rows of one pool at different lengths) on the fused decoder: every
+    row's logits are the bits of that row stepped alone."""
+    from qvl.runtime.backends.ort import Engine
+
+    engine = Engine(tiny_cpu_int4_block64, threads=2)
+    rng = np.random.default_rng(2)
+    lengths = [5, 11, 2]
+    prompts = [rng.integers(0, engine.vocab_size, (1, n)) for n in lengths]
+    nxt = rng.integers(0, engine.vocab_size, (len(lengths), 1))
+
+    def filled_pool():
+        pool, rows = engine.row_pool(16, len(lengths))
+        for row, ids in zip(rows, prompts):
+            n = ids.shape[1]
+            engine.step(row, engine.embed(ids), np.broadcast_to(np.arange(n)[None, None], (3, 1, n)).copy())
+        return pool, rows
+
+    pool, rows = filled_pool()
+    embeds = np.concatenate([engine.embed(nxt[r:r + 1]) for r in range(len(rows))])
+    pos = np.array(lengths, np.int64)[None, :, None].repeat(3, axis=0)
+    batched = engine.batched_step(pool, 0, rows, embeds, pos)
+    _, solo_rows = filled_pool()
+    for r, row in enumerate(solo_rows):
+        alone = engine.step(row, engine.embed(nxt[r:r + 1]), np.full((3, 1, 1), lengths[r]))
+        np.testing.assert_array_equal(batched[r], alone[0])
+
+
+@needs_kernels
 def test_run_json_names_the_fusions(tiny_cpu_int4_block64, tmp_path):
     result = run_cli("run", str(tiny_cpu_int4_block64), "--prompt", "Say something.", "--max-new-tokens", "6",
                      "--json")
