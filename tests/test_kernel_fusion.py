@@ -343,6 +343,7 @@ def test_run_json_names_the_fusions(tiny_cpu_int4_block64, tmp_path):
     assert result.returncode == 0, result.stderr
     note = json.loads(result.stdout)["decoder_linear_kernel"]
     assert note.startswith("qvl MatMulNBitsAvx2") and "SwiGLU" in note and "norm+rotary" in note, note
+    assert "attention row by row" in note, note
 
 
 @needs_kernels
