@@ -31,6 +31,7 @@ needs_kernels = pytest.mark.skipif(not {"avx2", "fma"} <= _flags or kernels.libr
 def _use_qvl_kernels(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "qvl")
     monkeypatch.delenv(fuse.ENV, raising=False)
+    monkeypatch.delenv(fuse.ROWWISE_ENV, raising=False)
 
 
 def _vi(name, shape, elem=TensorProto.FLOAT):

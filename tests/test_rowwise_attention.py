@@ -21,6 +21,11 @@ _flags = (cpu_model_and_flags() or ("", set()))[1]
 needs_kernels = pytest.mark.skipif(not {"avx2", "fma"} <= _flags or kernels.library_path() is None,
                                    reason="qvl's kernel library cannot run here (no AVX2/FMA or not built)")
 
+@pytest.fixture(autouse=True)
+def _swap_on(monkeypatch):
+    monkeypatch.delenv(fuse.ROWWISE_ENV, raising=False)
+
+
 HQ, HKV, D, CAP = 4, 2, 64, 24
 # ORT's kernel and this one sum q.k and p.v in other orders and take exp differently: float rounding only
 ATOL, RTOL = 2e-6, 1e-5
@@ -188,6 +193,13 @@ def test_attention_outside_the_kernel_stays_with_its_reason(attrs, inputs, reaso
     swapped, report = _swapped(model)
     assert [(n.domain, n.op_type) for n in swapped.graph.node] == [("com.microsoft", "GroupQueryAttention")]
     assert report.attention == 0 and report.skipped == [("attention", "attn", reason)]
+
+
+def test_the_swap_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(fuse.ROWWISE_ENV, "0")
+    swapped, report = _swapped(_gqa())
+    assert [(n.domain, n.op_type) for n in swapped.graph.node] == [("com.microsoft", "GroupQueryAttention")]
+    assert report.attention == 0
 
 
 def test_the_swap_is_idempotent():

@@ -18,7 +18,8 @@ each exact up to float rounding order:
   row by row, a decode step, a prefill, a prefix-cache follow-up and a speculative verify step give the same bits.
 
 A site that does not match exactly is left as it is and recorded with the reason (`FusionReport.skipped`).
-`QVL_KERNEL_FUSION=0` turns the fusions off (A/B in benchmarks) and keeps the plain op swap.
+`QVL_KERNEL_FUSION=0` turns the fusions off (A/B in benchmarks) and keeps the plain op swap;
+`QVL_ROWWISE_ATTENTION=0` keeps ORT's attention only (faster on long prompts, see ROWWISE_ENV).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ SWIGLU = "MatMulNBitsSwiGluAvx2"
 NORM_ROTARY = "HeadRmsNormRotary"
 ATTENTION = "RowwiseGroupQueryAttention"
 ENV = "QVL_KERNEL_FUSION"
+# QVL_ROWWISE_ATTENTION=0 keeps ORT's GroupQueryAttention: its GEMMs reuse K/V across query rows and are ~2x faster
+# on long prompts (one layer's attention at 2048 positions: 124 vs 281 ms, 2 threads), at the price of a position's
+# bits depending on the call's shape (benchmarks/README.md)
+ROWWISE_ENV = "QVL_ROWWISE_ATTENTION"
 
 
 @dataclass
@@ -59,6 +64,10 @@ class FusionReport:
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1").strip() != "0"
+
+
+def rowwise_attention() -> bool:
+    return os.environ.get(ROWWISE_ENV, "1").strip() != "0"
 
 
 class _Graph:
@@ -322,7 +331,7 @@ def fuse(model: ModelProto) -> FusionReport:
             drop.update(id(n) for n in nodes)
             replace[id(node)] = fused
             report.norm_rotary += 1
-        elif _is(node, "GroupQueryAttention", _MS):
+        elif _is(node, "GroupQueryAttention", _MS) and rowwise_attention():
             site = _attention_site(node)
             if isinstance(site, str):
                 report.skipped.append(("attention", name, site))
