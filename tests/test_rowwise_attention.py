@@ -169,6 +169,25 @@ def test_a_position_gets_the_same_bits_however_the_call_is_cut():
 
 
 @needs_kernels
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (6, 2), (4, 4)])
+def test_every_query_tile_shape_gives_the_same_bits(heads, kv_heads):
+    """Four, two or one query at a time (the tiles the kernel cuts a task's queries into, by group size and row
+    count): 9 positions at once == 5, then 1, then 3, bit for bit, and equal to ORT within rounding."""
+    model = _gqa(heads=heads, kv_heads=kv_heads)
+    s = _session(_swapped(model)[0], True)
+    rng = np.random.default_rng(heads * 10 + kv_heads)
+    q = rng.standard_normal((1, 9, heads * D), dtype=np.float32)
+    k, v = rng.standard_normal((2, 1, 9, kv_heads * D), dtype=np.float32)
+    whole = _bound_run(s, *np.zeros((2, 1, kv_heads, CAP, D), np.float32), q, k, v, [9])
+    ck, cv = np.zeros((2, 1, kv_heads, CAP, D), np.float32)
+    parts = [_bound_run(s, ck, cv, q[:, a:b], k[:, a:b], v[:, a:b], [b]) for a, b in ((0, 5), (5, 6), (6, 9))]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+    z = np.zeros((1, kv_heads, CAP, D), np.float32)
+    feeds = {"q": q, "k": k, "v": v, "pk": z, "pv": z, "sl": np.array([8], np.int32), "tot": np.array([9], np.int32)}
+    np.testing.assert_allclose(whole, _session(model, False).run(None, feeds)[0], rtol=RTOL, atol=ATOL)
+
+
+@needs_kernels
 def test_seqlens_past_the_cache_fail_the_run():
     s = _session(_swapped(_gqa())[0], True)
     q, k, v = _qkv(1, 1, seed=7)

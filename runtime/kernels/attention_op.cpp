@@ -9,7 +9,8 @@
 // flip a rounding step, and through 28 layers of random weights that grows to ~0.2 on the logits (measured on the
 // 2B random checkpoint). Here every (row, head) is computed by one task with one fixed loop order whatever the
 // call's shape, so prefill, decode steps, prefix-cache follow-ups, speculative verify steps and batched rows give
-// bit-identical outputs for the same position.
+// bit-identical outputs for the same position. Queries are computed four at a time against each K/V row (the
+// tiles change what is read together, never a query's own order of operations).
 //
 //   query [B, S, Hq*D], key / value [B, S, Hkv*D], past_key / past_value [B, Hkv, P, D], seqlens_k int32 [B]
 //   (total length - 1 per row), total_sequence_length int32 [1]
@@ -73,18 +74,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// q . k over D (a multiple of 8): four accumulators in a fixed order.
-inline float dot(const float* q, const float* k, int64_t D) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 32 <= D; i += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 16), _mm256_loadu_ps(k + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), _mm256_loadu_ps(k + i + 24), a3);
-  }
-  for (; i < D; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+// Lane c of the result = the sum of v[c]'s eight lanes, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
+inline __m256 reduce8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
 struct Job {
@@ -99,7 +93,114 @@ struct Job {
   float scale;
 };
 
-// One task: kv head `kh` of row b, query rows [s0, s1), every query head of the group.
+// A query vector of a task: its q, its output, its causal length and its scores.
+struct Query {
+  const float* q;
+  float* y;
+  int64_t L;
+  float* p;
+};
+
+// Scores of QT queries x KT keys at a time (QT * KT = 8 dot products, one accumulator each, over D in order, then
+// reduce8): every (query, key) score is computed the same way whatever tile it falls in, and a query's keys past
+// its own length are computed but not used. Keys [0, maxL).
+template <int QT, int KT>
+inline void scores(const Query* qs, const float* K, int64_t D, int64_t maxL, float scale) {
+  for (int64_t k0 = 0; k0 < maxL; k0 += KT) {
+    const float* kr[KT];
+    for (int t = 0; t < KT; ++t) kr[t] = K + std::min<int64_t>(k0 + t, maxL - 1) * D;
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 kv[KT];
+      for (int t = 0; t < KT; ++t) kv[t] = _mm256_loadu_ps(kr[t] + d);
+      for (int i = 0; i < QT; ++i) {
+        const __m256 qv = _mm256_loadu_ps(qs[i].q + d);
+        for (int t = 0; t < KT; ++t) acc[i * KT + t] = _mm256_fmadd_ps(qv, kv[t], acc[i * KT + t]);
+      }
+    }
+    alignas(32) float out[8];
+    _mm256_store_ps(out, _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale)));
+    for (int i = 0; i < QT; ++i)
+      for (int t = 0; t < KT && k0 + t < maxL; ++t) qs[i].p[k0 + t] = out[i * KT + t];
+  }
+}
+
+// p[0, L) -> softmax numerators in place; the reciprocal of their sum. exp in blocks of 8 with fixed partial sums,
+// the tail scalar (same polynomial).
+inline float softmax(float* p, int64_t L) {
+  float mx = -INFINITY;
+  for (int64_t k = 0; k < L; ++k) mx = std::max(mx, p[k]);
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vs = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= L; k += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + k), vmx));
+    _mm256_storeu_ps(p + k, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  float sum = hsum(vs);
+  for (; k < L; ++k) {
+    p[k] = exp_scalar(p[k] - mx);
+    sum += p[k];
+  }
+  return 1.0f / sum;
+}
+
+// y = inv * sum over keys k < L, in order, of p[k] V[k] for QT queries, each V row read once for all of them:
+// 64 keys at a time (their V rows stay in L1/L2 while 16 output lanes at a time run over them; the sums carry
+// over between blocks in `acc`), so per query and lane the same multiply-adds run in the same order whatever the
+// tile and the context length.
+constexpr int64_t kKeysPerBlock = 64;
+
+template <int QT>
+inline void weighted_values(const Query* qs, const float* inv, const float* V, int64_t D, int64_t maxL, float* acc) {
+  for (int i = 0; i < QT; ++i) memset(acc + i * D, 0, sizeof(float) * D);
+  for (int64_t k0 = 0; k0 < maxL; k0 += kKeysPerBlock) {
+    const int64_t k1 = std::min(maxL, k0 + kKeysPerBlock);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m256 a[QT][2];
+      for (int i = 0; i < QT; ++i) {
+        a[i][0] = _mm256_loadu_ps(acc + i * D + d0);
+        a[i][1] = _mm256_loadu_ps(acc + i * D + d0 + 8);
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const __m256 v0 = _mm256_loadu_ps(V + k * D + d0), v1 = _mm256_loadu_ps(V + k * D + d0 + 8);
+        for (int i = 0; i < QT; ++i) {
+          if (k >= qs[i].L) continue;
+          const __m256 pk = _mm256_set1_ps(qs[i].p[k]);
+          a[i][0] = _mm256_fmadd_ps(pk, v0, a[i][0]);
+          a[i][1] = _mm256_fmadd_ps(pk, v1, a[i][1]);
+        }
+      }
+      for (int i = 0; i < QT; ++i) {
+        _mm256_storeu_ps(acc + i * D + d0, a[i][0]);
+        _mm256_storeu_ps(acc + i * D + d0 + 8, a[i][1]);
+      }
+    }
+  }
+  for (int i = 0; i < QT; ++i)
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(qs[i].y + d, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + d), _mm256_set1_ps(inv[i])));
+}
+
+template <int QT, int KT>
+inline void query_tile(Query* qs, int n, const float* K, const float* V, int64_t D, float scale, float* acc) {
+  Query tile[QT];
+  int64_t maxL = 0;
+  for (int i = 0; i < QT; ++i) {
+    tile[i] = qs[std::min(i, n - 1)];  // fewer than QT left: repeat the last (computed, not stored twice)
+    maxL = std::max(maxL, tile[i].L);
+  }
+  scores<QT, KT>(tile, K, D, maxL, scale);
+  float inv[QT];
+  for (int i = 0; i < n; ++i) inv[i] = softmax(tile[i].p, tile[i].L);
+  for (int i = n; i < QT; ++i) inv[i] = inv[n - 1];
+  weighted_values<QT>(tile, inv, V, D, maxL, acc);
+}
+
+// One task: kv head `kh` of row b, query rows [s0, s1), every query head of the group; four queries at a time
+// (two rows x two heads in Qwen3's 16/8 heads), so each K and V row read serves four of them.
 void attention_task(void* data, size_t t) {
   const Job& j = *static_cast<const Job*>(data);
   const int64_t rb = (int64_t)t % j.row_blocks, bh = (int64_t)t / j.row_blocks;
@@ -108,53 +209,29 @@ void attention_task(void* data, size_t t) {
   const int64_t start = j.first_prompt ? 0 : total - j.S;
   const float* K = j.K + (b * j.Hkv + kh) * j.T * D;
   const float* V = j.V + (b * j.Hkv + kh) * j.T * D;
-  std::vector<float> p((size_t)j.T + 8);
-  const int64_t s1 = std::min(j.S, (rb + 1) * kRowsPerTask);
-  for (int64_t s = rb * kRowsPerTask; s < s1; ++s) {
+  const int64_t s0 = rb * kRowsPerTask, s1 = std::min(j.S, (rb + 1) * kRowsPerTask);
+  std::vector<Query> qs;
+  std::vector<float> scratch((size_t)(s1 - s0) * group * ((size_t)j.T + 8));
+  for (int64_t s = s0; s < s1; ++s) {
     // causal length of this query row; a first prompt's rows past a row's own length (right padding) attend to
     // that length (ORT's kernel reads past it: those rows are padding either way)
     const int64_t L = std::min(start + s + 1, total);
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
-      const float* q = j.q + ((b * j.S + s) * j.Hq + h) * D;
       float* y = j.out + ((b * j.S + s) * j.Hq + h) * D;
       if (L <= 0) {  // not reached: write_cache refuses a row with no positions
         memset(y, 0, sizeof(float) * D);
         continue;
       }
-      float mx = -INFINITY;
-      for (int64_t k = 0; k < L; ++k) {
-        p[k] = dot(q, K + k * D, D) * j.scale;
-        mx = std::max(mx, p[k]);
-      }
-      // exp in blocks of 8 with fixed partial sums; the tail scalar (same polynomial)
-      const __m256 vmx = _mm256_set1_ps(mx);
-      __m256 vs = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 8 <= L; k += 8) {
-        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(&p[k]), vmx));
-        _mm256_storeu_ps(&p[k], e);
-        vs = _mm256_add_ps(vs, e);
-      }
-      float sum = hsum(vs);
-      for (; k < L; ++k) {
-        p[k] = exp_scalar(p[k] - mx);
-        sum += p[k];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators of 8 lanes per pass over V
-        const int64_t w = std::min<int64_t>(64, D - d0) / 8;
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t k2 = 0; k2 < L; ++k2) {
-          const __m256 pk = _mm256_set1_ps(p[k2]);
-          const float* v = V + k2 * D + d0;
-          for (int i = 0; i < w; ++i) acc[i] = _mm256_fmadd_ps(pk, _mm256_loadu_ps(v + 8 * i), acc[i]);
-        }
-        for (int i = 0; i < w; ++i) _mm256_storeu_ps(y + d0 + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
-      }
+      qs.push_back({j.q + ((b * j.S + s) * j.Hq + h) * D, y, L, scratch.data() + qs.size() * ((size_t)j.T + 8)});
     }
   }
+  const int n = (int)qs.size();
+  std::vector<float> acc((size_t)4 * D);
+  int i = 0;
+  for (; i + 4 <= n; i += 4) query_tile<4, 2>(qs.data() + i, 4, K, V, D, j.scale, acc.data());
+  if (n - i >= 2) query_tile<2, 4>(qs.data() + i, 2, K, V, D, j.scale, acc.data()), i += 2;
+  if (n - i == 1) query_tile<1, 8>(qs.data() + i, 1, K, V, D, j.scale, acc.data());
 }
 
 // K/V of the call's new positions into present (and past into present when they are not one buffer).

@@ -38,9 +38,9 @@ SWIGLU = "MatMulNBitsSwiGluAvx2"
 NORM_ROTARY = "HeadRmsNormRotary"
 ATTENTION = "RowwiseGroupQueryAttention"
 ENV = "QVL_KERNEL_FUSION"
-# QVL_ROWWISE_ATTENTION=0 keeps ORT's GroupQueryAttention: its GEMMs reuse K/V across query rows and are ~2x faster
-# on long prompts (one layer's attention at 2048 positions: 124 vs 281 ms, 2 threads), at the price of a position's
-# bits depending on the call's shape (benchmarks/README.md)
+# QVL_ROWWISE_ATTENTION=0 keeps ORT's GroupQueryAttention: its GEMMs are faster on long prompts (one layer's
+# attention at 2048 positions: 113 vs 158 ms, 2 threads; on par up to ~1k), at the price of a position's bits
+# depending on the call's shape (benchmarks/README.md)
 ROWWISE_ENV = "QVL_ROWWISE_ATTENTION"
 
 
