@@ -184,6 +184,34 @@ inline void weighted_values(const Query* qs, const float* inv, const float* V, i
       _mm256_storeu_ps(qs[i].y + d, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + d), _mm256_set1_ps(inv[i])));
 }
 
+// The same sums for one or two queries (decode): 64 output lanes at a time per query, one broadcast of p[k] per
+// 64 lanes instead of per 16, the 64-key blocks as above. Per query and lane the same multiply-adds in the same
+// order as weighted_values (only what is read together differs), so the bits are the same.
+inline void weighted_values_few(const Query* qs, int QT, const float* inv, const float* V, int64_t D, float* acc) {
+  for (int i = 0; i < QT; ++i) memset(acc + i * D, 0, sizeof(float) * D);
+  int64_t maxL = 0;
+  for (int i = 0; i < QT; ++i) maxL = std::max(maxL, qs[i].L);
+  for (int64_t k0 = 0; k0 < maxL; k0 += kKeysPerBlock) {
+    for (int i = 0; i < QT; ++i) {
+      const int64_t k1 = std::min(qs[i].L, k0 + kKeysPerBlock);
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int w = (int)(std::min<int64_t>(64, D - d0) / 8);
+        __m256 a[8];
+        for (int c = 0; c < w; ++c) a[c] = _mm256_loadu_ps(acc + i * D + d0 + 8 * c);
+        for (int64_t k = k0; k < k1; ++k) {
+          const __m256 pk = _mm256_set1_ps(qs[i].p[k]);
+          const float* v = V + k * D + d0;
+          for (int c = 0; c < w; ++c) a[c] = _mm256_fmadd_ps(pk, _mm256_loadu_ps(v + 8 * c), a[c]);
+        }
+        for (int c = 0; c < w; ++c) _mm256_storeu_ps(acc + i * D + d0 + 8 * c, a[c]);
+      }
+    }
+  }
+  for (int i = 0; i < QT; ++i)
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(qs[i].y + d, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + d), _mm256_set1_ps(inv[i])));
+}
+
 template <int QT, int KT>
 inline void query_tile(Query* qs, int n, const float* K, const float* V, int64_t D, float scale, float* acc) {
   Query tile[QT];
@@ -196,7 +224,8 @@ inline void query_tile(Query* qs, int n, const float* K, const float* V, int64_t
   float inv[QT];
   for (int i = 0; i < n; ++i) inv[i] = softmax(tile[i].p, tile[i].L);
   for (int i = n; i < QT; ++i) inv[i] = inv[n - 1];
-  weighted_values<QT>(tile, inv, V, D, maxL, acc);
+  if (QT == 4) weighted_values<QT>(tile, inv, V, D, maxL, acc);
+  else weighted_values_few(tile, n, inv, V, D, acc);
 }
 
 // One task: kv head `kh` of row b, query rows [s0, s1), every query head of the group; four queries at a time
@@ -210,8 +239,13 @@ void attention_task(void* data, size_t t) {
   const float* K = j.K + (b * j.Hkv + kh) * j.T * D;
   const float* V = j.V + (b * j.Hkv + kh) * j.T * D;
   const int64_t s0 = rb * kRowsPerTask, s1 = std::min(j.S, (rb + 1) * kRowsPerTask);
-  std::vector<Query> qs;
-  std::vector<float> scratch((size_t)(s1 - s0) * group * ((size_t)j.T + 8));
+  // per pool thread, kept between calls (a decode step runs 8 tasks per layer: no allocation in them)
+  static thread_local std::vector<Query> qs;
+  static thread_local std::vector<float> scratch, acc;
+  qs.clear();
+  const size_t need = (size_t)(s1 - s0) * group * ((size_t)j.T + 8);
+  if (scratch.size() < need) scratch.resize(need);
+  if (acc.size() < (size_t)4 * D) acc.resize((size_t)4 * D);
   for (int64_t s = s0; s < s1; ++s) {
     // causal length of this query row; a first prompt's rows past a row's own length (right padding) attend to
     // that length (ORT's kernel reads past it: those rows are padding either way)
@@ -227,7 +261,6 @@ void attention_task(void* data, size_t t) {
     }
   }
   const int n = (int)qs.size();
-  std::vector<float> acc((size_t)4 * D);
   int i = 0;
   for (; i + 4 <= n; i += 4) query_tile<4, 2>(qs.data() + i, 4, K, V, D, j.scale, acc.data());
   if (n - i >= 2) query_tile<2, 4>(qs.data() + i, 2, K, V, D, j.scale, acc.data()), i += 2;
