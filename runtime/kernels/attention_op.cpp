@@ -36,6 +36,7 @@ using namespace qvl;
 using namespace qvl::ort;
 
 constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kPrefetchKeys = 16;  // how far ahead K/V rows are prefetched (past the end: a harmless hint)
 
 struct Kernel {
   int64_t heads = 0, kv_heads = 0;
@@ -113,7 +114,11 @@ inline void scores(const Query* qs, const float* K, int64_t D, int64_t maxL, flo
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
       __m256 kv[KT];
-      for (int t = 0; t < KT; ++t) kv[t] = _mm256_loadu_ps(kr[t] + d);
+      for (int t = 0; t < KT; ++t) {
+        // the K rows 16 keys on: a long context's K is read once per query tile, from DRAM or L3
+        if (d % 16 == 0) _mm_prefetch((const char*)(kr[t] + kPrefetchKeys * D + d), _MM_HINT_T0);
+        kv[t] = _mm256_loadu_ps(kr[t] + d);
+      }
       for (int i = 0; i < QT; ++i) {
         const __m256 qv = _mm256_loadu_ps(qs[i].q + d);
         for (int t = 0; t < KT; ++t) acc[i * KT + t] = _mm256_fmadd_ps(qv, kv[t], acc[i * KT + t]);
@@ -165,6 +170,7 @@ inline void weighted_values(const Query* qs, const float* inv, const float* V, i
         a[i][1] = _mm256_loadu_ps(acc + i * D + d0 + 8);
       }
       for (int64_t k = k0; k < k1; ++k) {
+        _mm_prefetch((const char*)(V + (k + kPrefetchKeys) * D + d0), _MM_HINT_T0);
         const __m256 v0 = _mm256_loadu_ps(V + k * D + d0), v1 = _mm256_loadu_ps(V + k * D + d0 + 8);
         for (int i = 0; i < QT; ++i) {
           if (k >= qs[i].L) continue;
@@ -201,6 +207,7 @@ inline void weighted_values_few(const Query* qs, int QT, const float* inv, const
         for (int64_t k = k0; k < k1; ++k) {
           const __m256 pk = _mm256_set1_ps(qs[i].p[k]);
           const float* v = V + k * D + d0;
+          for (int c = 0; c < w; c += 2) _mm_prefetch((const char*)(v + kPrefetchKeys * D + 8 * c), _MM_HINT_T0);
           for (int c = 0; c < w; ++c) a[c] = _mm256_fmadd_ps(pk, _mm256_loadu_ps(v + 8 * c), a[c]);
         }
         for (int c = 0; c < w; ++c) _mm256_storeu_ps(acc + i * D + d0 + 8 * c, a[c]);

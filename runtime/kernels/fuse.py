@@ -39,8 +39,8 @@ NORM_ROTARY = "HeadRmsNormRotary"
 ATTENTION = "RowwiseGroupQueryAttention"
 ENV = "QVL_KERNEL_FUSION"
 # QVL_ROWWISE_ATTENTION=0 keeps ORT's GroupQueryAttention: its GEMMs are faster on long prompts (one layer's
-# attention at 2048 positions: 113 vs 158 ms, 2 threads; on par up to ~1k), at the price of a position's bits
-# depending on the call's shape (benchmarks/README.md)
+# attention at a 2048-position prompt: ~120 vs ~175 ms, 2 threads; decode steps on par), at the price of a
+# position's bits depending on the call's shape (benchmarks/attention_layer_micro.py)
 ROWWISE_ENV = "QVL_ROWWISE_ATTENTION"
 
 
