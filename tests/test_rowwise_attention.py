@@ -183,8 +183,8 @@ def test_every_query_tile_shape_gives_the_same_bits(heads, kv_heads):
     parts = [_bound_run(s, ck, cv, q[:, a:b], k[:, a:b], v[:, a:b], [b]) for a, b in ((0, 5), (5, 6), (6, 9))]
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
     z = np.zeros((1, kv_heads, CAP, D), np.float32)
-    feeds = {"q": q, "k": k, "v": v, "pk": z, "pv": z, "sl": np.array([8], np.int32), "tot": np.array([9], np.int32)}
-    np.testing.assert_allclose(whole, _session(model, False).run(None, feeds)[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(whole, _session(model, False).run(None, _feeds(q, k, v, z, z, [9]))[0],
+                               rtol=RTOL, atol=ATOL)
 
 
 @needs_kernels

@@ -25,7 +25,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "ort_op.h"
@@ -93,6 +92,11 @@ struct Job {
   bool first_prompt;
   float scale;
 };
+
+// Row b's length after the call (seqlens_k + 1) and the position of its first new one (ORT's rule: a first prompt
+// writes from 0, otherwise the call's S positions end the row).
+inline int64_t row_total(const int32_t* seqlens, int64_t b) { return (int64_t)seqlens[b] + 1; }
+inline int64_t row_start(int64_t total, int64_t S, bool first_prompt) { return first_prompt ? 0 : total - S; }
 
 // A query vector of a task: its q, its output, its causal length and its scores.
 struct Query {
@@ -219,20 +223,16 @@ inline void weighted_values_few(const Query* qs, int QT, const float* inv, const
       _mm256_storeu_ps(qs[i].y + d, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + d), _mm256_set1_ps(inv[i])));
 }
 
+// QT queries (all of them used: the task cuts its queries into fours, then a two and a one).
 template <int QT, int KT>
-inline void query_tile(Query* qs, int n, const float* K, const float* V, int64_t D, float scale, float* acc) {
-  Query tile[QT];
+inline void query_tile(const Query* qs, const float* K, const float* V, int64_t D, float scale, float* acc) {
   int64_t maxL = 0;
-  for (int i = 0; i < QT; ++i) {
-    tile[i] = qs[std::min(i, n - 1)];  // fewer than QT left: repeat the last (computed, not stored twice)
-    maxL = std::max(maxL, tile[i].L);
-  }
-  scores<QT, KT>(tile, K, D, maxL, scale);
+  for (int i = 0; i < QT; ++i) maxL = std::max(maxL, qs[i].L);
+  scores<QT, KT>(qs, K, D, maxL, scale);
   float inv[QT];
-  for (int i = 0; i < n; ++i) inv[i] = softmax(tile[i].p, tile[i].L);
-  for (int i = n; i < QT; ++i) inv[i] = inv[n - 1];
-  if (QT == 4) weighted_values<QT>(tile, inv, V, D, maxL, acc);
-  else weighted_values_few(tile, n, inv, V, D, acc);
+  for (int i = 0; i < QT; ++i) inv[i] = softmax(qs[i].p, qs[i].L);
+  if (QT == 4) weighted_values<QT>(qs, inv, V, D, maxL, acc);
+  else weighted_values_few(qs, QT, inv, V, D, acc);
 }
 
 // One task: kv head `kh` of row b, query rows [s0, s1), every query head of the group; four queries at a time
@@ -241,8 +241,7 @@ void attention_task(void* data, size_t t) {
   const Job& j = *static_cast<const Job*>(data);
   const int64_t rb = (int64_t)t % j.row_blocks, bh = (int64_t)t / j.row_blocks;
   const int64_t b = bh / j.Hkv, kh = bh % j.Hkv, group = j.Hq / j.Hkv, D = j.D;
-  const int64_t total = (int64_t)j.seqlens[b] + 1;
-  const int64_t start = j.first_prompt ? 0 : total - j.S;
+  const int64_t total = row_total(j.seqlens, b), start = row_start(total, j.S, j.first_prompt);
   const float* K = j.K + (b * j.Hkv + kh) * j.T * D;
   const float* V = j.V + (b * j.Hkv + kh) * j.T * D;
   const int64_t s0 = rb * kRowsPerTask, s1 = std::min(j.S, (rb + 1) * kRowsPerTask);
@@ -258,20 +257,16 @@ void attention_task(void* data, size_t t) {
     // that length (ORT's kernel reads past it: those rows are padding either way)
     const int64_t L = std::min(start + s + 1, total);
     for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = kh * group + g;
-      float* y = j.out + ((b * j.S + s) * j.Hq + h) * D;
-      if (L <= 0) {  // not reached: write_cache refuses a row with no positions
-        memset(y, 0, sizeof(float) * D);
-        continue;
-      }
-      qs.push_back({j.q + ((b * j.S + s) * j.Hq + h) * D, y, L, scratch.data() + qs.size() * ((size_t)j.T + 8)});
+      // L >= 1: write_cache, which runs first, refuses a row with no positions
+      const size_t at = (size_t)((b * j.S + s) * j.Hq + kh * group + g) * D;
+      qs.push_back({j.q + at, j.out + at, L, scratch.data() + qs.size() * ((size_t)j.T + 8)});
     }
   }
   const int n = (int)qs.size();
   int i = 0;
-  for (; i + 4 <= n; i += 4) query_tile<4, 2>(qs.data() + i, 4, K, V, D, j.scale, acc.data());
-  if (n - i >= 2) query_tile<2, 4>(qs.data() + i, 2, K, V, D, j.scale, acc.data()), i += 2;
-  if (n - i == 1) query_tile<1, 8>(qs.data() + i, 1, K, V, D, j.scale, acc.data());
+  for (; i + 4 <= n; i += 4) query_tile<4, 2>(qs.data() + i, K, V, D, j.scale, acc.data());
+  if (n - i >= 2) query_tile<2, 4>(qs.data() + i, K, V, D, j.scale, acc.data()), i += 2;
+  if (n - i == 1) query_tile<1, 8>(qs.data() + i, K, V, D, j.scale, acc.data());
 }
 
 // K/V of the call's new positions into present (and past into present when they are not one buffer).
@@ -280,8 +275,7 @@ Status* write_cache(const float* src, const float* past, float* present, const i
   const bool shared = past == present;
   if (!shared) memset(present, 0, sizeof(float) * B * Hkv * T * D);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t total = (int64_t)seqlens[b] + 1;
-    const int64_t start = first_prompt ? 0 : total - S;
+    const int64_t total = row_total(seqlens, b), start = row_start(total, S, first_prompt);
     if (total < 1 || start < 0 || start + S > T || (!shared && start > P))
       return fail("RowwiseGroupQueryAttention: seqlens_k does not fit the call's positions and the cache");
     for (int64_t h = 0; h < Hkv; ++h) {
